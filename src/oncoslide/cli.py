@@ -1,0 +1,297 @@
+"""The ``oncoslide`` command line. Library errors become messages and exit codes here only."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from oncoslide.errors import OncoslideError
+
+app = typer.Typer(
+    name="oncoslide",
+    help="Whole-slide images and patient tables to validated survival and molecular predictions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_INPUT = 2  # bad input or configuration: the message says what to fix
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    """Turn the library's typed errors into a message on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OncoslideError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INPUT) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished folds are kept; rerun to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------- simulate
+
+
+@app.command()
+@_friendly
+def simulate(
+    out: Path = typer.Argument(..., help="folder to write the cohort into"),
+    patients: int = typer.Option(240, "--patients", "-n", help="number of patients"),
+    cohorts: int = typer.Option(3, "--cohorts", "-k", help="number of cancer types"),
+    seed: int = typer.Option(0, "--seed", "-s"),
+    dim: int = typer.Option(384, "--dim", help="feature dimension (<= 1536)"),
+    patches: int | None = typer.Option(None, "--patches", help="median patches per slide"),
+    dtype: str = typer.Option("float16", "--dtype", help="feature storage: float16 or float32"),
+    permuted_copy: bool = typer.Option(
+        True, help="also write cohort_permuted.csv (outcomes shuffled across patients)"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Simulate a pan-cancer cohort with planted, documented ground truth (truth.json)."""
+    from oncoslide.cohort.simulate import SimulationConfig
+
+    kwargs: dict[str, Any] = dict(
+        n_patients=patients, n_cohorts=cohorts, seed=seed, feature_dim=dim, feature_dtype=dtype
+    )
+    if patches is not None:
+        kwargs["patches_median"] = patches
+    result = _simulate(out, SimulationConfig(**kwargs), overwrite, permuted_copy)
+    _print_simulation(result)
+
+
+def _simulate(out: Path, config: Any, overwrite: bool, permuted_copy: bool) -> Any:
+    from rich.progress import Progress
+
+    from oncoslide.cohort.simulate import simulate_cohort, write_permuted_cohort
+    from oncoslide.training.progress import make_progress
+
+    progress: Progress = make_progress(console)
+    with progress:
+        task = progress.add_task("simulating patients", total=config.n_patients)
+        result = simulate_cohort(
+            out,
+            config,
+            overwrite=overwrite,
+            progress=lambda done, total: progress.update(task, completed=done),
+        )
+    if permuted_copy:
+        write_permuted_cohort(
+            result.cohort_table, out / "cohort_permuted.csv", seed=config.seed + 1
+        )
+    return result
+
+
+def _print_simulation(result: Any) -> None:
+    s = result.summary
+    console.print(
+        f"[green]simulated[/] {s.get('n_patients')} patients, {s.get('n_slides')} slides, "
+        f"{s.get('n_patches_total', s.get('total_patches'))} patches in {result.out_dir} "
+        f"({s.get('disk_mb')} MB, {s.get('seconds')} s)"
+    )
+    console.print(f"  cohort table  {result.cohort_table}")
+    console.print(f"  features      {result.features_dir}")
+    console.print(f"  omics         {result.omics_table} + {result.gene_groups.name}")
+    console.print(f"  ground truth  {result.truth}")
+
+
+# --------------------------------------------------------------------------------- validate
+
+
+@app.command()
+@_friendly
+def validate(
+    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
+    features: Path | None = typer.Option(None, "--features", "-f", help="feature folder"),
+    omics: Path | None = typer.Option(None, "--omics", help="omics table keyed by patient_id"),
+    gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene-group file"),
+    stamp_mpp: float | None = typer.Option(None, help="µm/px for STAMP files without it"),
+) -> None:
+    """Check a cohort table (and its feature files, omics table) and report every problem."""
+    from oncoslide.cohort.table import load_cohort
+
+    c = load_cohort(cohort, features, stamp_mpp=stamp_mpp)
+    console.print(
+        f"[green]ok[/] {len(c.patient_ids)} patients, {len(c.slides)} slides"
+        + (f", feature dim {c.feature_dim}" if c.feature_dim else "")
+    )
+    for note in c.notes:
+        console.print(f"  note: {note}")
+    if omics is not None:
+        from oncoslide.cohort.omics import load_omics
+
+        o = load_omics(omics, gene_groups)
+        console.print(
+            f"[green]ok[/] omics: {len(o.values)} patients x {len(o.genes)} genes, "
+            f"{len(o.groups)} groups"
+        )
+
+
+# --------------------------------------------------------------------------------- train
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import json
+
+    import yaml
+
+    from oncoslide.errors import ConfigError
+
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return data.get("config", data) if "run_key" in data else data
+
+
+@app.command()
+@_friendly
+def train(
+    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
+    features: Path = typer.Option(..., "--features", "-f", help="folder of per-slide features"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder"),
+    task: str | None = typer.Option(None, "--task", "-t", help="'survival' or a label column"),
+    model: str | None = typer.Option(None, "--model", "-m", help="see `oncoslide models`"),
+    folds: int | None = typer.Option(None, "--folds"),
+    seed: int | None = typer.Option(None, "--seed"),
+    repeats: int | None = typer.Option(None, "--repeats", help="repeated CV over seeds"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="bags per step"),
+    lr: float | None = typer.Option(None, "--lr"),
+    loss: str | None = typer.Option(None, "--loss", help="survival loss: nll or cox"),
+    bins: int | None = typer.Option(None, "--bins", help="discrete-time bins"),
+    max_patches: int | None = typer.Option(
+        None, "--max-patches", help="patches per bag in training"
+    ),
+    val_fraction: float | None = typer.Option(None, "--val-fraction"),
+    site_preserving: bool | None = typer.Option(None, "--site-preserving/--no-site-preserving"),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="best (on validation) or last"
+    ),
+    patience: int | None = typer.Option(None, "--patience", help="early-stopping patience"),
+    accelerator: str | None = typer.Option(None, "--accelerator", help="auto, cpu or gpu"),
+    cache_gb: float | None = typer.Option(None, "--cache-gb", help="feature cache limit"),
+    config: Path | None = typer.Option(None, "--config", help="YAML/JSON file of settings"),
+    splits: Path | None = typer.Option(None, "--splits", help="reuse a splits.csv"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace another run in --out"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Cross-validate a MIL model (patient-level folds, validation carved from training)."""
+    from oncoslide.cohort.splits import load_splits
+    from oncoslide.cohort.table import load_cohort
+    from oncoslide.training import cross_validate, make_config
+
+    settings = _read_config_file(config) if config else {}
+    flags = {
+        "task": task, "model": model, "folds": folds, "seed": seed, "repeats": repeats,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "survival_loss": loss,
+        "n_bins": bins, "max_patches": max_patches, "val_fraction": val_fraction,
+        "site_preserving": site_preserving, "checkpoint": checkpoint,
+        "early_stopping_patience": patience, "accelerator": accelerator, "cache_gb": cache_gb,
+    }  # fmt: skip
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    settings["progress"] = progress
+    if "task" not in settings:
+        settings["task"] = "survival"
+    cfg = make_config(**settings)
+    started = time.perf_counter()
+    c = load_cohort(
+        cohort,
+        features,
+        time_col=cfg.time_col,
+        event_col=cfg.event_col,
+        require_survival=cfg.is_survival,
+        label_cols=() if cfg.is_survival else (cfg.task,),
+    )
+    given = load_splits(splits) if splits else None
+    result = cross_validate(c, cfg, out, splits=given, overwrite=overwrite, console=console)
+    print_run_summary(result, time.perf_counter() - started)
+
+
+def print_run_summary(result: Any, seconds: float | None = None) -> None:
+    cfg, task = result.config, result.task
+    title = f"{cfg.model} · {task.name} ({task.kind}) · {cfg.folds}-fold x {cfg.repeats} seed(s)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("95% CI", justify="right")
+    table.add_column("sd over folds", justify="right")
+    for row in result.summary.itertuples():
+        ci = "-" if row.n_boot == 0 else f"[{row.ci_lower:.3f}, {row.ci_upper:.3f}]"
+        table.add_row(row.metric, f"{row.mean:.3f}", ci, f"{row.std:.3f}")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    stats = result.cache_stats
+    if stats:
+        console.print(
+            f"feature files read {stats.get('reads', '?')} time(s) for "
+            f"{len(set(result.splits['patient_id']))} patients"
+        )
+    tail = f" in {seconds:.0f} s" if seconds is not None else ""
+    console.print(
+        f"[green]done[/]{tail}: {result.out_dir}/ (metrics.csv, predictions.parquet, splits.csv, summary.csv, config.json)"
+    )
+
+
+# --------------------------------------------------------------------------------- models
+
+
+@app.command("models")
+def list_models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) -> None:
+    """List the registered MIL models."""
+    from oncoslide.models import MODELS, list_models
+
+    for name in list_models(pattern):
+        meta = MODELS.metadata(name)
+        desc = meta.get("description", "") if isinstance(meta, dict) else ""
+        console.print(f"{name:14s} {desc}")
+
+
+# --------------------------------------------------------------------------------- demo
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o"),
+    quick: bool = typer.Option(False, "--quick", help="a smaller cohort, fewer epochs"),
+) -> None:
+    """The main job on embedded data: simulate a cohort, cross-validate models, print results."""
+    from oncoslide.demo import run_demo
+
+    run_demo(out, quick=quick, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Per-slide patch feature files: the HDF5 contract, readers for other layouts, a shared cache."""
+
+from oncoslide.features.cache import CacheStats, FeatureCache
+from oncoslide.features.readers import (
+    FeatureIndex,
+    FeatureInfo,
+    find_feature_file,
+    inspect_features,
+    peek_features,
+    read_features,
+)
+from oncoslide.features.schema import PatchGrid, SlideFeatures, write_feature_file
+
+__all__ = [
+    "CacheStats",
+    "FeatureCache",
+    "FeatureIndex",
+    "FeatureInfo",
+    "PatchGrid",
+    "SlideFeatures",
+    "find_feature_file",
+    "inspect_features",
+    "peek_features",
+    "read_features",
+    "write_feature_file",
+]

@@ -1,0 +1,52 @@
+"""MIL aggregators behind one registry: ``create_model("abmil", in_dim=1536, n_outputs=4)``.
+
+Registered models: ``mean``, ``max`` (pooling baselines), ``abmil`` (gated attention),
+``abmil_plain`` (tanh attention), ``transmil``. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oncoslide.models import abmil as _abmil  # noqa: F401  (registers abmil, abmil_plain)
+from oncoslide.models import pooling as _pooling  # noqa: F401  (registers mean, max)
+from oncoslide.models import transmil as _transmil  # noqa: F401  (registers transmil)
+from oncoslide.models.abmil import ABMIL
+from oncoslide.models.base import MODELS, MILModel, MILOutput
+from oncoslide.models.heads import (
+    class_probs,
+    discrete_hazards,
+    discrete_risk,
+    discrete_survival,
+    make_head,
+)
+from oncoslide.models.pooling import MaxPoolMIL, MeanPoolMIL
+from oncoslide.models.transmil import TransMIL
+
+
+def create_model(name: str, **kwargs: Any) -> MILModel:
+    """Build the registered model ``name``, e.g. ``create_model("abmil", in_dim=1536, n_outputs=4)``."""
+    return MODELS.create(name, **kwargs)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered models matching a shell-style pattern."""
+    return MODELS.list(pattern)
+
+
+__all__ = [
+    "ABMIL",
+    "MODELS",
+    "MILModel",
+    "MILOutput",
+    "MaxPoolMIL",
+    "MeanPoolMIL",
+    "TransMIL",
+    "class_probs",
+    "create_model",
+    "discrete_hazards",
+    "discrete_risk",
+    "discrete_survival",
+    "list_models",
+    "make_head",
+]

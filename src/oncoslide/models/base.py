@@ -1,0 +1,179 @@
+"""The model contract shared by every MIL aggregator, and the masked building blocks they use.
+
+Every model maps a padded batch of bags to a :class:`MILOutput`::
+
+    model(features (B, N, D) float, mask (B, N) bool, coords (B, N, 2) | None) -> MILOutput
+
+Padded positions (``mask`` False) never influence any output. The heavy per-patch projection
+runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-multiply time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from oncoslide.errors import ConfigError
+from oncoslide.registry import Registry
+
+MODELS: Registry[MILModel] = Registry("model")
+
+
+@dataclass
+class MILOutput:
+    """What a MIL model returns for a batch of B bags of at most N patches.
+
+    Attributes:
+        logits: (B, n_outputs) raw head outputs (hazard logits for discrete-time survival,
+            class logits for classification, one log-risk for Cox).
+        embedding: (B, E) the bag representation fed to the head.
+        attention: (B, N) per-patch weights, non-negative, summing to 1 over each bag's valid
+            patches and exactly 0 on padding; None for models without attention.
+    """
+
+    logits: Tensor
+    embedding: Tensor
+    attention: Tensor | None = None
+
+
+class MILModel(nn.Module):
+    """Base class: stores and checks the keywords common to all models, validates inputs.
+
+    Args:
+        in_dim: feature dimension D of the patches.
+        n_outputs: number of head outputs (classes, time bins, or 1 for a Cox risk).
+        dropout: dropout probability after the patch projection.
+        hidden_dim: width of the patch projection (and, for most models, of the embedding).
+    """
+
+    #: Project only the valid patches (True) or all positions then select (False). Both give the
+    #: same outputs; False exists only to measure what packing saves.
+    pack_valid: bool = True
+
+    def __init__(
+        self, in_dim: int, n_outputs: int, dropout: float = 0.25, hidden_dim: int = 512
+    ) -> None:
+        super().__init__()
+        problems = []
+        for key, value in (
+            ("in_dim", in_dim),
+            ("n_outputs", n_outputs),
+            ("hidden_dim", hidden_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{key} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {dropout!r}")
+        if problems:
+            raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.in_dim = in_dim
+        self.n_outputs = n_outputs
+        self.dropout = float(dropout)
+        self.hidden_dim = hidden_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Width E of :attr:`MILOutput.embedding`."""
+        return self.hidden_dim
+
+    def check_inputs(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> None:
+        """Raise a ``ConfigError`` listing every shape/dtype problem of a model call."""
+        problems = []
+        if features.ndim != 3:
+            problems.append(f"features must be (B, N, D), got shape {tuple(features.shape)}")
+        elif features.shape[-1] != self.in_dim:
+            problems.append(
+                f"features have dimension {features.shape[-1]}, model expects {self.in_dim}"
+            )
+        if not features.is_floating_point():
+            problems.append(f"features must be floating point, got {features.dtype}")
+        if mask.dtype != torch.bool:
+            problems.append(f"mask must be bool, got {mask.dtype}")
+        if mask.shape != features.shape[:2]:
+            problems.append(
+                f"mask shape {tuple(mask.shape)} does not match features (B, N) = "
+                f"{tuple(features.shape[:2])}"
+            )
+        elif mask.dtype == torch.bool and mask.numel() and not bool(mask.any(dim=1).all()):
+            empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+            problems.append(f"bags {empty} have no valid patch")
+        if coords is not None and coords.shape != (*features.shape[:2], 2):
+            problems.append(f"coords must be (B, N, 2), got shape {tuple(coords.shape)}")
+        if problems:
+            raise ConfigError(f"{type(self).__name__} input: " + "; ".join(problems))
+
+    def forward(
+        self, features: Tensor, mask: Tensor, coords: Tensor | None = None
+    ) -> MILOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def pack_valid(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The valid patches of a padded batch, packed: (M, D) rows and their bag index (M,).
+
+    Rows come in row-major order of ``mask`` (bag by bag, patch by patch), the order that
+    ``Tensor.masked_scatter`` uses to put them back.
+    """
+    batch, n = mask.shape
+    index = bag_index(mask)
+    if index.numel() == batch * n:  # nothing padded: a view, no copy
+        return features.reshape(batch * n, -1), index
+    return features[mask], index
+
+
+def bag_index(mask: Tensor) -> Tensor:
+    """The bag of each valid patch, (M,), in the packing order of :func:`pack_valid`."""
+    batch = mask.shape[0]
+    return torch.repeat_interleave(torch.arange(batch, device=mask.device), mask.sum(dim=1))
+
+
+def project_valid(proj: nn.Module, features: Tensor, mask: Tensor, pack: bool = True) -> Tensor:
+    """``proj`` applied to the valid patches only, packed as (M, H) (see :func:`pack_valid`).
+
+    With ``pack=False`` the projection runs on every position and the valid rows are selected
+    afterwards: the same result at the cost of the padding (kept only to measure the saving).
+    """
+    dtype = next(proj.parameters()).dtype  # float16 feature files meet float32 weights
+    if pack:
+        rows, _ = pack_valid(features, mask)
+        return proj(rows.to(dtype))
+    return proj(features.to(dtype))[mask]
+
+
+def unpack(rows: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """Packed (M, ...) rows back to a padded (B, N, ...) tensor, ``fill`` on padding."""
+    shape = (*mask.shape, *rows.shape[1:])
+    full_mask = mask.reshape(*mask.shape, *([1] * (rows.ndim - 1))).expand(shape)
+    return rows.new_full(shape, fill).masked_scatter(full_mask, rows)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over the positions where ``mask`` is True; exactly 0 elsewhere.
+
+    ``torch.where`` (not multiplication) keeps non-finite scores on padding out of the result
+    and out of the gradient. Every slice along ``dim`` must have at least one True.
+    """
+    scores = torch.where(mask, scores, torch.full_like(scores, float("-inf")))
+    return torch.softmax(scores, dim=dim)
+
+
+def attention_pool(
+    scores: Tensor, rows: Tensor, mask: Tensor, bag_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Attention pooling of packed rows.
+
+    Args:
+        scores: (M,) attention logits of the valid patches.
+        rows: (M, H) their representations.
+        mask: (B, N) validity mask; bag_index: (M,) bag of each row.
+
+    Returns:
+        (pooled (B, H), attention (B, N)) with attention a masked softmax over each bag.
+    """
+    logits = unpack(scores, mask, fill=float("-inf"))
+    attention = torch.softmax(logits, dim=1)
+    weighted = attention[mask].unsqueeze(-1) * rows
+    pooled = rows.new_zeros(mask.shape[0], rows.shape[-1]).index_add(0, bag_index, weighted)
+    return pooled, attention

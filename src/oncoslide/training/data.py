@@ -1,0 +1,150 @@
+"""Patient bags as a torch dataset, minibatches of several bags with padding and masks.
+
+Features come from a ``FeatureCache`` shared by every fold and seed of a run, so each feature
+file is read once per run (while the cohort fits under the cache limit); a background prefetch
+fills the cache in the order the first epoch will ask for it, which hides disk reads behind
+compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from oncoslide.cohort.bags import load_bag
+from oncoslide.cohort.table import Cohort
+from oncoslide.features.cache import FeatureCache
+
+
+@dataclass(frozen=True)
+class BagTargets:
+    """Per-patient targets aligned with a dataset's patient order (unused fields are None)."""
+
+    time: np.ndarray | None = None  # float, survival
+    event: np.ndarray | None = None  # float 0/1, survival
+    bin_index: np.ndarray | None = None  # int64, discrete-time survival
+    label: np.ndarray | None = None  # int64 class index, classification
+
+
+class BagDataset(Dataset):
+    """One item per patient: all patches of all the patient's slides, plus targets.
+
+    In training mode a bag larger than ``max_patches`` is subsampled without replacement, with a
+    generator seeded by (seed, epoch, item) so a run is reproducible whatever the load order.
+    """
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        patient_ids: Sequence[str],
+        cache: FeatureCache,
+        targets: BagTargets,
+        *,
+        max_patches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cohort = cohort
+        self.patient_ids = list(patient_ids)
+        self.cache = cache
+        self.targets = targets
+        self.max_patches = max_patches
+        self.seed = seed
+        self.epoch = 0
+        n = len(self.patient_ids)
+        for name in ("time", "event", "bin_index", "label"):
+            arr = getattr(targets, name)
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"target {name} has {len(arr)} entries for {n} patients")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def slide_paths(self, order: Sequence[int] | None = None) -> list[str]:
+        """Feature-file paths in the order the given item order will read them."""
+        order = range(len(self)) if order is None else order
+        return [str(p) for i in order for p in self.cohort.slide_paths(self.patient_ids[i])]
+
+    def n_patches(self) -> np.ndarray:
+        counts = self.cohort.patients.loc[self.patient_ids, "n_patches"]
+        return counts.to_numpy(dtype=np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        bag = load_bag(self.cohort, self.patient_ids[i], self.cache)
+        features, coords = bag.features, bag.coords
+        if self.max_patches is not None and features.shape[0] > self.max_patches:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            keep = np.sort(rng.choice(features.shape[0], self.max_patches, replace=False))
+            features, coords = features[keep], coords[keep]
+        item: dict[str, object] = {"index": i, "features": features, "coords": coords}
+        for name in ("time", "event", "bin_index", "label"):
+            arr = getattr(self.targets, name)
+            if arr is not None:
+                item[name] = arr[i]
+        return item
+
+
+def collate_bags(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    """Pad bags to the longest one in the batch; ``mask`` marks the real patches.
+
+    Bags are copied into fresh numpy buffers (cached arrays are read-only and may be float16),
+    which torch then wraps without another copy.
+    """
+    arrays = [np.asarray(it["features"]) for it in items]
+    lengths = [a.shape[0] for a in arrays]
+    n_max, dim = max(lengths), arrays[0].shape[1]
+    features = np.zeros((len(items), n_max, dim), dtype=np.float32)
+    coords = np.zeros((len(items), n_max, 2), dtype=np.float32)
+    mask = np.zeros((len(items), n_max), dtype=bool)
+    for b, (it, arr, n) in enumerate(zip(items, arrays, lengths, strict=True)):
+        features[b, :n] = arr
+        coords[b, :n] = np.asarray(it["coords"])
+        mask[b, :n] = True
+    batch: dict[str, torch.Tensor] = {
+        "features": torch.from_numpy(features),
+        "coords": torch.from_numpy(coords),
+        "mask": torch.from_numpy(mask),
+        "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),  # type: ignore[call-overload]
+    }
+    for name, dtype in (
+        ("time", torch.float32),
+        ("event", torch.float32),
+        ("bin_index", torch.long),
+        ("label", torch.long),
+    ):
+        if name in items[0]:
+            batch[name] = torch.tensor([it[name] for it in items], dtype=dtype)
+    return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A seeded shuffle that differs per epoch and tells the dataset which epoch it is."""
+
+    def __init__(self, dataset: BagDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        return [int(i) for i in rng.permutation(len(self.dataset))]
+
+    def __iter__(self) -> Iterator[int]:
+        self.dataset.set_epoch(self.epoch)
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def length_sorted_order(dataset: BagDataset) -> list[int]:
+    """Inference order that groups bags of similar size, so padding wastes little."""
+    return [int(i) for i in np.argsort(dataset.n_patches(), kind="stable")]

@@ -1,0 +1,115 @@
+"""The one Lightning module that trains every MIL model on every task."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from oncoslide.models import MILOutput
+from oncoslide.training.config import TrainConfig
+from oncoslide.training.tasks import FoldTask
+
+TARGET_KEYS = ("time", "event", "bin_index", "label")
+
+
+class MILModule(pl.LightningModule):
+    """Wraps a registry model with its fold task (loss, validation score) and optimiser.
+
+    Validation is scored over the whole validation part at the end of each epoch (a Cox loss
+    then compares every pair of the part, not only pairs inside a minibatch); the logged
+    ``val_loss`` and ``val_score`` drive early stopping and checkpoint choice. The test part
+    never passes through this module's training or validation hooks.
+    """
+
+    def __init__(
+        self, model: nn.Module, fold_task: FoldTask, config: TrainConfig, steps_per_epoch: int
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.fold_task = fold_task
+        self.config = config
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self._val_logits: list[Tensor] = []
+        self._val_targets: list[dict[str, Tensor]] = []
+        self.history: list[dict[str, float]] = []
+        self._train_losses: list[float] = []
+
+    def forward(self, batch: dict[str, Tensor]) -> MILOutput:
+        return self.model(batch["features"], batch["mask"], batch.get("coords"))
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch)
+        loss = self.fold_task.loss(out.logits, batch)
+        self._train_losses.append(float(loss.detach()))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        mean = float(np.mean(self._train_losses)) if self._train_losses else math.nan
+        self._train_losses.clear()
+        if self.history and self.history[-1].get("epoch") == self.current_epoch:
+            self.history[-1]["train_loss"] = mean
+        else:
+            self.history.append({"epoch": self.current_epoch, "train_loss": mean})
+
+    # -- validation -----------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self(batch)
+        self._val_logits.append(out.logits.detach().float().cpu())
+        self._val_targets.append({k: batch[k].cpu() for k in TARGET_KEYS if k in batch})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_logits:
+            return
+        logits = torch.cat(self._val_logits)
+        targets = {k: torch.cat([t[k] for t in self._val_targets]) for k in self._val_targets[0]}
+        self._val_logits.clear()
+        self._val_targets.clear()
+        val_loss = self.fold_task.full_loss(logits, targets)
+        score = self.fold_task.validation_score(logits, targets)
+        # NaN scores (e.g. a validation part without comparable pairs) must not win selection
+        score = score if np.isfinite(score) else -math.inf
+        self.log("val_loss", val_loss, prog_bar=False, batch_size=len(logits))
+        self.log("val_score", score, prog_bar=False, batch_size=len(logits))
+        row = {"epoch": self.current_epoch, "val_loss": val_loss, "val_score": score}
+        if self.history and self.history[-1].get("epoch") == self.current_epoch:
+            self.history[-1].update(row)
+        else:
+            self.history.append(row)
+
+    # -- prediction -----------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        out = self(batch)
+        result: dict[str, Any] = {
+            "index": batch["index"].cpu(),
+            "logits": out.logits.float().cpu(),
+            "embedding": out.embedding.float().cpu(),
+        }
+        return result
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        total = self.config.epochs * self.steps_per_epoch
+        warmup = min(total - 1, round(self.config.warmup_epochs * self.steps_per_epoch))
+
+        def schedule(step: int) -> float:
+            # linear warm-up, then cosine decay to 0 over the planned schedule
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,259 @@
+"""What a task asks of a model: targets, loss, predictions and metrics, fitted per fold.
+
+Everything fitted from data here (time bins, class weights, the Breslow baseline) is fitted on
+the training part of a fold only; the test part is used once, for the final predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from oncoslide.cohort.table import Cohort
+from oncoslide.errors import ConfigError
+from oncoslide.evaluation.classification import classification_metrics
+from oncoslide.models.heads import class_probs, discrete_risk, discrete_survival
+from oncoslide.survival.bins import TimeBins
+from oncoslide.survival.breslow import BreslowEstimator
+from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
+from oncoslide.survival.metrics import (
+    concordance_index_censored,
+    evaluation_times,
+    survival_metrics,
+)
+from oncoslide.survival.target import make_survival
+from oncoslide.training.config import TrainConfig
+from oncoslide.training.data import BagTargets
+
+SURVIVAL_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs")
+CLASSIFICATION_METRICS = ("auc", "balanced_accuracy")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A prediction task on a cohort: survival, or classification of a label column."""
+
+    name: str
+    kind: Literal["survival", "binary", "multiclass"]
+    classes: tuple[str, ...] = ()
+    time_col: str = "time"
+    event_col: str = "event"
+
+    @property
+    def is_survival(self) -> bool:
+        return self.kind == "survival"
+
+    @property
+    def target_columns(self) -> tuple[str, ...]:
+        return (self.time_col, self.event_col) if self.is_survival else (self.name,)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return SURVIVAL_METRICS if self.is_survival else CLASSIFICATION_METRICS
+
+
+def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
+    """The task a config names, checked against the cohort's columns and values."""
+    if config.is_survival:
+        missing = [c for c in (config.time_col, config.event_col) if c not in cohort.patients]
+        if missing:
+            raise ConfigError(f"survival task needs columns {missing} in the cohort table")
+        return TaskSpec(
+            "survival", "survival", time_col=config.time_col, event_col=config.event_col
+        )
+    col = config.task
+    if col not in cohort.patients.columns:
+        raise ConfigError(
+            f"task {col!r} is neither 'survival' nor a column of the cohort table "
+            f"(columns: {', '.join(map(str, cohort.patients.columns))})"
+        )
+    ids = cohort.patients_with(col)
+    values = cohort.labels(col, ids)
+    classes = tuple(sorted({_label_str(v) for v in values}))
+    if len(classes) < 2:
+        raise ConfigError(f"label column {col!r} has {len(classes)} class(es); need at least 2")
+    if len(classes) > 50:
+        raise ConfigError(
+            f"label column {col!r} has {len(classes)} distinct values; is it a continuous column?"
+        )
+    kind: Literal["binary", "multiclass"] = "binary" if len(classes) == 2 else "multiclass"
+    return TaskSpec(col, kind, classes=classes)
+
+
+def _label_str(value: object) -> str:
+    """Labels as strings; 1.0 and 1 name the same class."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def task_patients(cohort: Cohort, task: TaskSpec) -> list[str]:
+    """Patients with every target value the task needs (others are left out and reported)."""
+    return sorted(cohort.patients_with(*task.target_columns))
+
+
+@dataclass
+class FoldTask:
+    """A task fitted on one fold's training part: output size, loss, conversions, metrics."""
+
+    task: TaskSpec
+    config: TrainConfig
+    n_outputs: int
+    bins: TimeBins | None = None
+    class_weight: Tensor | None = None
+    breslow: BreslowEstimator | None = field(default=None, repr=False)
+
+    # -- targets ----------------------------------------------------------------------------
+    def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> BagTargets:
+        if self.task.is_survival:
+            y = cohort.survival(list(patient_ids))
+            time = y["time"].astype(np.float64)
+            event = y["event"].astype(np.float64)
+            bin_index = self.bins.transform(time) if self.bins is not None else None
+            return BagTargets(time=time, event=event, bin_index=bin_index)
+        return BagTargets(label=self.label_index(cohort, patient_ids))
+
+    def label_index(self, cohort: Cohort, patient_ids: Sequence[str]) -> np.ndarray:
+        values = cohort.labels(self.task.name, list(patient_ids))
+        lookup = {c: i for i, c in enumerate(self.task.classes)}
+        return np.asarray([lookup[_label_str(v)] for v in values], dtype=np.int64)
+
+    # -- loss ---------------------------------------------------------------------------------
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        if self.task.is_survival:
+            if self.config.survival_loss == "cox":
+                return cox_ph_loss(
+                    logits[:, 0], batch["time"], batch["event"], ties=self.config.cox_ties
+                )
+            return discrete_time_nll(
+                logits, batch["bin_index"], batch["event"], alpha=self.config.nll_alpha
+            )
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+        return F.cross_entropy(logits, batch["label"], weight=weight)
+
+    # -- predictions ------------------------------------------------------------------------
+    def risk(self, logits: Tensor) -> np.ndarray:
+        if self.config.survival_loss == "cox":
+            return logits[:, 0].double().cpu().numpy()
+        return discrete_risk(logits.double()).cpu().numpy()
+
+    def prediction_frame(self, logits: Tensor) -> pd.DataFrame:
+        """Columns written to predictions.parquet for these logits."""
+        if self.task.is_survival:
+            frame = pd.DataFrame({"risk": self.risk(logits)})
+            if self.bins is not None and self.config.survival_loss == "nll":
+                surv = discrete_survival(logits.double()).cpu().numpy()
+                for k in range(surv.shape[1]):
+                    frame[f"surv_bin{k}"] = surv[:, k]
+            return frame
+        probs = class_probs(logits.double()).cpu().numpy()
+        return pd.DataFrame({f"prob_{c}": probs[:, i] for i, c in enumerate(self.task.classes)})
+
+    def survival_function(self, logits: Tensor) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Predicted S(t) at given times, for the integrated Brier score."""
+        if self.config.survival_loss == "cox":
+            if self.breslow is None:
+                return None
+            risk = self.risk(logits)
+            breslow = self.breslow
+            return lambda times: breslow.survival_function(risk, times)
+        assert self.bins is not None
+        surv = discrete_survival(logits.double()).cpu().numpy()
+        bins = self.bins
+        return lambda times: bins.survival_at(surv, times)
+
+    def fit_breslow(self, logits: Tensor, y_train: np.ndarray) -> None:
+        """Cox models: the baseline hazard from the training part's predicted risks."""
+        if self.config.survival_loss == "cox":
+            self.breslow = BreslowEstimator().fit(
+                self.risk(logits), y_train["time"], y_train["event"]
+            )
+
+    # -- metrics ------------------------------------------------------------------------------
+    def metrics(
+        self,
+        logits: Tensor,
+        cohort: Cohort,
+        test_ids: Sequence[str],
+        fit_ids: Sequence[str],
+    ) -> dict[str, float]:
+        """Test-part metrics. ``fit_ids`` (train + val) set the censoring distribution."""
+        if self.task.is_survival:
+            y_test = cohort.survival(list(test_ids))
+            y_fit = cohort.survival(list(fit_ids))
+            out = survival_metrics(
+                y_fit, y_test, self.risk(logits), surv_fn=self.survival_function(logits)
+            )
+            return {m: float(out.get(m, np.nan)) for m in SURVIVAL_METRICS}
+        probs = class_probs(logits.double()).cpu().numpy()
+        labels = self.label_index(cohort, test_ids)
+        out = classification_metrics(labels, probs, classes=list(range(len(self.task.classes))))
+        return {m: float(out[m]) for m in CLASSIFICATION_METRICS}
+
+    def validation_score(self, logits: Tensor, batch_targets: dict[str, Tensor]) -> float:
+        """The model-selection metric on the validation part (higher is better)."""
+        if self.task.is_survival:
+            risk = self.risk(logits)
+            return concordance_index_censored(
+                batch_targets["event"].cpu().numpy().astype(bool),
+                batch_targets["time"].cpu().numpy(),
+                risk,
+            ).cindex
+        probs = class_probs(logits.double()).cpu().numpy()
+        labels = batch_targets["label"].cpu().numpy()
+        return float(
+            classification_metrics(labels, probs, classes=list(range(len(self.task.classes))))[
+                "auc"
+            ]
+        )
+
+    def full_loss(self, logits: Tensor, targets: dict[str, Tensor]) -> float:
+        """The loss over a whole part at once (Cox: every pair of the part is compared)."""
+        with torch.no_grad():
+            return float(self.loss(logits, targets))
+
+
+def fit_fold_task(
+    task: TaskSpec, config: TrainConfig, cohort: Cohort, train_ids: Sequence[str]
+) -> FoldTask:
+    """Fit the fold's preprocessing on its training part only (the leakage fix of METHODS.md)."""
+    if task.is_survival:
+        if config.survival_loss == "cox":
+            return FoldTask(task, config, n_outputs=1)
+        y = cohort.survival(list(train_ids))
+        bins = TimeBins.quantile(y["time"], y["event"], n_bins=config.n_bins)
+        return FoldTask(task, config, n_outputs=len(bins.edges) - 1, bins=bins)
+    fold = FoldTask(task, config, n_outputs=len(task.classes))
+    if config.class_weights == "balanced":
+        labels = fold.label_index(cohort, train_ids)
+        counts = np.bincount(labels, minlength=len(task.classes)).astype(np.float64)
+        if (counts == 0).any():
+            absent = [task.classes[i] for i in np.flatnonzero(counts == 0)]
+            raise ConfigError(f"training part lacks classes {absent} of task {task.name!r}")
+        weight = counts.sum() / (len(counts) * counts)
+        fold.class_weight = torch.tensor(weight, dtype=torch.float32)
+    return fold
+
+
+def survival_target(cohort: Cohort, ids: Sequence[str]) -> np.ndarray:
+    y = cohort.survival(list(ids))
+    return make_survival(y["event"], y["time"])
+
+
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "SURVIVAL_METRICS",
+    "FoldTask",
+    "TaskSpec",
+    "evaluation_times",
+    "fit_fold_task",
+    "resolve_task",
+    "task_patients",
+]

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oncoslide.cohort.splits import (
+    audit_splits,
+    fold_parts,
+    load_splits,
+    make_splits,
+    save_splits,
+    survival_strata,
+)
+from oncoslide.errors import ConfigError, SplitLeakageError
+
+
+def _ids(n: int) -> list[str]:
+    return [f"P{i:04d}" for i in range(n)]
+
+
+def test_folds_partition_patients_and_val_is_carved_from_training() -> None:
+    ids = _ids(103)
+    splits = make_splits(ids, n_folds=5, seeds=(0, 1), val_fraction=0.2)
+    assert list(splits.columns) == ["patient_id", "seed", "fold", "part"]
+    for seed in (0, 1):
+        s = splits[splits.seed == seed]
+        test = s[s.part == "test"]
+        assert sorted(test.patient_id) == sorted(ids)  # each patient tested exactly once
+        sizes = test.groupby("fold").size()
+        assert sizes.max() - sizes.min() <= 1
+        for k in range(5):
+            parts = fold_parts(splits, seed, k)
+            assert not set(parts["test"]) & set(parts["train"])
+            assert not set(parts["test"]) & set(parts["val"])
+            assert not set(parts["val"]) & set(parts["train"])
+            n_rest = len(parts["train"]) + len(parts["val"])
+            assert abs(len(parts["val"]) - 0.2 * n_rest) <= 2
+    # different seeds give different folds
+    a = splits[(splits.seed == 0) & (splits.part == "test")].set_index("patient_id").fold
+    b = splits[(splits.seed == 1) & (splits.part == "test")].set_index("patient_id").fold
+    assert (a.sort_index() != b.sort_index()).any()
+
+
+def test_stratification_balances_labels() -> None:
+    rng = np.random.default_rng(0)
+    ids = _ids(200)
+    labels = np.where(rng.random(200) < 0.2, "pos", "neg")
+    splits = make_splits(ids, n_folds=5, strata=labels, val_fraction=0.0)
+    lab = dict(zip(ids, labels, strict=True))
+    test = splits[splits.part == "test"].copy()
+    test["label"] = test.patient_id.map(lab)
+    pos_per_fold = test[test.label == "pos"].groupby("fold").size()
+    assert pos_per_fold.max() - pos_per_fold.min() <= 1
+    assert (splits.part != "val").all()
+
+
+def test_survival_strata_cross_event_and_time() -> None:
+    time = np.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=float)
+    event = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    strata = survival_strata(time, event, n_time_bins=2)
+    assert list(strata) == ["e1t0", "e1t0", "e1t1", "e1t1", "e0t0", "e0t0", "e0t1", "e0t1"]
+
+
+def test_site_preserving_keeps_each_site_in_one_fold() -> None:
+    rng = np.random.default_rng(1)
+    ids = _ids(150)
+    sites = rng.choice([f"S{i}" for i in range(15)], size=150)
+    splits = make_splits(ids, n_folds=5, sites=sites, val_fraction=0.2)
+    site_of = dict(zip(ids, sites, strict=True))
+    test = splits[splits.part == "test"].copy()
+    test["site"] = test.patient_id.map(site_of)
+    assert (test.groupby("site").fold.nunique() == 1).all()
+    for k in range(5):
+        fold = splits[splits.fold == k].copy()
+        fold["site"] = fold.patient_id.map(site_of)
+        by_part = fold.groupby("part").site.apply(set)
+        assert not by_part["test"] & by_part["train"]
+        assert not by_part["val"] & by_part["train"]
+
+
+def test_site_preserving_needs_enough_sites() -> None:
+    with pytest.raises(ConfigError, match="at least 5 sites"):
+        make_splits(_ids(40), n_folds=5, sites=["A", "B", "C"] * 13 + ["A"])
+
+
+def test_audit_refuses_hand_made_overlap() -> None:
+    ids = _ids(10)
+    splits = make_splits(ids, n_folds=2, val_fraction=0.0)
+    # put the first test patient of fold 0 into fold 0's training part as well
+    leak_id = splits[(splits.fold == 0) & (splits.part == "test")].patient_id.iloc[0]
+    leaked = pd.concat(
+        [splits, pd.DataFrame([{"patient_id": leak_id, "seed": 0, "fold": 0, "part": "train"}])]
+    )
+    with pytest.raises(SplitLeakageError, match="two parts") as err:
+        audit_splits(leaked)
+    assert leak_id in str(err.value)
+
+
+def test_audit_refuses_patient_in_two_test_folds_and_site_leak() -> None:
+    splits = make_splits(_ids(10), n_folds=2, val_fraction=0.0)
+    broken = splits.copy()
+    pid = broken[(broken.fold == 1) & (broken.part == "train")].patient_id.iloc[0]
+    broken.loc[(broken.fold == 1) & (broken.patient_id == pid), "part"] = "test"
+    with pytest.raises(SplitLeakageError, match="more than one test fold"):
+        audit_splits(broken)
+    sites = {p: "same-site" for p in _ids(10)}
+    with pytest.raises(SplitLeakageError, match="sites in both"):
+        audit_splits(splits, sites=sites)
+
+
+def test_audit_checks_patient_set() -> None:
+    splits = make_splits(_ids(10), n_folds=2, val_fraction=0.0)
+    with pytest.raises(SplitLeakageError, match="missing"):
+        audit_splits(splits, patient_ids=[*_ids(10), "P9999"])
+
+
+def test_save_and_reload_roundtrip(tmp_path) -> None:
+    ids = _ids(30)
+    splits = make_splits(ids, n_folds=3, seeds=(5,), val_fraction=0.25)
+    path = save_splits(tmp_path / "splits.csv", splits)
+    again = load_splits(path, patient_ids=ids)
+    pd.testing.assert_frame_equal(
+        again.sort_values(["seed", "fold", "patient_id"]).reset_index(drop=True),
+        splits.sort_values(["seed", "fold", "patient_id"]).reset_index(drop=True),
+    )
+    # the same seed gives the same split
+    assert make_splits(ids, n_folds=3, seeds=(5,), val_fraction=0.25).equals(splits)
+
+
+def test_rejects_impossible_requests() -> None:
+    with pytest.raises(ConfigError):
+        make_splits(_ids(3), n_folds=5)
+    with pytest.raises(ConfigError):
+        make_splits(["a", "a", "b"], n_folds=2)
+    with pytest.raises(ConfigError):
+        make_splits(_ids(10), n_folds=2, val_fraction=1.0)

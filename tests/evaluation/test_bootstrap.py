@@ -1,0 +1,164 @@
+"""Grouped percentile bootstrap: estimand, determinism, NaN skipping, coverage and speed."""
+
+from __future__ import annotations
+
+import time as timer
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from oncoslide.evaluation import BootstrapCI, GroupData, bootstrap_ci, grouped_bootstrap_ci
+from oncoslide.survival import make_survival, split_survival
+from oncoslide.survival.metrics import (
+    CensoringSupportError,
+    MetricInputError,
+    concordance_index_censored,
+)
+
+
+def mean_of_x(data: Mapping[str, np.ndarray], _context: Mapping[str, Any]) -> float:
+    return float(np.mean(data["x"]))
+
+
+def harrell(data: Mapping[str, np.ndarray], _context: Mapping[str, Any]) -> float:
+    event, time = split_survival(data["y"])
+    return concordance_index_censored(event, time, data["risk"]).cindex
+
+
+def survival_group(rng: np.random.Generator, n: int, offset: float = 0.0) -> GroupData:
+    x = rng.normal(size=n)
+    t, c = rng.exponential(np.exp(-x)), rng.exponential(2.0, size=n)
+    y = make_survival(t <= c, np.minimum(t, c))
+    return GroupData({"y": y, "risk": x + rng.normal(size=n) + offset})
+
+
+def test_estimate_is_the_mean_of_group_metrics_not_the_pooled_metric() -> None:
+    rng = np.random.default_rng(0)
+    # Fold models on different risk scales: pooling their scores would rank folds, not patients.
+    groups = [survival_group(rng, 80, offset) for offset in (0.0, 50.0, -50.0)]
+    result = grouped_bootstrap_ci(groups, harrell, n_boot=50)
+    per_group = [harrell(g.arrays, g.context) for g in groups]
+    assert result.estimate == pytest.approx(np.mean(per_group))
+    pooled = GroupData({k: np.concatenate([g.arrays[k] for g in groups]) for k in ("y", "risk")})
+    assert abs(harrell(pooled.arrays, {}) - result.estimate) > 0.02
+    assert result.lower <= result.estimate <= result.upper
+    assert result.n_groups == 3 and result.n_boot == 50
+
+
+def test_resampling_stays_within_each_group() -> None:
+    # Group A is all 0 and group B all 1: within-group resamples always average to exactly 0.5,
+    # while any resampling across groups would move the average.
+    groups = [GroupData({"x": np.zeros(20)}), GroupData({"x": np.ones(35)})]
+    result = grouped_bootstrap_ci(groups, mean_of_x, n_boot=200)
+    assert (result.estimate, result.lower, result.upper) == (0.5, 0.5, 0.5)
+    assert result.n_boot_ok == 200
+
+
+def test_same_seed_same_result_other_seed_differs() -> None:
+    rng = np.random.default_rng(1)
+    groups = [survival_group(rng, 60) for _ in range(3)]
+    first = grouped_bootstrap_ci(groups, harrell, n_boot=100, seed=5)
+    again = grouped_bootstrap_ci(groups, harrell, n_boot=100, seed=5)
+    other = grouped_bootstrap_ci(groups, harrell, n_boot=100, seed=6)
+    assert first == again
+    assert (first.lower, first.upper) != (other.lower, other.upper)
+    assert first.estimate == other.estimate
+
+
+def test_width_matches_the_normal_theory_and_shrinks_with_n() -> None:
+    rng = np.random.default_rng(2)
+    widths = {}
+    for n in (100, 1600):
+        x = rng.normal(size=n)
+        result = bootstrap_ci(lambda idx, x=x: float(x[idx].mean()), n, n_boot=1000, seed=0)
+        widths[n] = result.upper - result.lower
+        expected = 2 * 1.959964 * x.std() / np.sqrt(n)
+        assert widths[n] == pytest.approx(expected, rel=0.15)
+        assert result.lower < result.estimate < result.upper
+    assert widths[1600] < widths[100] / 3
+
+
+def test_coverage_of_the_mean_is_close_to_nominal() -> None:
+    rng = np.random.default_rng(3)
+    hits = 0
+    for trial in range(200):
+        x = rng.normal(loc=1.0, size=60)
+        result = bootstrap_ci(lambda idx, x=x: float(x[idx].mean()), 60, n_boot=200, seed=trial)
+        hits += result.lower <= 1.0 <= result.upper
+    assert 0.86 <= hits / 200 <= 0.99
+
+
+def test_undefined_replicates_are_skipped_and_counted() -> None:
+    x = np.arange(10.0)
+
+    def mean_if_first_row_drawn(idx: np.ndarray) -> float:
+        return float(x[idx].mean()) if (idx == 0).any() else float("nan")
+
+    result = bootstrap_ci(mean_if_first_row_drawn, 10, n_boot=1000, seed=0)
+    # P(row 0 missing from a resample of 10) = 0.9**10 = 0.349; about 651 replicates survive.
+    assert 580 <= result.n_boot_ok <= 720
+    assert np.isfinite(result.lower) and np.isfinite(result.upper)
+
+
+def test_one_undefined_group_skips_the_whole_replicate() -> None:
+    always = GroupData({"x": np.arange(5.0)})
+    sometimes = GroupData({"x": np.arange(10.0)}, context={"needed": 0})
+
+    def metric(data: Mapping[str, np.ndarray], context: Mapping[str, Any]) -> float:
+        if "needed" in context and not (data["x"] == context["needed"]).any():
+            return float("nan")
+        return float(data["x"].mean())
+
+    result = grouped_bootstrap_ci([always, sometimes], metric, n_boot=500, seed=1)
+    assert result.estimate == pytest.approx((2.0 + 4.5) / 2)
+    # `always` is defined in every replicate, `sometimes` misses row 0 with p = 0.9**10 = 0.35:
+    # about 65% of the replicates survive, all of them averaging both groups.
+    assert 0.55 * 500 <= result.n_boot_ok <= 0.75 * 500
+
+
+def test_groups_undefined_on_full_data_are_left_out() -> None:
+    rng = np.random.default_rng(4)
+    censored_only = GroupData({"y": make_survival(np.zeros(5, bool), np.arange(1.0, 6.0)),
+                               "risk": np.arange(5.0)})  # fmt: skip
+    good = survival_group(rng, 50)
+    result = grouped_bootstrap_ci([censored_only, good], harrell, n_boot=100)
+    assert result.n_groups == 1
+    assert result.estimate == pytest.approx(harrell(good.arrays, {}))
+    nothing = grouped_bootstrap_ci([censored_only], harrell, n_boot=10)
+    assert np.isnan(nothing.estimate) and nothing.n_boot_ok == 0 and nothing.n_groups == 0
+
+
+def test_skip_errors_turn_listed_exceptions_into_nan() -> None:
+    def flaky(idx: np.ndarray) -> float:
+        if (idx == 0).sum() >= 2:
+            raise CensoringSupportError("no weight")
+        return float(idx.mean())
+
+    result = bootstrap_ci(flaky, 10, n_boot=300, skip_errors=(CensoringSupportError,))
+    assert 0 < result.n_boot_ok < 300
+    with pytest.raises(CensoringSupportError):
+        bootstrap_ci(flaky, 10, n_boot=300)
+
+
+def test_bad_inputs_raise_typed_errors() -> None:
+    with pytest.raises(MetricInputError, match="equal row counts"):
+        GroupData({"x": np.zeros(3), "y": np.zeros(4)})
+    with pytest.raises(MetricInputError, match="at least one"):
+        GroupData({})
+    with pytest.raises(MetricInputError) as info:
+        bootstrap_ci(lambda idx: 0.0, 5, n_boot=0, alpha=1.5)
+    assert "n_boot" in str(info.value) and "alpha" in str(info.value)
+    with pytest.raises(MetricInputError, match="at least one group"):
+        grouped_bootstrap_ci([], mean_of_x)
+
+
+def test_harrell_bootstrap_is_fast() -> None:
+    rng = np.random.default_rng(5)
+    groups = [survival_group(rng, 100) for _ in range(5)]
+    start = timer.perf_counter()
+    result = grouped_bootstrap_ci(groups, harrell, n_boot=1000, seed=0)
+    elapsed = timer.perf_counter() - start
+    assert isinstance(result, BootstrapCI) and result.n_boot_ok == 1000
+    assert elapsed < 4.0  # about 0.6 s here; generous for a loaded CI machine
