@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +71,12 @@ def simulate(
         n_patients=patients, n_cohorts=cohorts, seed=seed, feature_dim=dim, feature_dtype=dtype
     )
     if patches is not None:
-        kwargs["patches_median"] = patches
+        # keep the default spread around a smaller or larger median
+        kwargs.update(
+            patches_median=patches,
+            patches_min=min(40, max(4, patches // 4)),
+            patches_max=max(3000, 4 * patches),
+        )
     result = _simulate(out, SimulationConfig(**kwargs), overwrite, permuted_copy)
     _print_simulation(result)
 
@@ -201,7 +205,7 @@ def train(
     """Cross-validate a MIL model (patient-level folds, validation carved from training)."""
     from oncoslide.cohort.splits import load_splits
     from oncoslide.cohort.table import load_cohort
-    from oncoslide.training import cross_validate, make_config
+    from oncoslide.training.config import make_config
 
     settings = _read_config_file(config) if config else {}
     flags = {
@@ -226,6 +230,8 @@ def train(
         label_cols=() if cfg.is_survival else (cfg.task,),
     )
     given = load_splits(splits) if splits else None
+    from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
+
     result = cross_validate(c, cfg, out, splits=given, overwrite=overwrite, console=console)
     print_run_summary(result, time.perf_counter() - started)
 
@@ -286,11 +292,7 @@ def demo(
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
-    sys.exit(0)
+    app()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,12 @@ def test_nystrom_with_every_token_a_landmark_is_exact_softmax_attention() -> Non
     q, k, v = attention.to_qkv(x).reshape(1, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
     probs = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
     exact = attention.to_out((probs @ v).transpose(1, 2).reshape(1, length, dim))
+    # the forward pass takes the exact path for a bag this small ...
     torch.testing.assert_close(out, exact, atol=1e-8, rtol=1e-6)
+    # ... and the Nystrom path itself agrees when every token is a landmark
+    mask = torch.ones(1, length, dtype=torch.bool)
+    nystrom = attention._nystrom(q * (dim // heads) ** -0.5, k, v, mask)
+    torch.testing.assert_close(nystrom, probs @ v, atol=1e-8, rtol=1e-6)
     assert cls_attention is not None
     torch.testing.assert_close(cls_attention, probs[:, :, 0].mean(dim=1))
 

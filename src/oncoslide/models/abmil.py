@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from oncoslide.errors import ConfigError
 from oncoslide.models.base import (
     MODELS,
+    Dropout,
     MILModel,
     MILOutput,
     attention_pool,
@@ -26,9 +27,9 @@ class GatedAttention(nn.Module):
 
     def __init__(self, dim: int, attn_dim: int, dropout: float, gated: bool) -> None:
         super().__init__()
-        self.tanh_branch = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.tanh_branch = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), Dropout(dropout))
         self.gate_branch = (
-            nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+            nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), Dropout(dropout))
             if gated
             else None
         )
@@ -70,7 +71,7 @@ class ABMIL(MILModel):
             raise ConfigError(f"ABMIL: attn_dim must be a positive integer, got {attn_dim!r}")
         self.attn_dim = attn_dim
         self.gated = bool(gated)
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
         self.attention = GatedAttention(hidden_dim, attn_dim, dropout, self.gated)
         self.head = make_head(hidden_dim, n_outputs)
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from oncoslide.models.base import MODELS, MILModel, MILOutput, bag_index, project_valid, unpack
+from oncoslide.models.base import (
+    MODELS,
+    Dropout,
+    MILModel,
+    MILOutput,
+    bag_index,
+    project_valid,
+    unpack,
+)
 from oncoslide.models.heads import make_head
 
 
@@ -15,7 +23,7 @@ class _PoolingMIL(MILModel):
         self, in_dim: int, n_outputs: int, dropout: float = 0.25, hidden_dim: int = 512
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
         self.head = make_head(hidden_dim, n_outputs)
 
     def pool(self, rows: Tensor, mask: Tensor, index: Tensor) -> Tensor:

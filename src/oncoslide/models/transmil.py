@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from oncoslide.errors import ConfigError
-from oncoslide.models.base import MODELS, MILModel, MILOutput, masked_softmax, project_valid
+from oncoslide.models.base import (
+    MODELS,
+    Dropout,
+    MILModel,
+    MILOutput,
+    masked_softmax,
+    project_valid,
+)
 from oncoslide.models.heads import make_head
 
 _REFERENCE = (
@@ -117,7 +124,7 @@ class MaskedNystromAttention(nn.Module):
         self.n_landmarks = n_landmarks
         self.pinv_iterations = pinv_iterations
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), Dropout(dropout))
         self.residual = (
             nn.Conv2d(
                 heads,
@@ -146,20 +153,7 @@ class MaskedNystromAttention(nn.Module):
         q, k, v = (torch.where(token_mask, t, zero) for t in qkv.permute(2, 0, 3, 1, 4))
         q = q * self.dim_head**-0.5
 
-        segment, landmark_mask, m_max = _landmark_segments(mask, self.n_landmarks)
-        q_land, k_land = _segment_means(q, segment, m_max), _segment_means(k, segment, m_max)
-
-        lm_cols = landmark_mask[:, None, None, :]
-        attn1 = masked_softmax(q @ k_land.transpose(-1, -2), lm_cols)
-        attn2 = masked_softmax(q_land @ k_land.transpose(-1, -2), lm_cols)
-        # Rows of missing landmarks become identity rows: the kernel is block-diagonal.
-        eye = torch.eye(m_max, dtype=x.dtype, device=x.device)
-        attn2 = torch.where(landmark_mask[:, None, :, None], attn2, eye)
-        attn3 = masked_softmax(q_land @ k.transpose(-1, -2), mask[:, None, None, :])
-        lm_valid = landmark_mask[:, None, :].expand(-1, self.heads, -1)
-        kernel_inv = iterative_pinv(attn2, lm_valid, lm_valid, self.pinv_iterations)
-        # attn1 @ (pinv @ (attn3 @ v)): cheaper than (attn1 @ pinv) @ (attn3 @ v) for L > M.
-        out = attn1 @ (kernel_inv @ (attn3 @ v))
+        out = self._attend(q, k, v, mask)
         if self.residual is not None:
             out = out + self.residual(v)
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
@@ -168,6 +162,50 @@ class MaskedNystromAttention(nn.Module):
             scores = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2)
             cls_attention = masked_softmax(scores, mask[:, None, :]).mean(dim=1)
         return self.to_out(out), cls_attention
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Exact attention for bags with at most ``n_landmarks`` tokens, Nyström otherwise.
+
+        With every token its own landmark Nyström attention *is* softmax attention, only
+        computed through an approximate pseudo-inverse at a much higher cost; so small bags take
+        the exact path. The choice is per bag, so a bag's output never depends on its batch.
+        """
+        n_valid = mask.sum(dim=1)
+        small = n_valid <= self.n_landmarks
+        if bool(small.all()):
+            return _exact_attention(q, k, v, mask)
+        if not bool(small.any()):
+            return self._nystrom(q, k, v, mask)
+        out = torch.zeros_like(v)
+        # valid tokens sit at the start of each sequence: trim the small bags' padding
+        length = int(n_valid[small].max())
+        out[small, :, :length] = _exact_attention(
+            q[small, :, :length], k[small, :, :length], v[small, :, :length], mask[small, :length]
+        )
+        out[~small] = self._nystrom(q[~small], k[~small], v[~small], mask[~small])
+        return out
+
+    def _nystrom(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        segment, landmark_mask, m_max = _landmark_segments(mask, self.n_landmarks)
+        q_land, k_land = _segment_means(q, segment, m_max), _segment_means(k, segment, m_max)
+
+        lm_cols = landmark_mask[:, None, None, :]
+        attn1 = masked_softmax(q @ k_land.transpose(-1, -2), lm_cols)
+        attn2 = masked_softmax(q_land @ k_land.transpose(-1, -2), lm_cols)
+        # Rows of missing landmarks become identity rows: the kernel is block-diagonal.
+        eye = torch.eye(m_max, dtype=q.dtype, device=q.device)
+        attn2 = torch.where(landmark_mask[:, None, :, None], attn2, eye)
+        attn3 = masked_softmax(q_land @ k.transpose(-1, -2), mask[:, None, None, :])
+        lm_valid = landmark_mask[:, None, :].expand(-1, self.heads, -1)
+        kernel_inv = iterative_pinv(attn2, lm_valid, lm_valid, self.pinv_iterations)
+        # attn1 @ (pinv @ (attn3 @ v)): cheaper than (attn1 @ pinv) @ (attn3 @ v) for L > M.
+        return attn1 @ (kernel_inv @ (attn3 @ v))
+
+
+def _exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention over each sequence's valid keys; (B, H, L, d) in and out."""
+    probs = masked_softmax(q @ k.transpose(-1, -2), mask[:, None, None, :])
+    return probs @ v
 
 
 class TransLayer(nn.Module):
@@ -318,7 +356,7 @@ class TransMIL(MILModel):
             problems.append(f"attn_dropout must be in [0, 1), got {attn_dropout!r}")
         if problems:
             raise ConfigError("TransMIL: " + "; ".join(problems))
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
         attention_kw = {
             "heads": heads,

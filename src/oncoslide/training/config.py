@@ -33,7 +33,9 @@ class TrainConfig(BaseModel):
     # survival
     time_col: str = "time"
     event_col: str = "event"
-    survival_loss: Literal["nll", "cox"] = "nll"
+    survival_loss: Literal["cox", "nll"] = Field(
+        "cox", description="Cox partial likelihood over each minibatch, or discrete-time NLL"
+    )
     n_bins: int = Field(
         4, ge=1, description="discrete-time bins (quantiles of training event times)"
     )
@@ -53,7 +55,7 @@ class TrainConfig(BaseModel):
     # optimisation
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1, description="patient bags per optimisation step")
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     max_patches: int | None = Field(

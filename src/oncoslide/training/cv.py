@@ -97,6 +97,8 @@ def cross_validate(
     console = console or Console(quiet=not config.progress)
     if cohort.feature_dim is None:
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
+    # a wrong model name or keyword fails here, before any folder is written
+    create_model(config.model, in_dim=cohort.feature_dim, n_outputs=1, **config.model_kwargs)
     task = resolve_task(cohort, config)
     patients = task_patients(cohort, task)
     notes = []
@@ -117,7 +119,8 @@ def cross_validate(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     own_cache = cache is None
-    cache = cache or FeatureCache(max_bytes=int(config.cache_gb * 2**30))
+    if cache is None:
+        cache = FeatureCache(max_bytes=int(config.cache_gb * 2**30))
     seeds = sorted(splits["seed"].unique())
     folds = sorted(splits["fold"].unique())
     progress = make_progress(console, enabled=config.progress)

@@ -23,12 +23,7 @@ from oncoslide.models.heads import class_probs, discrete_risk, discrete_survival
 from oncoslide.survival.bins import TimeBins
 from oncoslide.survival.breslow import BreslowEstimator
 from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
-from oncoslide.survival.metrics import (
-    concordance_index_censored,
-    evaluation_times,
-    survival_metrics,
-)
-from oncoslide.survival.target import make_survival
+from oncoslide.survival.metrics import concordance_index_censored, survival_metrics
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import BagTargets
 
@@ -69,6 +64,11 @@ def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
             "survival", "survival", time_col=config.time_col, event_col=config.event_col
         )
     col = config.task
+    if col not in cohort.patients.columns and col in cohort.slides.columns:
+        raise ConfigError(
+            f"column {col!r} was not loaded as a patient-level label: "
+            f"load the cohort with label_cols=({col!r},)"
+        )
     if col not in cohort.patients.columns:
         raise ConfigError(
             f"task {col!r} is neither 'survival' nor a column of the cohort table "
@@ -242,17 +242,11 @@ def fit_fold_task(
     return fold
 
 
-def survival_target(cohort: Cohort, ids: Sequence[str]) -> np.ndarray:
-    y = cohort.survival(list(ids))
-    return make_survival(y["event"], y["time"])
-
-
 __all__ = [
     "CLASSIFICATION_METRICS",
     "SURVIVAL_METRICS",
     "FoldTask",
     "TaskSpec",
-    "evaluation_times",
     "fit_fold_task",
     "resolve_task",
     "task_patients",

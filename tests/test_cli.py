@@ -1,0 +1,193 @@
+"""The command line: real subprocesses for exit codes and messages, CliRunner for the rest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from oncoslide.cli import app
+
+runner = CliRunner()
+
+
+def _oncoslide(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "oncoslide.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_malformed_cohort_lists_every_problem_and_exits_2_without_traceback(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    table = pd.read_csv(tiny_cohort / "cohort.csv")
+    table["time"] = table["time"].astype(object)
+    table.loc[0, "time"] = -5  # negative time
+    table.loc[1, "event"] = 2  # event not 0/1
+    table.loc[2, "time"] = "soon"  # non-numeric time
+    table = pd.concat([table, table.iloc[[3]]])  # duplicate slide id
+    extra = table.iloc[[4]].copy()
+    extra["slide_id"] = "TCGA-XX-NOPE-01Z-00-DX1"  # no feature file
+    extra["patient_id"] = "TCGA-XX-NOPE"
+    table = pd.concat([table, extra])
+    bad = tmp_path / "bad.csv"
+    table.to_csv(bad, index=False)
+
+    proc = _oncoslide(
+        "train", "--cohort", str(bad), "--features", str(tiny_cohort / "features"),
+        "--out", str(tmp_path / "run"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    err = " ".join(proc.stderr.split())
+    for needle in ("negative", "not 0/1", "non-numeric", "duplicate", "TCGA-XX-NOPE-01Z-00-DX1"):
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_train_command_is_deterministic_and_writes_outputs(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    args = [
+        "train", "--cohort", str(tiny_cohort / "cohort.csv"), "--features",
+        str(tiny_cohort / "features"), "--task", "survival", "--model", "abmil", "--folds", "3",
+        "--epochs", "2", "--seed", "7", "--no-progress",
+    ]  # fmt: skip
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert second.exit_code == 0, second.output
+    a, b = (tmp_path / d / "metrics.csv" for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    assert "c_index" in first.output and "95% CI" in first.output
+    for name in ("splits.csv", "predictions.parquet", "summary.csv", "config.json"):
+        assert (tmp_path / "a" / name).is_file()
+
+
+def test_train_classification_by_label_column(tiny_cohort: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--cohort",
+            str(tiny_cohort / "cohort.csv"),
+            "--features",
+            str(tiny_cohort / "features"),
+            "--task",
+            "msi",
+            "--model",
+            "mean",
+            "--folds",
+            "3",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    preds = pd.read_parquet(tmp_path / "r" / "predictions.parquet")
+    assert {"prob_0", "prob_1", "label"} <= set(preds.columns)
+
+
+def test_train_reads_a_yaml_config_and_flags_override_it(tiny_cohort: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("task: survival\nmodel: mean\nfolds: 3\nepochs: 1\nsurvival_loss: nll\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--cohort",
+            str(tiny_cohort / "cohort.csv"),
+            "--features",
+            str(tiny_cohort / "features"),
+            "--config",
+            str(cfg),
+            "--model",
+            "abmil",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    resolved = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert resolved["model"] == "abmil" and resolved["survival_loss"] == "nll"
+    assert resolved["epochs"] == 1
+
+
+def test_bad_settings_are_reported_together(tiny_cohort: Path, tmp_path: Path) -> None:
+    proc = _oncoslide(
+        "train", "--cohort", str(tiny_cohort / "cohort.csv"), "--features",
+        str(tiny_cohort / "features"), "--out", str(tmp_path / "r"), "--folds", "1",
+        "--lr", "-1", "--model", "abmil",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "folds" in proc.stderr and "lr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _oncoslide(
+        "train", "--cohort", str(tiny_cohort / "cohort.csv"), "--features",
+        str(tiny_cohort / "features"), "--out", str(tmp_path / "r"), "--model", "nosuchmodel",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown model 'nosuchmodel'" in proc.stderr and "abmil" in proc.stderr
+
+
+def test_simulate_and_validate_commands(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            str(out),
+            "--patients",
+            "12",
+            "--cohorts",
+            "2",
+            "--dim",
+            "8",
+            "--patches",
+            "20",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "cohort.csv").is_file() and (out / "cohort_permuted.csv").is_file()
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            "--cohort",
+            str(out / "cohort.csv"),
+            "--features",
+            str(out / "features"),
+            "--omics",
+            str(out / "omics.csv"),
+            "--gene-groups",
+            str(out / "gene_groups.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "12 patients" in result.output
+    again = runner.invoke(app, ["simulate", str(out), "--patients", "12"])
+    assert again.exit_code == 2  # refuses to overwrite without --overwrite
+
+
+def test_models_command_lists_the_registry() -> None:
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    for name in ("abmil", "abmil_plain", "mean", "max", "transmil"):
+        assert name in result.output
