@@ -123,6 +123,7 @@ def test_lru_eviction_under_a_small_limit(slides: list[Path]) -> None:
     assert (stats.evictions, stats.entries, stats.bytes_in_cache) == (1, 2, 2 * SLIDE_BYTES)
     cache.get(b)  # read again after eviction
     assert reader.counts[b] == 2 and cache.stats.bytes_in_cache <= 2 * SLIDE_BYTES
+    assert cache.stats.peak_bytes == 2 * SLIDE_BYTES  # the high-water mark never passed the limit
 
 
 def test_slide_larger_than_the_limit_is_returned_but_not_kept(slides: list[Path]) -> None:

@@ -37,7 +37,8 @@ class CacheStats:
     ``hits`` counts ``get`` calls served without reading (from memory, or by waiting for a read
     already under way, including the prefetcher's); ``misses`` counts ``get`` calls that read the
     file themselves or met a failed prefetch. ``reads`` counts file reads by anyone (the
-    prefetcher included); ``bytes_read`` their size as read, ``bytes_in_cache`` the size held now.
+    prefetcher included); ``bytes_read`` their size as read, ``bytes_in_cache`` the size held now,
+    ``peak_bytes`` the most it ever held (never above ``max_bytes``).
     """
 
     reads: int
@@ -47,6 +48,7 @@ class CacheStats:
     bytes_in_cache: int
     bytes_read: int
     entries: int
+    peak_bytes: int = 0
 
 
 class _Pending:
@@ -99,6 +101,7 @@ class FeatureCache:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._bytes = 0
+        self._peak_bytes = 0
         self._reads = self._hits = self._misses = self._evictions = self._bytes_read = 0
 
     # ----------------------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class FeatureCache:
                 misses=self._misses,
                 evictions=self._evictions,
                 bytes_in_cache=self._bytes,
+                peak_bytes=self._peak_bytes,
                 bytes_read=self._bytes_read,
                 entries=len(self._entries),
             )
@@ -253,6 +257,7 @@ class FeatureCache:
         self._evict_locked(size)
         self._entries[key] = sf
         self._bytes += size
+        self._peak_bytes = max(self._peak_bytes, self._bytes)
         if prefetched:
             self._unused.add(key)
 

@@ -43,6 +43,7 @@ from oncoslide.features.cache import FeatureCache
 from oncoslide.models import create_model
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import (
+    BackgroundBatches,
     BagDataset,
     EpochShuffleSampler,
     collate_bags,
@@ -305,13 +306,15 @@ def _run_fold(
             + datasets["val"].slide_paths()
             + datasets["test"].slide_paths()
         )
-    train_loader = DataLoader(
-        datasets["train"],
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collate_bags,
-        num_workers=0,
-        pin_memory=torch.cuda.is_available(),
+    train_loader = BackgroundBatches(
+        DataLoader(
+            datasets["train"],
+            batch_size=config.batch_size,
+            sampler=sampler,
+            collate_fn=collate_bags,
+            num_workers=0,
+            pin_memory=torch.cuda.is_available(),
+        )
     )
     has_val = len(val_ids) > 0
     val_loader = (
@@ -358,7 +361,9 @@ def _run_fold(
         default_root_dir=fdir,
         limit_val_batches=1.0 if has_val else 0,
     )
+    fit_started = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
+    fit_seconds = time.perf_counter() - fit_started
     if checkpoint_cb is not None and checkpoint_cb.best_model_path:
         state = torch.load(checkpoint_cb.best_model_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
@@ -389,6 +394,8 @@ def _run_fold(
         module.history,
         {
             "seconds": time.perf_counter() - started,
+            "fit_seconds": fit_seconds,
+            "train_patches": module.train_patches,
             "epochs_run": trainer.current_epoch,
             "chosen_epoch": chosen_epoch,
             "n_train": len(train_ids),

@@ -8,8 +8,11 @@ compute.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,3 +151,60 @@ class EpochShuffleSampler(Sampler[int]):
 def length_sorted_order(dataset: BagDataset) -> list[int]:
     """Inference order that groups bags of similar size, so padding wastes little."""
     return [int(i) for i in np.argsort(dataset.n_patches(), kind="stable")]
+
+
+class BackgroundBatches:
+    """Iterate a loader in a background thread, ``depth`` batches ahead of the consumer.
+
+    Assembling a batch (reading bags from the cache, padding, casting float16 to float32) is
+    numpy work that releases the GIL, as do the model's matrix products: in a thread it
+    overlaps the previous step's compute instead of adding to it. Batches come out in the
+    loader's order, so results do not depend on thread timing.
+    """
+
+    _END = object()
+
+    def __init__(self, loader: Iterable[Any], depth: int = 2) -> None:
+        self.loader = loader
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        slots: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for batch in self.loader:
+                    while not stop.is_set():
+                        try:
+                            slots.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                slots.put(self._END)
+            except BaseException as exc:  # handed to the consumer, raised there
+                slots.put(_Failure(exc))
+
+        worker = threading.Thread(target=produce, name="oncoslide-batches", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = slots.get()
+                if item is self._END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException

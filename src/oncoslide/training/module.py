@@ -38,6 +38,7 @@ class MILModule(pl.LightningModule):
         self._val_targets: list[dict[str, Tensor]] = []
         self.history: list[dict[str, float]] = []
         self._train_losses: list[float] = []
+        self.train_patches = 0  # patches through training steps, for throughput reports
 
     def forward(self, batch: dict[str, Tensor]) -> MILOutput:
         return self.model(batch["features"], batch["mask"], batch.get("coords"))
@@ -47,6 +48,7 @@ class MILModule(pl.LightningModule):
         out = self(batch)
         loss = self.fold_task.loss(out.logits, batch)
         self._train_losses.append(float(loss.detach()))
+        self.train_patches += int(batch["mask"].sum())
         return loss
 
     def on_train_epoch_end(self) -> None:
