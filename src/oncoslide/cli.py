@@ -119,6 +119,22 @@ def _print_simulation(result: Any) -> None:
 # --------------------------------------------------------------------------------- validate
 
 
+def _load_cohort(table: Path, features: Path | None, **kwargs: Any) -> Any:
+    """load_cohort with a progress bar over the feature files it checks."""
+    from oncoslide.cohort.table import load_cohort
+    from oncoslide.training.progress import make_progress
+
+    progress = make_progress(console, enabled=kwargs.pop("show_progress", True))
+    with progress:
+        task = progress.add_task("checking feature files", total=None)
+        return load_cohort(
+            table,
+            features,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            **kwargs,
+        )
+
+
 @app.command()
 @_friendly
 def validate(
@@ -129,9 +145,7 @@ def validate(
     stamp_mpp: float | None = typer.Option(None, help="µm/px for STAMP files without it"),
 ) -> None:
     """Check a cohort table (and its feature files, omics table) and report every problem."""
-    from oncoslide.cohort.table import load_cohort
-
-    c = load_cohort(cohort, features, stamp_mpp=stamp_mpp)
+    c = _load_cohort(cohort, features, stamp_mpp=stamp_mpp)
     console.print(
         f"[green]ok[/] {len(c.patient_ids)} patients, {len(c.slides)} slides"
         + (f", feature dim {c.feature_dim}" if c.feature_dim else "")
@@ -197,6 +211,9 @@ def train(
     patience: int | None = typer.Option(None, "--patience", help="early-stopping patience"),
     accelerator: str | None = typer.Option(None, "--accelerator", help="auto, cpu or gpu"),
     cache_gb: float | None = typer.Option(None, "--cache-gb", help="feature cache limit"),
+    cache_float16: bool | None = typer.Option(
+        None, "--cache-float16/--cache-stored", help="hold features as float16 in memory"
+    ),
     config: Path | None = typer.Option(None, "--config", help="YAML/JSON file of settings"),
     splits: Path | None = typer.Option(None, "--splits", help="reuse a splits.csv"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace another run in --out"),
@@ -204,7 +221,6 @@ def train(
 ) -> None:
     """Cross-validate a MIL model (patient-level folds, validation carved from training)."""
     from oncoslide.cohort.splits import load_splits
-    from oncoslide.cohort.table import load_cohort
     from oncoslide.training.config import make_config
 
     settings = _read_config_file(config) if config else {}
@@ -214,6 +230,7 @@ def train(
         "n_bins": bins, "max_patches": max_patches, "val_fraction": val_fraction,
         "site_preserving": site_preserving, "checkpoint": checkpoint,
         "early_stopping_patience": patience, "accelerator": accelerator, "cache_gb": cache_gb,
+        "cache_dtype": None if cache_float16 is None else ("float16" if cache_float16 else "stored"),
     }  # fmt: skip
     settings.update({k: v for k, v in flags.items() if v is not None})
     settings["progress"] = progress
@@ -221,9 +238,10 @@ def train(
         settings["task"] = "survival"
     cfg = make_config(**settings)
     started = time.perf_counter()
-    c = load_cohort(
+    c = _load_cohort(
         cohort,
         features,
+        show_progress=progress,
         time_col=cfg.time_col,
         event_col=cfg.event_col,
         require_survival=cfg.is_survival,

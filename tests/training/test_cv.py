@@ -198,3 +198,15 @@ def test_last_checkpoint_without_validation_part(tiny_cohort: Path, tmp_path: Pa
     assert (tmp_path / "run" / "folds" / "seed0-fold0" / "checkpoints" / "last.ckpt").is_file()
     with pytest.raises(ConfigError, match="needs a validation part"):
         make_config(task="survival", val_fraction=0.0, checkpoint="best")
+
+
+def test_site_preserving_run_keeps_sites_out_of_training(tiny_cohort: Path, tmp_path: Path) -> None:
+    cohort = _cohort(tiny_cohort)
+    cfg = make_config(task="survival", site_preserving=True, val_fraction=0.5, **FAST)
+    result = cross_validate(cohort, cfg, tmp_path / "run")
+    site = cohort.patients["site"]
+    for (seed, fold), _ in result.splits.groupby(["seed", "fold"]):
+        parts = fold_parts(result.splits, seed, fold)
+        test_sites = set(site.loc[parts["test"]])
+        assert not test_sites & set(site.loc[parts["train"] + parts["val"]])
+        assert not set(site.loc[parts["val"]]) & set(site.loc[parts["train"]])

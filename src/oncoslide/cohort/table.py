@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -174,6 +174,7 @@ def load_cohort(
     check_features: bool = True,
     stamp_mpp: float | None = None,
     require_survival: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Cohort:
     """Read and validate a cohort table and, optionally, the feature files it names.
 
@@ -189,6 +190,7 @@ def load_cohort(
             ``features_dir`` is given).
         stamp_mpp: level-0 µm per pixel for STAMP files that do not record it.
         require_survival: the survival columns must exist.
+        progress: called as ``progress(done, total)`` while feature files are checked.
 
     Raises:
         CohortValidationError: listing every problem found.
@@ -217,7 +219,9 @@ def load_cohort(
     df["n_patches"] = pd.array([pd.NA] * len(df), dtype="Int64")
     if features_dir is not None and "slide_id" in df.columns:
         if check_features:
-            feature_dim = _attach_features(df, Path(features_dir), stamp_mpp, problems, notes)
+            feature_dim = _attach_features(
+                df, Path(features_dir), stamp_mpp, problems, notes, progress
+            )
         else:
             _locate_features(df, Path(features_dir))
     if problems:
@@ -467,6 +471,7 @@ def _attach_features(
     stamp_mpp: float | None,
     problems: list[str],
     notes: list[str],
+    progress: Callable[[int, int], None] | None = None,
 ) -> int | None:
     """Locate and inspect every slide's feature file; return the common dimension."""
     try:
@@ -479,7 +484,10 @@ def _attach_features(
     passed_over = 0
     dims: dict[int, list[str]] = defaultdict(list)
     seen: dict[str, tuple[str | None, int | None]] = {}  # a duplicated row is checked once
-    for sid in df["slide_id"]:
+    total = len(df)
+    for done, sid in enumerate(df["slide_id"], start=1):
+        if progress is not None:
+            progress(done, total)
         if sid is None or sid in seen:
             continue
         path, n = None, None

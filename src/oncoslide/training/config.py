@@ -72,6 +72,9 @@ class TrainConfig(BaseModel):
     # execution only (not part of the run key)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cache_gb: float = Field(8.0, gt=0, description="in-memory feature cache limit")
+    cache_dtype: Literal["stored", "float16"] = Field(
+        "stored", description="keep features as stored, or as float16 (half the memory)"
+    )
     prefetch: bool = True
     num_threads: int | None = Field(None, ge=1)
     progress: bool = True

@@ -121,7 +121,10 @@ def cross_validate(
         torch.set_num_threads(config.num_threads)
     own_cache = cache is None
     if cache is None:
-        cache = FeatureCache(max_bytes=int(config.cache_gb * 2**30))
+        cache = FeatureCache(
+            max_bytes=int(config.cache_gb * 2**30),
+            dtype=None if config.cache_dtype == "stored" else config.cache_dtype,
+        )
     seeds = sorted(splits["seed"].unique())
     folds = sorted(splits["fold"].unique())
     progress = make_progress(console, enabled=config.progress)
