@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
 
@@ -26,3 +28,12 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     simulate_cohort(out, config)
     write_permuted_cohort(out / "cohort.csv", out / "cohort_permuted.csv", seed=1)
     return out
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only adds overhead (a lot on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -66,6 +66,35 @@ def write_table(target: str | os.PathLike[str], df: pd.DataFrame) -> None:
             df.to_csv(tmp, index=False)
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+
+
+def read_table_file(
+    path: str | os.PathLike[str], problems: list[str], string_columns: tuple[str, ...] = ()
+) -> pd.DataFrame | None:
+    """Read a CSV, TSV or Parquet table; on failure add a problem and return None.
+
+    ``string_columns`` are read as strings from text tables, so ids such as "007" keep their
+    zeros. Nothing raises: callers collect every problem of an input before reporting.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        problems.append(f"unsupported table format {path.suffix!r}: use .csv, .tsv or .parquet")
+        return None
+    if not path.is_file():
+        problems.append("file not found")
+        return None
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        sep = "\t" if suffix == ".tsv" else ","
+        return pd.read_csv(path, sep=sep, dtype=dict.fromkeys(string_columns, str))
+    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
+        problems.append(f"cannot read the table ({type(exc).__name__}: {exc})")
+        return None
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

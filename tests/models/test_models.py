@@ -22,13 +22,7 @@ SMALL: dict[str, dict[str, Any]] = {
 LENGTHS = (23, 9, 1, 16)  # includes a one-patch bag and a perfect square
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny tensors: a second intra-op thread only adds overhead (a lot on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, n_outputs: int = 3, seed: int = 0, **kw: Any) -> MILModel:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,13 +15,7 @@ from oncoslide.models.transmil import (
     iterative_pinv,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sharp_softmax(n: int, seed: int) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,13 +12,7 @@ import torch
 from oncoslide.errors import ConfigError
 from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- discrete-time NLL --------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncoslide._io import read_table_file
 from oncoslide.errors import ConfigError, OmicsValidationError
 
 PathLike = str | os.PathLike[str]
@@ -112,22 +113,7 @@ def _read(
 ) -> pd.DataFrame | None:
     if isinstance(table, pd.DataFrame):
         return table.copy()
-    path = Path(table)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".tsv", ".parquet", ".pq"):
-        problems.append(f"unsupported table format {path.suffix!r}: use .csv, .tsv or .parquet")
-        return None
-    if not path.is_file():
-        problems.append("file not found")
-        return None
-    try:
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        sep = "\t" if suffix == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype={patient_col: str})
-    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
-        problems.append(f"cannot read the table ({type(exc).__name__}: {exc})")
-        return None
+    return read_table_file(table, problems, string_columns=(patient_col,))
 
 
 def _validate_table(df: pd.DataFrame, patient_col: str, problems: list[str]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncoslide._io import read_table_file
 from oncoslide.cohort.tcga import parse_tcga_barcode
 from oncoslide.errors import CohortValidationError, ConfigError, FeatureFileError
 from oncoslide.features.readers import FeatureIndex, inspect_features
@@ -247,24 +248,11 @@ def _read_table(table: PathLike | pd.DataFrame, problems: list[str]) -> pd.DataF
     if isinstance(table, pd.DataFrame):
         df = table.copy()
     else:
-        path = Path(table)
-        suffix = path.suffix.lower()
-        if suffix not in (".csv", ".tsv", ".parquet", ".pq"):
-            problems.append(f"unsupported table format {path.suffix!r}: use .csv, .tsv or .parquet")
-            return None
-        if not path.is_file():
-            problems.append("file not found")
-            return None
         # Ids stay strings: "007" must not become 7.
-        dtypes = {c: str for c in (*ID_COLUMNS, *GROUP_COLUMNS)}
-        try:
-            if suffix in (".parquet", ".pq"):
-                df = pd.read_parquet(path)
-            else:
-                df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=dtypes)
-        except Exception as exc:  # pandas/pyarrow raise many types for malformed files
-            problems.append(f"cannot read the table ({type(exc).__name__}: {exc})")
+        read = read_table_file(table, problems, string_columns=(*ID_COLUMNS, *GROUP_COLUMNS))
+        if read is None:
             return None
+        df = read
     df.columns = [str(c).strip() for c in df.columns]
     dupes = sorted(c for c, n in Counter(df.columns).items() if n > 1)
     if dupes:
