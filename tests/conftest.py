@@ -1,11 +1,21 @@
-"""Shared fixtures: small simulated cohorts written once per test session."""
+"""Shared fixtures, built once per test session in temporary folders.
+
+Simulated cohorts (small and fast to train on), and slides derived from the real Aperio SVS in
+tests/data: a three-level pyramidal TIFF (downsamples 1, 2, 4, tiled, lossless deflate,
+resolution tags in centimetres), copies without a usable resolution, and damaged copies. The
+pyramid levels are made here by 2x2 means with numpy, so tests can compare what the reader
+returns with pixels computed independently of it.
+"""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
 
 from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
@@ -37,3 +47,116 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------- slides
+
+DATA = Path(__file__).resolve().parent / "data"
+SVS_MPP = 0.499
+SVS_SIZE = (2220, 2967)  # width, height
+
+
+@pytest.fixture(scope="session")
+def svs_path() -> Path:
+    return DATA / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
+def svs_pixels(svs_path: Path) -> np.ndarray:
+    """Level 0 of the SVS decoded by tifffile (not through the reader under test)."""
+    with tifffile.TiffFile(svs_path) as tif:
+        return tif.pages[0].asarray()
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+    """2x2 means (a trailing odd row or column is dropped), rounded to uint8."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    blocks = image[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).astype(np.float64)
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def pyramid_levels(svs_pixels: np.ndarray) -> list[np.ndarray]:
+    levels = [svs_pixels]
+    for _ in range(2):
+        levels.append(halve(levels[-1]))
+    return levels
+
+
+def write_pyramid(
+    path: Path,
+    levels: list[np.ndarray],
+    *,
+    mpp: float | None,
+    unit: str = "CENTIMETER",
+    compression: str = "zlib",
+) -> Path:
+    """A tiled TIFF with one top-level page per level (readable by OpenSlide and tiffslide).
+
+    ``mpp=None`` writes no resolution (tifffile then stores 1/1 with unit NONE, "unknown").
+    """
+    per_unit_um = {"CENTIMETER": 1e4, "INCH": 25_400.0}[unit]
+    with tifffile.TiffWriter(path) as tif:
+        for i, level in enumerate(levels):
+            options: dict = {
+                "tile": (256, 256),
+                "photometric": "rgb",
+                "compression": compression,
+                "subfiletype": 1 if i else 0,  # reduced-resolution image
+            }
+            if compression == "zlib":
+                options["compressionargs"] = {"level": 1}  # fast; still lossless
+            if mpp is not None:
+                res = per_unit_um / (mpp * 2**i)
+                options.update(resolution=(res, res), resolutionunit=unit)
+            tif.write(level, **options)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pyramid_tiff(tmp_path_factory: pytest.TempPathFactory, pyramid_levels) -> Path:
+    out = tmp_path_factory.mktemp("pyramid") / "cmu_pyramid.tif"
+    return write_pyramid(out, pyramid_levels, mpp=SVS_MPP)
+
+
+@pytest.fixture(scope="session")
+def small_tiffs(tmp_path_factory: pytest.TempPathFactory, svs_pixels) -> dict[str, Path]:
+    """Single-level 512 x 512 crops: without resolution, with 72 dpi, in inches, anisotropic."""
+    out = tmp_path_factory.mktemp("small")
+    crop = [np.ascontiguousarray(svs_pixels[1000:1512, 800:1312])]
+    paths = {
+        "no_mpp": write_pyramid(out / "no_mpp.tif", crop, mpp=None),
+        "dpi72": write_pyramid(out / "dpi72.tif", crop, mpp=25_400 / 72, unit="INCH"),
+        "inch": write_pyramid(out / "inch.tif", crop, mpp=0.25, unit="INCH"),
+        "tiny_mpp": write_pyramid(out / "tiny_mpp.tif", crop, mpp=0.001),
+    }
+    aniso = out / "anisotropic.tif"
+    tifffile.imwrite(
+        aniso,
+        crop[0],
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(1e4 / 0.25, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
+    paths["anisotropic"] = aniso
+    return paths
+
+
+@pytest.fixture(scope="session")
+def damaged_slides(tmp_path_factory: pytest.TempPathFactory, svs_path: Path) -> dict[str, Path]:
+    """A truncated copy (its directory is lost), tile data zeroed, and a text file named .svs."""
+    out = tmp_path_factory.mktemp("damaged")
+    data = bytearray(svs_path.read_bytes())
+    truncated = out / "truncated.svs"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    zeroed = out / "zeroed_tiles.svs"
+    # the first image directory sits after the tile data (offset in bytes 4-8): zero tiles only
+    first_ifd = int.from_bytes(data[4:8], "little")
+    data[20_000 : first_ifd - 1000] = bytes(first_ifd - 1000 - 20_000)
+    zeroed.write_bytes(bytes(data))
+    text = out / "notes.svs"
+    text.write_text("not a slide\n")
+    copy = out / "copy.svs"
+    shutil.copyfile(svs_path, copy)
+    return {"truncated": truncated, "zeroed": zeroed, "text": text, "copy": copy}

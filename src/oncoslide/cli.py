@@ -6,7 +6,7 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -278,6 +278,97 @@ def print_run_summary(result: Any, seconds: float | None = None) -> None:
     console.print(
         f"[green]done[/]{tail}: {result.out_dir}/ (metrics.csv, predictions.parquet, splits.csv, summary.csv, config.json)"
     )
+
+
+# --------------------------------------------------------------------------------- extract
+
+
+@app.command()
+@_friendly
+def extract(
+    slides: Path = typer.Option(..., "--slides", "-s", help="folder of slides, or a CSV list"),
+    out: Path = typer.Option(..., "--out", "-o", help="feature folder to write"),
+    encoder: str = typer.Option(
+        "efficientnet-lite0", "--encoder", "-e", help="see `oncoslide encoders`"
+    ),
+    weights: Path | None = typer.Option(None, "--weights", help="local weights for the encoder"),
+    mpp: float = typer.Option(0.5, "--mpp", help="target µm per pixel of the patches"),
+    patch_size: int = typer.Option(224, "--patch-size", help="patch side in pixels at --mpp"),
+    overlap: int = typer.Option(0, "--overlap", help="overlap between patches, px at --mpp"),
+    min_tissue: float = typer.Option(
+        0.25, "--min-tissue", help="minimum tissue fraction per patch"
+    ),
+    mpp_override: float | None = typer.Option(
+        None, "--mpp-override", help="level-0 µm/px for EVERY slide (for slides without metadata)"
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="feature storage: float32 or float16"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int | None = typer.Option(
+        None, "--workers", help="patch-reading processes per slide (default: by device and cores)"
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    backend: str = typer.Option("auto", "--backend", help="auto, openslide or tiffslide"),
+    executor: str = typer.Option("local", "--executor", help="local, or ray for a Ray cluster"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Cut tissue into patches at a physical resolution and embed them: one feature file per slide."""
+    from oncoslide.features.extract import (
+        ExtractConfig,
+        extract_slides,
+        find_slides,
+        settings_notes,
+        summarise_manifest,
+    )
+    from oncoslide.training.progress import make_progress
+
+    config = ExtractConfig(
+        encoder=encoder, weights=None if weights is None else str(weights), target_mpp=mpp,
+        patch_size=patch_size, overlap=overlap, min_tissue_fraction=min_tissue, dtype=dtype,  # type: ignore[arg-type]
+        backend=backend, mpp_override=mpp_override, batch_size=batch_size,  # type: ignore[arg-type]
+        num_workers=workers, device=device,
+    )  # fmt: skip
+    jobs = find_slides(slides)
+    for note in settings_notes(config):
+        console.print(f"[yellow]note:[/] {note}")
+    started = time.perf_counter()
+    bar = make_progress(console, enabled=progress)
+    with bar:
+        manifest = extract_slides(
+            jobs,
+            out,
+            config,
+            executor=cast(Literal["local", "ray"], executor),  # checked by extract_slides
+            address=address,
+            progress=bar,
+        )
+    counts = summarise_manifest(manifest)
+    console.print(
+        f"[green]extracted[/] {counts['done']} slide(s), skipped {counts['skipped']} already done, "
+        f"{counts['no_tissue']} without tissue, [red]{counts['failed']} failed[/] "
+        f"in {time.perf_counter() - started:.0f} s -> {out}/ (manifest.csv, thumbnails/, masks/)"
+    )
+    for row in manifest[manifest["status"] == "failed"].itertuples():
+        err_console.print(f"[red]failed[/] {row.slide_id}: {row.error}", highlight=False)
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("encoders")
+def list_encoders_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) -> None:
+    """List the patch encoders and what each needs."""
+    from oncoslide.encoders import encoder_info, list_encoders
+
+    table = Table()
+    for col in ("name", "dim", "input", "native µm/px", "needs"):
+        table.add_column(col)
+    for name in list_encoders(pattern):
+        info = encoder_info(name)
+        table.add_row(
+            name, str(info.out_dim), str(info.input_size),
+            "-" if info.native_mpp is None else str(info.native_mpp), info.weights_description,
+        )  # fmt: skip
+    console.print(table)
 
 
 # --------------------------------------------------------------------------------- models

@@ -61,3 +61,16 @@ class UnknownNameError(OncoslideError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
+
+
+class SlideError(OncoslideError):
+    """A slide cannot be opened or read, or its metadata (e.g. microns per pixel) is unusable."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"slide {self.path}: {reason}")
+
+
+class EncoderError(OncoslideError):
+    """A patch encoder cannot be built: unknown name, missing optional package or weights."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,12 @@ def write_feature_file(
     weights_fingerprint: str = "",
     dtype: str | np.dtype = "float32",
     compression: str | None = None,
+    attrs: Mapping[str, str | int | float] | None = None,
 ) -> Path:
-    """Write one slide's features atomically (temp file + rename) in the oncoslide layout."""
+    """Write one slide's features atomically (temp file + rename) in the oncoslide layout.
+
+    ``attrs`` become extra file-level attributes (e.g. how the features were extracted).
+    """
     features = np.asarray(features)
     coords = np.asarray(coords)
     if features.ndim != 2:
@@ -98,6 +103,8 @@ def write_feature_file(
     with atomic_path(path, suffix=".h5.tmp") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["oncoslide_layout_version"] = LAYOUT_VERSION
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
             dset = f.create_dataset(
                 "features", data=features.astype(dtype, copy=False), compression=compression
             )
