@@ -135,3 +135,12 @@ def test_rejects_impossible_requests() -> None:
         make_splits(["a", "a", "b"], n_folds=2)
     with pytest.raises(ConfigError):
         make_splits(_ids(10), n_folds=2, val_fraction=1.0)
+
+
+def test_small_cohorts_still_get_a_validation_part() -> None:
+    splits = make_splits(_ids(8), n_folds=2, val_fraction=0.2)
+    for k in range(2):
+        parts = fold_parts(splits, 0, k)
+        assert len(parts["test"]) == 4 and len(parts["val"]) >= 1 and len(parts["train"]) >= 1
+    with pytest.raises(ConfigError, match="cannot be split"):
+        make_splits(_ids(2), n_folds=2, val_fraction=0.2)

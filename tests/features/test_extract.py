@@ -211,3 +211,25 @@ def test_ray_executor_on_a_local_two_worker_instance(svs_path: Path, tmp_path: P
     assert manifest["status"].tolist() == ["done", "done"]
     a, b = (read_features(tmp_path / "feats" / f"{n}.h5") for n in ("r1", "r2"))
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-5)
+
+
+def test_extracted_files_feed_training_directly(extracted: Path, tmp_path: Path) -> None:
+    from oncoslide.cohort import load_cohort
+    from oncoslide.training import cross_validate, make_config
+
+    feats = tmp_path / "feats"
+    shutil.copytree(extracted, feats)  # thumbnails/ and masks/ stay beside the .h5 files
+    rows = []
+    for i in range(8):
+        sid = f"TCGA-AA-{i:04d}-01Z-00-DX1"
+        shutil.copyfile(feats / "cmu_small_region.h5", feats / f"{sid}.h5")
+        rows.append(
+            {"patient_id": sid[:12], "slide_id": sid, "time": 100.0 * (i + 1), "event": i % 2}
+        )
+    (feats / "cmu_small_region.h5").unlink()
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    cohort = load_cohort(tmp_path / "cohort.csv", feats)
+    assert cohort.feature_dim == 1280 and set(cohort.patients["site"]) == {"AA"}
+    cfg = make_config(task="survival", folds=2, epochs=1, batch_size=4, n_boot=10, progress=False)
+    result = cross_validate(cohort, cfg, tmp_path / "run")
+    assert len(result.predictions) == 8

@@ -127,7 +127,13 @@ def make_splits(
             part = np.where(fold_of == k, "test", "train").astype(object)
             rest = np.flatnonzero(fold_of != k)
             if val_fraction > 0:
-                n_val_splits = max(2, round(1 / val_fraction))
+                # about val_fraction of the rest; small cohorts still get at least one patient
+                n_val_splits = min(max(2, round(1 / val_fraction)), len(rest))
+                if n_val_splits < 2:
+                    raise ConfigError(
+                        f"seed {seed} fold {k}: {len(rest)} patient(s) outside the test fold "
+                        "cannot be split into training and validation parts"
+                    )
                 sub_strata = None if strata_arr is None else strata_arr[rest]
                 sub_sites = None if sites_arr is None else sites_arr[rest]
                 if sub_sites is not None and len(np.unique(sub_sites)) < n_val_splits:
