@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from rich.console import Console
+from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 import oncoslide
@@ -265,6 +266,35 @@ def _loader(ds: BagDataset, config: TrainConfig, order: Sequence[int] | None = N
     )
 
 
+@dataclass
+class FoldOutcome:
+    """One trained fold: the test part's logits, metrics and what training did."""
+
+    seed: int
+    fold: int
+    test_ids: list[str]  # the evaluated test patients (exclusions removed)
+    fit_ids: list[str]  # training + validation patients
+    logits: torch.Tensor  # aligned with test_ids
+    fold_task: FoldTask
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    info: dict[str, float]
+    excluded: list[str] = field(default_factory=list)
+
+    def prediction_frame(self, cohort: Cohort, task: TaskSpec) -> pd.DataFrame:
+        """One row per evaluated test patient: ids, predictions, then the targets."""
+        preds = pd.DataFrame({"patient_id": self.test_ids, "seed": self.seed, "fold": self.fold})
+        preds = pd.concat([preds, self.fold_task.prediction_frame(self.logits)], axis=1)
+        if task.is_survival:
+            y = cohort.survival(self.test_ids)
+            preds["time"] = y["time"]
+            preds["event"] = y["event"].astype(int)
+        else:
+            idx = self.fold_task.label_index(cohort, self.test_ids)
+            preds["label"] = [task.classes[i] for i in idx]
+        return preds
+
+
 def _run_fold(
     cohort: Cohort,
     task: TaskSpec,
@@ -274,12 +304,37 @@ def _run_fold(
     fold: int,
     fdir: Path,
     cache: FeatureCache,
-    progress,
+    progress: Progress | None,
 ) -> None:
-    assert cohort.feature_dim is not None  # checked by cross_validate
+    outcome = train_fold(cohort, task, config, splits, seed, fold, fdir, cache, progress)
+    _write_fold(fdir, cohort, task, outcome)
+
+
+def train_fold(
+    cohort: Cohort,
+    task: TaskSpec,
+    config: TrainConfig,
+    splits: pd.DataFrame,
+    seed: int,
+    fold: int,
+    work_dir: Path,
+    cache: FeatureCache,
+    progress: Progress | None = None,
+    *,
+    exclude_from_test: frozenset[str] = frozenset(),
+) -> FoldOutcome:
+    """Train one fold and predict its test part once; writes only checkpoints in ``work_dir``.
+
+    ``exclude_from_test`` patients (e.g. seen while pre-training an encoder) still train when
+    their split says so, but are neither predicted nor scored as test patients.
+    """
+    assert cohort.feature_dim is not None  # checked by the callers
+    fdir = work_dir
     started = time.perf_counter()
     parts = fold_parts(splits, seed, fold)
-    train_ids, val_ids, test_ids = parts["train"], parts["val"], parts["test"]
+    train_ids, val_ids = parts["train"], parts["val"]
+    excluded = [p for p in parts["test"] if p in exclude_from_test]
+    test_ids = [p for p in parts["test"] if p not in exclude_from_test]
     fold_seed = seed * 1000 + fold
     pl.seed_everything(fold_seed, workers=True, verbose=False)
 
@@ -325,9 +380,10 @@ def _run_fold(
     )
 
     module = MILModule(model, ftask, config, steps_per_epoch=len(train_loader))
-    callbacks: list[pl.Callback] = [
-        FoldProgress(progress, f"  seed {seed} fold {fold}", config.epochs * len(train_loader))
-    ]
+    callbacks: list[pl.Callback] = []
+    if progress is not None:
+        total = config.epochs * len(train_loader)
+        callbacks.append(FoldProgress(progress, f"  seed {seed} fold {fold}", total))
     monitor, mode = ("val_loss", "min") if config.monitor == "loss" else ("val_score", "max")
     checkpoint_cb = None
     if has_val and config.checkpoint == "best":
@@ -383,19 +439,16 @@ def _run_fold(
         train_logits = _predict(trainer, module, datasets["train"], config)
         ftask.fit_breslow(train_logits, cohort.survival(train_ids))
     metrics = ftask.metrics(test_logits, cohort, test_ids, fit_ids=train_ids + val_ids)
-    _write_fold(
-        fdir,
-        cohort,
-        task,
-        ftask,
-        seed,
-        fold,
-        test_ids,
-        train_ids + val_ids,
-        test_logits,
-        metrics,
-        module.history,
-        {
+    return FoldOutcome(
+        seed=seed,
+        fold=fold,
+        test_ids=test_ids,
+        fit_ids=train_ids + val_ids,
+        logits=test_logits,
+        fold_task=ftask,
+        metrics=metrics,
+        history=module.history,
+        info={
             "seconds": time.perf_counter() - started,
             "fit_seconds": fit_seconds,
             "train_patches": module.train_patches,
@@ -404,7 +457,9 @@ def _run_fold(
             "n_train": len(train_ids),
             "n_val": len(val_ids),
             "n_test": len(test_ids),
+            "n_excluded": len(excluded),
         },
+        excluded=excluded,
     )
 
 
@@ -429,37 +484,19 @@ def _predict(
     return ordered
 
 
-def _write_fold(
-    fdir: Path,
-    cohort: Cohort,
-    task: TaskSpec,
-    ftask: FoldTask,
-    seed: int,
-    fold: int,
-    test_ids: list[str],
-    fit_ids: list[str],
-    logits: torch.Tensor,
-    metrics: dict[str, float],
-    history: list[dict[str, float]],
-    info: dict[str, float],
-) -> None:
-    preds = pd.DataFrame({"patient_id": test_ids, "seed": seed, "fold": fold})
-    preds = pd.concat([preds, ftask.prediction_frame(logits)], axis=1)
-    if task.is_survival:
-        y = cohort.survival(test_ids)
-        preds["time"] = y["time"]
-        preds["event"] = y["event"].astype(int)
-    else:
-        preds["label"] = [task.classes[i] for i in ftask.label_index(cohort, test_ids)]
-    write_table(fdir / "predictions.parquet", preds)
+def _write_fold(fdir: Path, cohort: Cohort, task: TaskSpec, outcome: FoldOutcome) -> None:
+    write_table(fdir / "predictions.parquet", outcome.prediction_frame(cohort, task))
     rows = [
-        {"seed": seed, "fold": fold, "metric": m, "value": metrics[m]} for m in task.metric_names
+        {"seed": outcome.seed, "fold": outcome.fold, "metric": m, "value": outcome.metrics[m]}
+        for m in task.metric_names
     ]
     write_table(fdir / "metrics.csv", pd.DataFrame(rows))
-    write_table(fdir / "history.csv", pd.DataFrame(history))
-    _write_eval(fdir, cohort, task, ftask, test_ids, fit_ids, logits)
+    write_table(fdir / "history.csv", pd.DataFrame(outcome.history))
+    _write_eval(
+        fdir, cohort, task, outcome.fold_task, outcome.test_ids, outcome.fit_ids, outcome.logits
+    )
     # written last: its presence means the fold is complete
-    write_json(fdir / "done.json", {"seed": seed, "fold": fold, **info})
+    write_json(fdir / "done.json", {"seed": outcome.seed, "fold": outcome.fold, **outcome.info})
 
 
 def _write_eval(
