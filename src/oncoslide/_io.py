@@ -49,7 +49,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:

@@ -385,6 +385,96 @@ def list_models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) 
         console.print(f"{name:14s} {desc}")
 
 
+# --------------------------------------------------------------------------------- bench
+
+bench_app = typer.Typer(
+    help="Benchmarks: tasks x feature sets x models, a results store and a leaderboard.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+@_friendly
+def bench_run(
+    spec: Path = typer.Argument(..., help="benchmark YAML (see docs/bench.md)"),
+    out: Path = typer.Option(..., "--out", "-o", help="benchmark folder (results.sqlite, ...)"),
+    executor: str = typer.Option("local", "--executor", help="local (processes) or ray"),
+    workers: int | None = typer.Option(
+        None, "--workers", "-j", help="local worker processes (0: in this process)"
+    ),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address"),
+    cache_gb: float = typer.Option(4.0, "--cache-gb", help="feature cache limit"),
+) -> None:
+    """Run the cells of a benchmark that its folder does not hold yet."""
+    from oncoslide.bench.runner import run_benchmark
+    from oncoslide.bench.spec import load_spec
+
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter("use 'local' or 'ray'", param_hint="--executor")
+    started = time.perf_counter()
+    bench_spec = load_spec(spec)
+    run = run_benchmark(
+        bench_spec,
+        out,
+        executor=cast(Literal["local", "ray"], executor),
+        workers=workers,
+        address=address,
+        cache_gb=cache_gb,
+        console=console,
+    )
+    for note in run.notes:
+        console.print(f"[dim]note:[/] {note}")
+    console.print(
+        f"{run.n_cells} cells: {run.n_already_done} already done, {run.n_ran} run now, "
+        f"{len(run.failures)} failed ({time.perf_counter() - started:.0f} s); "
+        f"leaderboard: oncoslide bench leaderboard {out}"
+    )
+    if run.failures:
+        err_console.print(f"[red]{len(run.failures)} cell(s) failed[/]: see {out / 'failures.csv'}")
+        raise typer.Exit(1)
+
+
+@bench_app.command("leaderboard")
+@_friendly
+def bench_leaderboard(
+    folder: Path = typer.Argument(..., help="benchmark folder written by `bench run`"),
+    html: Path | None = typer.Option(
+        None, "--html", help="page to write (default FOLDER/index.html)"
+    ),
+    csv: Path | None = typer.Option(
+        None, "--csv", help="tidy scores CSV (default beside the page)"
+    ),
+    n_boot: int | None = typer.Option(
+        None, "--n-boot", help="bootstrap replicates (default: spec)"
+    ),
+) -> None:
+    """Statistics and the static leaderboard page of a benchmark folder."""
+    from oncoslide.bench.report import build_leaderboard, print_leaderboard
+
+    board = build_leaderboard(folder, html=html, csv=csv, n_boot=n_boot)
+    print_leaderboard(board, console)
+    console.print(f"leaderboard: {board.html_path}  (scores: {board.csv_path})")
+
+
+@bench_app.command("shuffle-features")
+@_friendly
+def bench_shuffle_features(
+    cohort: Path = typer.Option(..., "--cohort", help="cohort table (one row per slide)"),
+    features: Path = typer.Option(..., "--features", help="folder of feature files"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the shuffled feature set"),
+    seed: int = typer.Option(0, "--seed", "-s"),
+    copy: bool = typer.Option(False, "--copy", help="copy files instead of symbolic links"),
+) -> None:
+    """A negative-control feature set: each slide gets another patient's features."""
+    from oncoslide.bench.shuffle import shuffle_features
+
+    mapping = shuffle_features(cohort, features, out, seed=seed, copy=copy)
+    console.print(
+        f"{len(mapping)} slides shuffled across patients into {out} (map: shuffle_map.csv)"
+    )
+
+
 # --------------------------------------------------------------------------------- demo
 
 

@@ -1,108 +1,109 @@
-"""``oncoslide demo``: the main job on embedded data, end to end, in a few minutes on 2 CPU cores.
+"""``oncoslide demo``: the main job on embedded data, end to end, in minutes on 2 CPU cores.
 
 0. Extract features from the bundled real slide (tests/data/cmu_small_region.svs, Aperio, CC0):
    tissue, 224-px patches at 0.5 µm/px, EfficientNet-Lite0 features, a preview PNG.
-1. Simulate the default pan-cancer cohort (features, table, omics, ground truth).
-2. Cross-validate slide-level models with 5-fold patient-level CV: survival (ABMIL and mean
-   pooling) and MSI status (ABMIL and mean pooling), with the default training settings.
-3. Run the negative control: ABMIL survival on the same bags with outcomes permuted across
-   patients, which must land near C = 0.5.
-4. Print one table of C-index / AUC with 95% bootstrap intervals, and write ``results.csv``.
+1. Simulate the default pan-cancer cohort (features, table, omics, ground truth) and its
+   negative control: the same feature files shuffled across patients.
+2. Benchmark (``examples/bench-demo.yaml``): two feature sets (simulated, shuffled) x three
+   models (ABMIL and mean pooling fine-tuned, a linear model on frozen mean embeddings) x two
+   tasks (overall survival, MSI status), each with 5-fold patient-level cross-validation.
+3. The leaderboard: a ranking and per-task estimates with 95% bootstrap intervals on screen,
+   ``bench/index.html`` (open it in a browser) and the tidy ``results.csv``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
+import yaml
 from rich.console import Console
-from rich.table import Table
 
-from oncoslide._io import write_table
+from oncoslide._io import write_table, write_text
 
-
-@dataclass(frozen=True)
-class DemoJob:
-    name: str
-    model: str
-    task: str
-    table: str  # which cohort table: "cohort.csv" or the permuted control
-    settings: tuple[tuple[str, Any], ...] = ()
-
-
-JOBS = (
-    DemoJob("abmil", "abmil", "survival", "cohort.csv"),
-    DemoJob("mean-pool", "mean", "survival", "cohort.csv"),
-    DemoJob("abmil", "abmil", "msi", "cohort.csv"),
-    DemoJob("mean-pool", "mean", "msi", "cohort.csv"),
-    DemoJob("abmil (permuted outcomes)", "abmil", "survival", "cohort_permuted.csv"),
-)
-HEADLINE = {"survival": "c_index", "msi": "auc"}
+# Also shipped as examples/bench-demo.yaml (a test keeps the two equal).
+DEMO_BENCH_YAML = """\
+# A small PathBench-style benchmark on the simulated cohort (under 5 minutes on 2 CPU cores).
+#
+#   oncoslide simulate examples/data
+#   oncoslide bench shuffle-features --cohort examples/data/cohort.csv \\
+#       --features examples/data/features --out examples/data/features-shuffled
+#   oncoslide bench run examples/bench-demo.yaml --out bench-demo/
+#   oncoslide bench leaderboard bench-demo/
+#
+# "shuffled" is the negative control: every slide carries another patient's features, so it
+# must rank below "sim" on every task. Paths are relative to this file.
+name: bench-demo
+cohort: data/cohort.csv
+folds: 5
+seeds: [0]
+n_boot: 1000
+train:
+  epochs: 8
+  early_stopping_patience: 3
+feature_sets:
+  - name: sim
+    features: data/features
+  - name: shuffled
+    features: data/features-shuffled
+tasks:
+  - {name: os, kind: survival}
+  - {name: msi, kind: binary, target: msi}
+models:
+  - {name: abmil, protocol: mil}
+  - {name: meanpool, protocol: mil, model: mean}
+  - {name: linear, protocol: linear}
+"""
 
 
 def run_demo(
     out: str | Path, *, quick: bool = False, console: Console | None = None
 ) -> pd.DataFrame:
-    from oncoslide.cli import _simulate, print_run_summary
+    from oncoslide.bench.report import build_leaderboard, print_leaderboard
+    from oncoslide.bench.runner import run_benchmark
+    from oncoslide.bench.shuffle import shuffle_features
+    from oncoslide.bench.spec import spec_from_dict
+    from oncoslide.cli import _simulate
     from oncoslide.cohort.simulate import SimulationConfig
-    from oncoslide.cohort.table import load_cohort
-    from oncoslide.features.cache import FeatureCache
-    from oncoslide.training import cross_validate, make_config
 
     console = console or Console()
     out = Path(out)
     started = time.perf_counter()
     _extract_real_slide(out / "real-slide", console)
-    data = out / "cohort"
+    data = out / "data"
     sim = SimulationConfig(n_patients=120 if quick else 240)
     if not (data / "cohort.csv").exists():
-        console.rule("1. simulate the default cohort")
-        _simulate(data, sim, overwrite=False, permuted_copy=True)
-    cohorts = {
-        name: load_cohort(data / name, data / "features", label_cols=("msi",))
-        for name in ("cohort.csv", "cohort_permuted.csv")
-    }
-    c = cohorts["cohort.csv"]
-    console.print(
-        f"cohort: {len(c.patient_ids)} patients, {len(c.slides)} slides, "
-        f"{int(c.slides['n_patches'].sum())} patches of dimension {c.feature_dim}"
-    )
-    cache = FeatureCache(max_bytes=4 * 2**30)
-    rows = []
-    try:
-        for i, job in enumerate(JOBS, start=1):
-            console.rule(f"2.{i} {job.name} · {job.task}")
-            cfg = make_config(
-                task=job.task,
-                model=job.model,
-                folds=5,
-                **({"epochs": 6} if quick else {}),
-                **dict(job.settings),
-            )
-            run_dir = out / "runs" / f"{job.model}-{job.task}-{Path(job.table).stem}"
-            t0 = time.perf_counter()
-            result = cross_validate(cohorts[job.table], cfg, run_dir, console=console, cache=cache)
-            print_run_summary(result, time.perf_counter() - t0)
-            for r in result.summary.itertuples():
-                rows.append(
-                    {
-                        "model": job.name,
-                        "task": job.task,
-                        "metric": r.metric,
-                        "mean": r.mean,
-                        "ci_lower": r.ci_lower,
-                        "ci_upper": r.ci_upper,
-                        "run": str(run_dir),
-                    }
-                )
-    finally:
-        cache.close()
-    results = pd.DataFrame(rows)
+        console.rule("1. simulate the default cohort and its shuffled-features control")
+        _simulate(data, sim, overwrite=False, permuted_copy=False)
+    if not (data / "features-shuffled" / "shuffle_map.csv").exists():
+        shuffle_features(data / "cohort.csv", data / "features", data / "features-shuffled")
+
+    console.rule("2. benchmark: 2 feature sets x 3 models x 2 tasks, 5-fold CV")
+    spec_path = out / "bench-demo.yaml"
+    write_text(spec_path, DEMO_BENCH_YAML)
+    raw = yaml.safe_load(DEMO_BENCH_YAML)
+    if quick:
+        raw["train"]["epochs"] = 4
+        raw["n_boot"] = 300
+    spec = spec_from_dict(raw, base_dir=out, source=str(spec_path))
+    run = run_benchmark(spec, out / "bench", console=console)
+    for failure in run.failures:
+        console.print(f"[red]failed[/] {failure['cell']}: {failure['error']}")
+
+    console.rule("3. leaderboard")
+    board = build_leaderboard(out / "bench")
+    print_leaderboard(board, console)
+    results = board.data.scores
     write_table(out / "results.csv", results)
-    _print_results(console, results, time.perf_counter() - started)
+    console.print(
+        "'shuffled' gives every slide another patient's features: a pipeline that measures "
+        "signal ranks it below 'sim' on every task, with its C-index and AUC near 0.5."
+    )
+    console.print(
+        f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min; "
+        f"leaderboard: {board.html_path}; tidy scores: {out / 'results.csv'}"
+    )
     return results
 
 
@@ -131,28 +132,4 @@ def _extract_real_slide(out: Path, console: Console) -> None:
         f"{REAL_SLIDE.name}: {sf.n_patches} patches of 224 px at 0.5 µm/px on tissue, "
         f"{sf.dim}-d {sf.encoder} features -> {out / (row['slide_id'] + '.h5')}\n"
         f"  check the tissue mask and patches: {out / 'thumbnails' / (row['slide_id'] + '.png')}"
-    )
-
-
-def _print_results(console: Console, results: pd.DataFrame, seconds: float) -> None:
-    table = Table(title="oncoslide demo: 5-fold patient-level CV on the simulated cohort")
-    table.add_column("model")
-    table.add_column("task")
-    table.add_column("metric")
-    table.add_column("mean", justify="right")
-    table.add_column("95% CI", justify="right")
-    for r in results.itertuples():
-        if r.metric != HEADLINE[r.task]:
-            continue
-        table.add_row(
-            r.model, r.task, r.metric, f"{r.mean:.3f}", f"[{r.ci_lower:.3f}, {r.ci_upper:.3f}]"
-        )
-    console.rule("3. results")
-    console.print(table)
-    console.print(
-        "The permuted-outcome control keeps the same bags but breaks the patient-outcome link: "
-        "its C-index should sit near 0.5."
-    )
-    console.print(
-        f"[green]demo finished[/] in {seconds / 60:.1f} min; all tables under results.csv and runs/"
     )

@@ -76,7 +76,7 @@ def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
         )
     ids = cohort.patients_with(col)
     values = cohort.labels(col, ids)
-    classes = tuple(sorted({_label_str(v) for v in values}))
+    classes = tuple(sorted({label_str(v) for v in values}))
     if len(classes) < 2:
         raise ConfigError(f"label column {col!r} has {len(classes)} class(es); need at least 2")
     if len(classes) > 50:
@@ -87,8 +87,10 @@ def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
     return TaskSpec(col, kind, classes=classes)
 
 
-def _label_str(value: object) -> str:
-    """Labels as strings; 1.0 and 1 name the same class."""
+def label_str(value: object) -> str:
+    """Labels as strings; 1.0, 1 and True name the same class."""
+    if isinstance(value, bool | np.bool_):
+        return str(int(value))
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
@@ -123,7 +125,7 @@ class FoldTask:
     def label_index(self, cohort: Cohort, patient_ids: Sequence[str]) -> np.ndarray:
         values = cohort.labels(self.task.name, list(patient_ids))
         lookup = {c: i for i, c in enumerate(self.task.classes)}
-        return np.asarray([lookup[_label_str(v)] for v in values], dtype=np.int64)
+        return np.asarray([lookup[label_str(v)] for v in values], dtype=np.int64)
 
     # -- loss ---------------------------------------------------------------------------------
     def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -248,6 +250,7 @@ __all__ = [
     "FoldTask",
     "TaskSpec",
     "fit_fold_task",
+    "label_str",
     "resolve_task",
     "task_patients",
 ]

@@ -1,0 +1,723 @@
+"""The benchmark's static leaderboard: one self-contained HTML page plus a tidy CSV.
+
+``render_leaderboard(data, "bench/leaderboard.html")`` writes two files, each atomically:
+
+- ``leaderboard.html``: everything inline (CSS, a small vanilla-JS script, images as base64 PNG
+  data URIs), so it opens from ``file://`` with no server and loads nothing from the network (a
+  Content-Security-Policy forbids it). Sections, top to bottom:
+
+  * **header** (``header#top``): the title, when it was generated, the notes (``ul.notes``) and
+    a table of contents linking to every task.
+  * **overall ranking** (``section#overall``): ``table#ranking``, one row per entry (feature
+    set · model, ``tr[data-entry]``) with its protocol, mean rank over tasks with its
+    [lo, hi] spread, the rank standard deviation, the number of tasks and the entry's rank on
+    each task. Clicking a column header (``th[data-key]``) sorts the rows by that column,
+    ascending then descending (numbers compare as numbers, missing values always last); the
+    values compared are the cells' ``data-sort`` attributes. A *Download CSV* button
+    (``button#download-csv``) saves the ranking table in its current order (full-precision
+    values, built in the page as a Blob); a link (``a#csv-link``) points to the scores CSV.
+  * **heat map** (``section#heatmap``): ``img.heatmap``, the primary-metric estimate of every
+    entry (columns, best mean rank first) on every task (rows).
+  * **one section per task** (``section.task[data-task=<name>]``): kind, metric, numbers of
+    patients and events, the split (``p.task-meta``); the exclusion report
+    (``p.exclusions``); a sortable table of entries (``table.entries``, best estimate first)
+    with the estimate and its 95% CI as ``0.742 [0.70, 0.79]``, the secondary metrics and the
+    number of patients. Survival tasks add the Kaplan-Meier curves of the best entry
+    (``img.km.km-best``): its first seed's test patients split at the median risk of their own
+    test fold, with the log-rank p-value; then small curves for every entry
+    (``img.km.km-entry``).
+
+- ``leaderboard.csv`` (``csv_path``; by default the HTML path with suffix ``.csv``): the tidy
+  scores table, one row per task x entry (task, kind, metric, feature_set, model, protocol,
+  estimate, lower, upper, n_patients, secondary ``mean:<metric>`` columns).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+
+from oncoslide import _io
+from oncoslide.bench.stats import entry_name
+from oncoslide.errors import ConfigError
+from oncoslide.report.plots import figure_png_base64, heatmap_figure, km_figure, risk_groups
+
+RANKING_COLUMNS = (
+    "feature_set",
+    "model",
+    "protocol",
+    "mean_rank",
+    "rank_sd",
+    "rank_lo",
+    "rank_hi",
+    "n_tasks",
+)
+SCORE_COLUMNS = (
+    "task",
+    "kind",
+    "metric",
+    "feature_set",
+    "model",
+    "protocol",
+    "estimate",
+    "lower",
+    "upper",
+    "n_patients",
+)
+TASK_COLUMNS = ("task", "kind", "metric", "n_patients", "n_events", "split", "excluded")
+KM_PREDICTION_COLUMNS = ("task", "feature_set", "model", "seed", "fold", "patient_id", "time")
+KINDS = ("survival", "binary", "multiclass")
+RANK_PREFIX = "rank:"
+SECONDARY_PREFIX = "mean:"
+
+_KM_BEST_DPI = 100
+_KM_BEST_SIZE = (5.6, 4.4)
+_KM_ENTRY_DPI = 72
+_KM_ENTRY_SIZE = (4.2, 3.6)  # inches: thumbnails with legible text
+_HEATMAP_DPI = 100
+
+
+def _entry_names(frame: pd.DataFrame) -> list[str]:
+    """The entry display name of every row of a frame with feature_set and model columns."""
+    pairs = zip(frame["feature_set"], frame["model"], strict=True)
+    return [entry_name(str(f), str(m)) for f, m in pairs]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaderboardData:
+    """Everything the leaderboard page shows; validated on construction.
+
+    ranking: one row per entry (feature_set, model, protocol, mean_rank, rank_sd, rank_lo,
+    rank_hi, n_tasks, and ``rank:<task>`` columns). scores: one row per task x entry (task, kind,
+    metric, feature_set, model, protocol, estimate, lower, upper, n_patients, optional
+    ``mean:<metric>`` columns). tasks: one row per task (task, kind, metric, n_patients, n_events,
+    split, excluded). predictions: the prediction frame of all tasks (for Kaplan-Meier curves; may
+    be empty, then no curves are drawn). Raises :class:`ConfigError` listing every problem.
+    """
+
+    title: str
+    generated: str
+    ranking: pd.DataFrame
+    scores: pd.DataFrame
+    tasks: pd.DataFrame
+    predictions: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = _data_problems(self)
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            n = len(problems)
+            raise ConfigError(f"leaderboard data has {n} problem{'s' if n != 1 else ''}:\n{lines}")
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _missing(frame: pd.DataFrame, columns: Iterable[str], name: str) -> list[str]:
+    absent = [c for c in columns if c not in frame.columns]
+    return [f"{name} lacks columns: {', '.join(absent)}"] if absent else []
+
+
+def _duplicates(frame: pd.DataFrame, keys: list[str], name: str) -> list[str]:
+    if not set(keys) <= set(frame.columns):
+        return []
+    dup = frame[frame.duplicated(keys, keep=False)]
+    if dup.empty:
+        return []
+    shown = sorted({" / ".join(map(str, row)) for row in dup[keys].itertuples(index=False)})
+    return [f"{name} has duplicate rows for: {', '.join(shown[:5])}"]
+
+
+def _data_problems(data: LeaderboardData) -> list[str]:
+    """Every contract violation of the leaderboard inputs, all at once."""
+    frames = {
+        "ranking": data.ranking,
+        "scores": data.scores,
+        "tasks": data.tasks,
+        "predictions": data.predictions,
+    }
+    problems = [
+        f"{n} is not a DataFrame" for n, f in frames.items() if not isinstance(f, pd.DataFrame)
+    ]
+    if problems:
+        return problems
+    problems += _missing(data.ranking, RANKING_COLUMNS, "ranking")
+    problems += _missing(data.scores, SCORE_COLUMNS, "scores")
+    problems += _missing(data.tasks, TASK_COLUMNS, "tasks")
+    problems += _duplicates(data.ranking, ["feature_set", "model"], "ranking")
+    problems += _duplicates(data.scores, ["task", "feature_set", "model"], "scores")
+    problems += _duplicates(data.tasks, ["task"], "tasks")
+    if "kind" in data.tasks.columns:
+        bad = sorted(set(data.tasks["kind"].astype(str)) - set(KINDS))
+        if bad:
+            problems.append(
+                f"tasks has unknown kinds: {', '.join(bad)} (known: {', '.join(KINDS)})"
+            )
+    if "task" in data.scores.columns and "task" in data.tasks.columns:
+        unknown = sorted(set(data.scores["task"].astype(str)) - set(data.tasks["task"].astype(str)))
+        if unknown:
+            problems.append(f"scores name tasks absent from the tasks table: {', '.join(unknown)}")
+    if not data.predictions.empty:
+        problems += _missing(data.predictions, KM_PREDICTION_COLUMNS, "predictions")
+        if "kind" in data.tasks.columns and (data.tasks["kind"] == "survival").any():
+            if "event" not in data.predictions.columns or "risk" not in data.predictions.columns:
+                problems.append("predictions of survival tasks need event and risk columns")
+    return problems
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def _e(value: object) -> str:
+    """Escape text for HTML content and attribute values alike."""
+    return html.escape(str(value), quote=True)
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def _num(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _short(value: object) -> str:
+    """A rank-like number without trailing zeros: 1.0 -> "1", 2.50 -> "2.5"."""
+    v = _num(value)
+    return "–" if math.isnan(v) else f"{v:.2f}".rstrip("0").rstrip(".")
+
+
+def _fixed(value: object, digits: int = 3) -> str:
+    v = _num(value)
+    return "–" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _count(value: object) -> str:
+    v = _num(value)
+    return "–" if math.isnan(v) else str(round(v))
+
+
+def format_estimate(estimate: object, lower: object, upper: object) -> str:
+    """An estimate with its 95% CI: ``0.742 [0.70, 0.79]`` (the CI is left out when unknown)."""
+    est, lo, hi = _num(estimate), _num(lower), _num(upper)
+    if math.isnan(est):
+        return "–"
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{est:.3f}"
+    return f"{est:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _sort_key(value: object) -> str:
+    """The ``data-sort`` text of a numeric cell: full precision, empty when missing."""
+    v = _num(value)
+    return "" if math.isnan(v) else repr(v)
+
+
+def _json_value(value: object) -> Any:
+    """A plain JSON value (NaN becomes null: JSON has no NaN)."""
+    if _is_missing(value) or value is pd.NA:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return str(value)
+
+
+def _script_json(obj: object) -> str:
+    """JSON safe to inline in a <script> element (no "</script>" or entity can break out)."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class _Column:
+    key: str
+    label: str
+    numeric: bool
+
+
+def _th(column: _Column) -> str:
+    kind = "num" if column.numeric else "text"
+    return (
+        f'<th scope="col" tabindex="0" aria-sort="none" data-key="{_e(column.key)}" '
+        f'data-type="{kind}">{_e(column.label)}</th>'
+    )
+
+
+def _td(text: str, sort: str, css: str = "") -> str:
+    cls = f' class="{css}"' if css else ""
+    return f'<td{cls} data-sort="{_e(sort)}">{_e(text)}</td>'
+
+
+def _text_td(value: object) -> str:
+    return _td(str(value), str(value), "text")
+
+
+def _table(
+    attrs: str, columns: Sequence[_Column], rows: Iterable[tuple[str, Sequence[str]]]
+) -> str:
+    """A sortable table; each row is (tr attributes, rendered td cells)."""
+    head = "".join(_th(c) for c in columns)
+    body = "\n".join(f"<tr {tr}>{''.join(cells)}</tr>" for tr, cells in rows)
+    return f"<table {attrs}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _rank_columns(ranking: pd.DataFrame) -> list[str]:
+    return [c for c in ranking.columns if str(c).startswith(RANK_PREFIX)]
+
+
+def _ordered_ranking(ranking: pd.DataFrame) -> pd.DataFrame:
+    """Best (lowest) mean rank first; ties keep their given order."""
+    key = pd.to_numeric(ranking["mean_rank"], errors="coerce")
+    order = np.argsort(key.fillna(np.inf).to_numpy(), kind="stable")
+    return ranking.iloc[order].reset_index(drop=True)
+
+
+def _ranking_table(ranking: pd.DataFrame) -> str:
+    rank_cols = _rank_columns(ranking)
+    columns = [
+        _Column("position", "#", True),
+        _Column("entry", "Entry", False),
+        _Column("feature_set", "Feature set", False),
+        _Column("model", "Model", False),
+        _Column("protocol", "Protocol", False),
+        _Column("mean_rank", "Mean rank [lo, hi]", True),
+        _Column("rank_sd", "Rank SD", True),
+        _Column("n_tasks", "Tasks", True),
+        *[_Column(c, c[len(RANK_PREFIX) :], True) for c in rank_cols],
+    ]
+    rows = []
+    for i, row in ranking.iterrows():
+        name = entry_name(row["feature_set"], row["model"])
+        spread = (
+            f"{_fixed(row['mean_rank'], 2)} [{_short(row['rank_lo'])}, {_short(row['rank_hi'])}]"
+        )
+        cells = [
+            _td(str(int(i) + 1), str(int(i) + 1)),
+            _td(name, name, "entry text"),
+            _text_td(row["feature_set"]),
+            _text_td(row["model"]),
+            _text_td(row["protocol"]),
+            _td(spread, _sort_key(row["mean_rank"])),
+            _td(_fixed(row["rank_sd"], 2), _sort_key(row["rank_sd"])),
+            _td(_count(row["n_tasks"]), _sort_key(row["n_tasks"])),
+            *[_td(_short(row[c]), _sort_key(row[c])) for c in rank_cols],
+        ]
+        rows.append((f'data-index="{i}" data-entry="{_e(name)}"', cells))
+    return _table('id="ranking" class="sortable ranking"', columns, rows)
+
+
+def _ranking_payload(ranking: pd.DataFrame) -> dict[str, Any]:
+    """The ranking's raw values, in ``data-index`` order, for the in-page CSV export."""
+    columns = [*RANKING_COLUMNS, *_rank_columns(ranking)]
+    rows = [[_json_value(v) for v in row] for row in ranking[columns].itertuples(index=False)]
+    return {"columns": columns, "rows": rows}
+
+
+def _secondary_columns(scores: pd.DataFrame) -> list[str]:
+    """``mean:<metric>`` columns with at least one value in these rows."""
+    return [
+        c
+        for c in scores.columns
+        if str(c).startswith(SECONDARY_PREFIX)
+        and pd.to_numeric(scores[c], errors="coerce").notna().any()
+    ]
+
+
+# optional columns: the paired bootstrap comparison of each entry with the task's best entry
+COMPARISON_COLUMNS = (("diff_vs_best", "Δ vs best"), ("p_vs_best", "p vs best"))
+
+
+def _comparison_columns(scores: pd.DataFrame) -> list[tuple[str, str]]:
+    return [
+        (c, label)
+        for c, label in COMPARISON_COLUMNS
+        if c in scores.columns and pd.to_numeric(scores[c], errors="coerce").notna().any()
+    ]
+
+
+def _comparison_text(column: str, value: object) -> str:
+    if _is_missing(value):
+        return "–"
+    if column == "p_vs_best":
+        p = _num(value)
+        return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+    return f"{_num(value):+.3f}"
+
+
+def _order_by_estimate(scores: pd.DataFrame, ranking: pd.DataFrame) -> pd.DataFrame:
+    """Best estimate first; ties (and missing estimates, last) follow the overall ranking."""
+    position = {name: i for i, name in enumerate(_entry_names(ranking))}
+    keyed = scores.assign(
+        _est=pd.to_numeric(scores["estimate"], errors="coerce").fillna(-np.inf),
+        _pos=[position.get(name, len(position)) for name in _entry_names(scores)],
+    )
+    keyed = keyed.sort_values(["_est", "_pos"], ascending=[False, True], kind="stable")
+    return keyed.drop(columns=["_est", "_pos"]).reset_index(drop=True)
+
+
+def _entries_table(task_index: int, metric: str, scores: pd.DataFrame) -> str:
+    secondary = _secondary_columns(scores)
+    columns = [
+        _Column("position", "#", True),
+        _Column("entry", "Entry", False),
+        _Column("protocol", "Protocol", False),
+        _Column("estimate", f"{metric} [95% CI]", True),
+        *[_Column(c, c[len(SECONDARY_PREFIX) :], True) for c in secondary],
+        *[_Column(c, label, True) for c, label in _comparison_columns(scores)],
+        _Column("n_patients", "Patients", True),
+    ]
+    rows = []
+    for i, row in scores.iterrows():
+        name = entry_name(row["feature_set"], row["model"])
+        cells = [
+            _td(str(int(i) + 1), str(int(i) + 1)),
+            _td(name, name, "entry text"),
+            _text_td(row["protocol"]),
+            _td(
+                format_estimate(row["estimate"], row["lower"], row["upper"]),
+                _sort_key(row["estimate"]),
+                "estimate",
+            ),
+            *[_td(_fixed(row[c]), _sort_key(row[c])) for c in secondary],
+            *[
+                _td(_comparison_text(c, row[c]), _sort_key(row[c]))
+                for c, _ in _comparison_columns(scores)
+            ],
+            _td(_count(row["n_patients"]), _sort_key(row["n_patients"])),
+        ]
+        rows.append((f'data-entry="{_e(name)}"', cells))
+    attrs = f'id="entries-{task_index}" class="sortable entries"'
+    return _table(attrs, columns, rows)
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _img(b64: str, css: str, alt: str, extra: str = "") -> str:
+    return f'<img class="{css}" alt="{_e(alt)}" {extra}src="data:image/png;base64,{b64}">'
+
+
+def _heatmap_section(data: LeaderboardData, ranking: pd.DataFrame) -> str:
+    scores = data.scores
+    if scores.empty:
+        return '<section id="heatmap"><h2>Heat map</h2><p class="empty">No scores.</p></section>'
+    names = scores.assign(entry=_entry_names(scores))
+    matrix = names.pivot(index="task", columns="entry", values="estimate")
+    ranked = _entry_names(ranking)
+    entries = [e for e in ranked if e in matrix.columns] + sorted(set(matrix.columns) - set(ranked))
+    tasks = [t for t in data.tasks["task"] if t in matrix.index]
+    matrix = matrix.loc[tasks, entries]
+    metrics = ", ".join(dict.fromkeys(data.tasks["metric"].astype(str)))
+    fig = heatmap_figure(matrix, f"Primary metric per task ({metrics})")
+    image = _img(figure_png_base64(fig, dpi=_HEATMAP_DPI), "heatmap", "heat map of estimates")
+    return (
+        '<section id="heatmap"><h2>Heat map</h2>\n'
+        "<p>Primary-metric estimate of every entry (columns, best mean rank first) on every task.</p>\n"
+        f"{image}\n</section>"
+    )
+
+
+def _entry_predictions(
+    preds: pd.DataFrame, task: str, feature_set: str, model: str
+) -> pd.DataFrame:
+    """Test predictions of one entry on one task at its first (smallest) seed."""
+    if preds.empty:
+        return preds
+    mask = (
+        (preds["task"].astype(str) == str(task))
+        & (preds["feature_set"].astype(str) == str(feature_set))
+        & (preds["model"].astype(str) == str(model))
+    )
+    sub = preds[mask]
+    if sub.empty:
+        return sub
+    return sub[sub["seed"] == sub["seed"].min()]
+
+
+def _km_image(sub: pd.DataFrame, title: str, name: str, *, small: bool) -> tuple[str, float]:
+    """A Kaplan-Meier ``<img>`` of one entry's predictions (a thumbnail when ``small``)."""
+    css, dpi = ("km km-entry", _KM_ENTRY_DPI) if small else ("km km-best", _KM_BEST_DPI)
+    size = _KM_ENTRY_SIZE if small else _KM_BEST_SIZE
+    fig, p_value = km_figure(risk_groups(sub), title, figsize=size)
+    extra = f'data-entry="{_e(name)}" data-seed="{_e(sub["seed"].iloc[0])}" '
+    image = _img(figure_png_base64(fig, dpi=dpi), css, f"Kaplan-Meier curves, {title}", extra)
+    return image, p_value
+
+
+def _p_text(p_value: float) -> str:
+    return "n/a" if math.isnan(p_value) else f"{p_value:.2g}"
+
+
+def _km_best(data: LeaderboardData, task: str, metric: str, best: pd.Series) -> str:
+    """The best entry's Kaplan-Meier figure with its caption."""
+    name = entry_name(best["feature_set"], best["model"])
+    sub = _entry_predictions(data.predictions, task, best["feature_set"], best["model"])
+    if sub.empty:
+        return f'<p class="km-missing">No predictions for the best entry, {_e(name)}.</p>'
+    image, p_value = _km_image(sub, f"{task}: {name}", name, small=False)
+    estimate = format_estimate(best["estimate"], best["lower"], best["upper"])
+    return (
+        f'<figure class="km-best">{image}<figcaption>Best entry by {_e(metric)}: '
+        f"<strong>{_e(name)}</strong> ({_e(estimate)}), seed {_e(sub['seed'].iloc[0])}. "
+        "High / low risk: above / at or below the median risk of the patient's own test "
+        f"fold. Log-rank p = {_e(_p_text(p_value))}.</figcaption></figure>"
+    )
+
+
+def _km_grid(data: LeaderboardData, task: str, scores: pd.DataFrame) -> str:
+    """Small Kaplan-Meier figures of every entry with predictions (first seed each)."""
+    figures = []
+    for _, row in scores.iterrows():
+        name = entry_name(row["feature_set"], row["model"])
+        sub = _entry_predictions(data.predictions, task, row["feature_set"], row["model"])
+        if sub.empty:
+            continue
+        image, p_value = _km_image(sub, name, name, small=True)
+        figures.append(
+            f"<figure>{image}<figcaption>{_e(name)}: p = {_e(_p_text(p_value))}</figcaption></figure>"
+        )
+    if not figures:
+        return ""
+    return '<div class="km-grid">\n' + "\n".join(figures) + "\n</div>"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _task_meta(task: pd.Series) -> str:
+    bits = [str(task["kind"]), f"metric {task['metric']}", f"{_count(task['n_patients'])} patients"]
+    if not math.isnan(_num(task["n_events"])):
+        bits.append(f"{_count(task['n_events'])} events")
+    if str(task["split"]).strip():
+        bits.append(f"split: {task['split']}")
+    return " · ".join(bits)
+
+
+def _task_section(index: int, task: pd.Series, data: LeaderboardData, ranking: pd.DataFrame) -> str:
+    name = str(task["task"])
+    scores = _order_by_estimate(data.scores[data.scores["task"].astype(str) == name], ranking)
+    excluded = "" if _is_missing(task["excluded"]) else str(task["excluded"]).strip()
+    exclusions = f"Exclusions: {excluded}" if excluded else "No exclusions."
+    parts = [
+        f'<section class="task" id="task-{index}" data-task="{_e(name)}" data-kind="{_e(task["kind"])}">',
+        f"<h3>{_e(name)}</h3>",
+        f'<p class="task-meta">{_e(_task_meta(task))}</p>',
+        f'<p class="exclusions">{_e(exclusions)}</p>',
+    ]
+    if scores.empty:
+        parts.append('<p class="empty">No scores for this task.</p>')
+    else:
+        parts.append(_entries_table(index, str(task["metric"]), scores))
+        if task["kind"] == "survival":
+            parts.append(_km_best(data, name, str(task["metric"]), scores.iloc[0]))
+            parts.append(_km_grid(data, name, scores))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _header(data: LeaderboardData, csv_href: str) -> str:
+    notes = "".join(f"<li>{_e(n)}</li>" for n in data.notes)
+    toc = "".join(
+        f'<li><a href="#task-{i}">{_e(t)}</a></li>' for i, t in enumerate(data.tasks["task"])
+    )
+    return (
+        f'<header id="top"><h1>{_e(data.title)}</h1>\n'
+        f'<p class="generated">Generated {_e(data.generated)}</p>\n'
+        + (f'<ul class="notes">{notes}</ul>\n' if notes else "")
+        + f'<nav><a href="#overall">Overall ranking</a> · <a href="#heatmap">Heat map</a> · '
+        f'<a id="csv-link" class="csv-link" href="{_e(csv_href)}">Scores (CSV)</a>'
+        f'<ul class="toc">{toc}</ul></nav></header>'
+    )
+
+
+def _overall_section(ranking: pd.DataFrame, csv_name: str) -> str:
+    return (
+        '<section id="overall"><h2>Overall ranking</h2>\n'
+        "<p>Mean rank of each entry over tasks (1 = best), with the range of its ranks. "
+        "Click a column header to sort.</p>\n"
+        f'<p><button type="button" id="download-csv" data-filename="{_e(csv_name)}">'
+        "Download CSV</button> (the ranking table in its current order)</p>\n"
+        f"{_ranking_table(ranking)}\n"
+        f'<script type="application/json" id="ranking-data">{_script_json(_ranking_payload(ranking))}'
+        "</script>\n</section>"
+    )
+
+
+def _page(data: LeaderboardData, csv_href: str, csv_name: str) -> str:
+    ranking = _ordered_ranking(data.ranking)
+    tasks = "\n".join(
+        _task_section(i, task, data, ranking) for i, (_, task) in enumerate(data.tasks.iterrows())
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>{_e(data.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{_header(data, csv_href)}\n<main>\n"
+        f"{_overall_section(ranking, csv_name)}\n"
+        f"{_heatmap_section(data, ranking)}\n"
+        f'<section id="tasks"><h2>Tasks</h2>\n{tasks}\n</section>\n'
+        f"</main>\n<script>{_JS}</script>\n</body>\n</html>\n"
+    )
+
+
+def render_leaderboard(
+    data: LeaderboardData,
+    html_path: str | os.PathLike[str],
+    *,
+    csv_path: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write the leaderboard page and its scores CSV (each atomically); return the HTML path.
+
+    ``csv_path`` defaults to ``html_path`` with suffix ``.csv``; the page links to it by a
+    relative address, so keep the two files together when moving them.
+    """
+    html_path = Path(html_path)
+    csv_path = html_path.with_suffix(".csv") if csv_path is None else Path(csv_path)
+    if csv_path.suffix.lower() != ".csv":
+        raise ConfigError(f"the scores export must be a .csv file, got {csv_path}")
+    if csv_path.resolve() == html_path.resolve():
+        raise ConfigError(f"the CSV and HTML paths are the same file: {html_path}")
+    relative = os.path.relpath(csv_path.resolve(), html_path.resolve().parent)
+    csv_href = quote(Path(relative).as_posix())
+    page = _page(data, csv_href, f"{html_path.stem}-ranking.csv")
+    _io.write_table(csv_path, data.scores)  # first: the page links to it
+    with _io.atomic_path(html_path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return html_path
+
+
+# ------------------------------------------------------------------------------ inline assets
+
+# Nothing may be fetched: inline styles and scripts only, images only as data URIs.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em 2em;
+  color: #222; }
+h1 { margin-bottom: 0.2em; } .generated { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
+td.text, th[data-type="text"] { text-align: left; }
+th { cursor: pointer; user-select: none; background: #f3f3f3; white-space: nowrap; }
+th[aria-sort="ascending"]::after { content: " \\25B2"; }
+th[aria-sort="descending"]::after { content: " \\25BC"; }
+tbody tr:hover { background: #f7fbff; }
+section.task { border-top: 2px solid #ccc; margin-top: 2em; }
+.task-meta, .exclusions { color: #444; margin: 0.3em 0; }
+img.heatmap, img.km-best { max-width: 100%; height: auto; }
+.km-grid { display: flex; flex-wrap: wrap; gap: 0.5em; }
+.km-grid figure { margin: 0; font-size: 0.8em; }
+figure.km-best figcaption { max-width: 640px; font-size: 0.9em; color: #444; }
+nav ul.toc { display: inline; padding-left: 1em; } nav ul.toc li { display: inline;
+  margin-right: 0.8em; }
+button { padding: 0.3em 0.8em; }
+"""
+
+# Sorting: every table.sortable sorts on a header click (or Enter / Space), ascending first, then
+# toggling; cells compare by data-sort (numbers as numbers, text numeric-aware), missing values
+# last in both directions, ties in their previous order. The CSV export reads the ranking's raw
+# values from the JSON block in the rows' current order; window.oncoslideLeaderboard exposes it.
+_JS = r"""
+(function () {
+  "use strict";
+  function cellValue(row, index, numeric) {
+    var cell = row.cells[index];
+    var raw = "";
+    if (cell) {
+      raw = cell.hasAttribute("data-sort") ? cell.getAttribute("data-sort")
+                                           : cell.textContent.trim();
+    }
+    if (!numeric) { return raw; }
+    return raw === "" ? NaN : Number(raw);
+  }
+  function isMissing(value, numeric) { return numeric ? isNaN(value) : value === ""; }
+  function sortBy(table, th) {
+    var headers = th.parentNode.cells;
+    var index = Array.prototype.indexOf.call(headers, th);
+    var numeric = th.getAttribute("data-type") === "num";
+    var descending = th.getAttribute("aria-sort") === "ascending";
+    var body = table.tBodies[0];
+    var keyed = Array.prototype.map.call(body.rows, function (row, position) {
+      return { row: row, value: cellValue(row, index, numeric), position: position };
+    });
+    keyed.sort(function (a, b) {
+      var am = isMissing(a.value, numeric), bm = isMissing(b.value, numeric);
+      if (am || bm) { return am === bm ? a.position - b.position : (am ? 1 : -1); }
+      var c = numeric ? a.value - b.value
+                      : a.value.localeCompare(b.value, undefined, { numeric: true });
+      if (descending) { c = -c; }
+      return c !== 0 ? c : a.position - b.position;
+    });
+    keyed.forEach(function (k) { body.appendChild(k.row); });
+    Array.prototype.forEach.call(headers, function (h) { h.setAttribute("aria-sort", "none"); });
+    th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+  }
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th) {
+      th.addEventListener("click", function () { sortBy(table, th); });
+      th.addEventListener("keydown", function (event) {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          sortBy(table, th);
+        }
+      });
+    });
+  });
+  function csvField(value) {
+    if (value === null || value === undefined) { return ""; }
+    var text = String(value);
+    if (/[",\r\n]/.test(text) || text !== text.trim()) {
+      text = '"' + text.replace(/"/g, '""') + '"';
+    }
+    return text;
+  }
+  function rankingCsv() {
+    var payload = JSON.parse(document.getElementById("ranking-data").textContent);
+    var lines = [payload.columns.map(csvField).join(",")];
+    document.querySelectorAll("#ranking tbody tr").forEach(function (tr) {
+      var values = payload.rows[Number(tr.getAttribute("data-index"))];
+      lines.push(values.map(csvField).join(","));
+    });
+    return lines.join("\n") + "\n";
+  }
+  var api = { rankingCsv: rankingCsv, lastCsv: null };
+  window.oncoslideLeaderboard = api;
+  var button = document.getElementById("download-csv");
+  button.addEventListener("click", function () {
+    var text = rankingCsv();
+    var url = URL.createObjectURL(new Blob([text], { type: "text/csv;charset=utf-8" }));
+    var link = document.createElement("a");
+    link.href = url;
+    link.download = button.getAttribute("data-filename");
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(function () { URL.revokeObjectURL(url); }, 1000);
+    api.lastCsv = text;
+  });
+})();
+"""

@@ -1,0 +1,346 @@
+"""Benchmark cells: what one cell is, its config key, and the two protocols that run it.
+
+One cell = one fold of one seed of one model on one task and one feature set. Its key hashes the
+resolved config (task, split digest, feature set, model, protocol settings, seed, fold), so a
+benchmark re-run after adding an encoder or a model only runs the cells it lacks.
+
+Protocols (fixed per benchmark, never tuned on a test part):
+
+- ``mil``: a registry aggregator fine-tuned on patch features through the same Lightning path
+  as ``oncoslide train`` (:func:`oncoslide.training.cv.train_fold`): early stopping and
+  checkpoint choice on the validation part carved from the training part.
+- ``linear``: frozen slide embeddings (mean / max / mean+max pooling of every patch of a
+  patient) with, for classification, a standardised logistic regression (C = 0.5, balanced
+  class weights, as Patho-Bench) fitted on train + validation; for survival an elastic-net Cox
+  model (l1_ratio 0.5) whose penalty is chosen on the validation part, then refitted on
+  train + validation.
+
+Patients on the feature set's exclusion list still train when their split says so, but are
+never predicted or scored as test patients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from oncoslide.bench.resolve import BenchTask, FeatureSet, ResolvedBench
+from oncoslide.bench.spec import ModelSpec
+from oncoslide.bench.store import CellRecord, cell_key
+from oncoslide.cohort.bags import load_bag
+from oncoslide.cohort.splits import fold_parts
+from oncoslide.cohort.table import Cohort
+from oncoslide.errors import ConfigError
+from oncoslide.features.cache import FeatureCache
+from oncoslide.training.config import EXECUTION_ONLY_FIELDS
+from oncoslide.training.tasks import label_str
+
+CELL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of benchmark work, identified by the hash of its resolved config."""
+
+    task: str
+    feature_set: str
+    model: str
+    protocol: str
+    seed: int
+    fold: int
+    key: str
+    config: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.task} · {self.feature_set} · {self.model} · seed {self.seed} fold {self.fold}"
+        )
+
+
+def cell_config(
+    bench: ResolvedBench, task: BenchTask, fs: FeatureSet, model: ModelSpec, seed: int, fold: int
+) -> dict[str, Any]:
+    """Everything that can change a cell's numbers, as plain JSON-able data."""
+    model_part: dict[str, Any] = model.model_dump(mode="json")
+    if model.protocol == "mil":
+        train = _train_config(bench, task, model, seed, len(task.folds))
+        model_part["train"] = train.model_dump(
+            mode="json", exclude={*EXECUTION_ONLY_FIELDS, "n_boot"}
+        )
+        for unused in ("pooling", "C", "l1_ratio", "n_alphas"):
+            model_part.pop(unused, None)
+    else:
+        for unused in ("model", "kwargs", "train"):
+            model_part.pop(unused, None)
+    return {
+        "version": CELL_VERSION,
+        "task": {**task.spec.model_dump(mode="json"), "splits": task.split_digest()},
+        "feature_set": {
+            "name": fs.name,
+            "features": str(fs.spec.features),
+            "stamp_mpp": fs.spec.stamp_mpp,
+            "exclude": fs.exclude_digest,
+        },
+        "model": model_part,
+        "seed": int(seed),
+        "fold": int(fold),
+    }
+
+
+def plan_cells(bench: ResolvedBench) -> list[Cell]:
+    """Every cell of the benchmark, grouped by feature set (keeps a worker's cache warm)."""
+    cells = []
+    models = {m.name: m for m in bench.spec.models}
+    for fs in bench.feature_sets.values():
+        for task in bench.tasks.values():
+            for model in models.values():
+                for seed in task.seeds:
+                    for fold in task.folds:
+                        config = cell_config(bench, task, fs, model, seed, fold)
+                        cells.append(
+                            Cell(
+                                task.name,
+                                fs.name,
+                                model.name,
+                                model.protocol,
+                                seed,
+                                fold,
+                                cell_key(config),
+                                config,
+                            )
+                        )
+    return cells
+
+
+def _train_config(bench: ResolvedBench, task: BenchTask, model: ModelSpec, seed: int, n_folds: int):
+    target = task.target
+    return bench.spec.train_config(
+        model,
+        task="survival" if target.is_survival else target.name,
+        time_col=target.time_col,
+        event_col=target.event_col,
+        seed=seed,
+        folds=max(2, n_folds),
+    )
+
+
+def _task_cohort(cohort: Cohort, task: BenchTask) -> Cohort:
+    t = task.target
+    if t.is_survival and (cohort.time_col, cohort.event_col) != (t.time_col, t.event_col):
+        return dataclasses.replace(cohort, time_col=t.time_col, event_col=t.event_col)
+    return cohort
+
+
+class CellRunner:
+    """Runs cells in one process, keeping feature files and slide embeddings in memory."""
+
+    def __init__(
+        self,
+        bench: ResolvedBench,
+        *,
+        work_dir: str | Path | None = None,
+        cache_gb: float = 4.0,
+        num_threads: int | None = None,
+    ) -> None:
+        self.bench = bench
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.cache = FeatureCache(max_bytes=int(cache_gb * 2**30))
+        self.num_threads = num_threads
+        self._embeddings: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def run(self, cell: Cell) -> CellRecord:
+        """Train and score one cell; raises typed errors for bad data."""
+        if self.num_threads:
+            import torch
+
+            torch.set_num_threads(self.num_threads)
+        started = time.perf_counter()
+        task = self.bench.tasks[cell.task]
+        fs = self.bench.feature_sets[cell.feature_set]
+        model = next(m for m in self.bench.spec.models if m.name == cell.model)
+        cohort = _task_cohort(fs.cohort, task)
+        parts = fold_parts(task.splits, cell.seed, cell.fold)
+        excluded = [p for p in parts["test"] if p in fs.excluded]
+        if len(excluded) == len(parts["test"]):
+            raise ConfigError(f"{cell.label}: every test patient is on {fs.name}'s exclusion list")
+        if model.protocol == "mil":
+            preds, metrics, info = self._run_mil(cell, task, fs, cohort, model)
+        else:
+            preds, metrics, info = self._run_linear(cell, task, fs, cohort, model, parts)
+        info = {
+            **info,
+            "n_test": len(preds),
+            "n_excluded": len(excluded),
+            "excluded": sorted(excluded),
+        }
+        return CellRecord(
+            cell_key=cell.key,
+            task=cell.task,
+            feature_set=cell.feature_set,
+            model=cell.model,
+            protocol=cell.protocol,
+            seed=cell.seed,
+            fold=cell.fold,
+            config=cell.config,
+            metrics=metrics,
+            predictions=preds,
+            seconds=time.perf_counter() - started,
+            info=info,
+        )
+
+    # ---------------------------------------------------------------------------- mil
+    def _run_mil(
+        self, cell: Cell, task: BenchTask, fs: FeatureSet, cohort: Cohort, model: ModelSpec
+    ) -> tuple[pd.DataFrame, dict[str, float], dict[str, Any]]:
+        from oncoslide.training.cv import train_fold
+
+        config = _train_config(self.bench, task, model, cell.seed, len(task.folds))
+        base = self.work_dir
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"cell-{cell.key[:8]}-", dir=base) as tmp:
+            outcome = train_fold(
+                cohort,
+                task.target,
+                config,
+                task.splits,
+                cell.seed,
+                cell.fold,
+                Path(tmp),
+                self.cache,
+                exclude_from_test=fs.excluded,
+            )
+        frame = outcome.prediction_frame(cohort, task.target)
+        preds = _contract_frame(frame, task)
+        metrics = {m: float(outcome.metrics[m]) for m in task.target.metric_names}
+        info = {k: float(v) for k, v in outcome.info.items()}
+        return preds, metrics, info
+
+    # ---------------------------------------------------------------------------- linear
+    def embeddings(self, fs: FeatureSet, pooling: str, patients: list[str]) -> np.ndarray:
+        """Frozen slide embeddings of ``patients`` (computed once per feature set and pooling)."""
+        store = self._embeddings.setdefault((fs.name, pooling), {})
+        for pid in patients:
+            if pid not in store:
+                feats = load_bag(fs.cohort, pid, self.cache).features.astype(np.float32)
+                if pooling == "mean":
+                    store[pid] = feats.mean(axis=0)
+                elif pooling == "max":
+                    store[pid] = feats.max(axis=0)
+                else:
+                    store[pid] = np.concatenate([feats.mean(axis=0), feats.max(axis=0)])
+        return np.stack([store[p] for p in patients]).astype(np.float64)
+
+    def _run_linear(
+        self,
+        cell: Cell,
+        task: BenchTask,
+        fs: FeatureSet,
+        cohort: Cohort,
+        model: ModelSpec,
+        parts: dict[str, list[str]],
+    ) -> tuple[pd.DataFrame, dict[str, float], dict[str, Any]]:
+        train_ids, val_ids = parts["train"], parts["val"]
+        test_ids = [p for p in parts["test"] if p not in fs.excluded]
+        fit_ids = train_ids + val_ids
+        x_train = self.embeddings(fs, model.pooling, train_ids)
+        x_val = self.embeddings(fs, model.pooling, val_ids)
+        x_test = self.embeddings(fs, model.pooling, test_ids)
+        frame = pd.DataFrame({"patient_id": test_ids})
+        info: dict[str, Any] = {"n_train": len(train_ids), "n_val": len(val_ids)}
+        if task.target.is_survival:
+            from oncoslide.survival.breslow import BreslowEstimator
+            from oncoslide.survival.coxnet import fit_select_alpha
+            from oncoslide.survival.metrics import survival_metrics
+
+            y_tr, y_val = cohort.survival(train_ids), cohort.survival(val_ids)
+            y_fit, y_test = cohort.survival(fit_ids), cohort.survival(test_ids)
+            cox, alpha, _ = fit_select_alpha(
+                x_train,
+                y_tr["time"],
+                y_tr["event"],
+                x_val,
+                y_val["time"],
+                y_val["event"],
+                l1_ratio=model.l1_ratio,
+                n_alphas=model.n_alphas,
+            )
+            risk = np.asarray(cox.predict(x_test), dtype=np.float64)
+            breslow = BreslowEstimator().fit(
+                cox.predict(np.concatenate([x_train, x_val])), y_fit["time"], y_fit["event"]
+            )
+            out = survival_metrics(
+                y_fit, y_test, risk, surv_fn=lambda t: breslow.survival_function(risk, t)
+            )
+            metrics = {m: float(out.get(m, np.nan)) for m in task.target.metric_names}
+            frame["time"] = y_test["time"].astype(float)
+            frame["event"] = y_test["event"].astype(float)
+            frame["label"] = None
+            frame["risk"] = risk
+            coef = cox.coef_ if cox.coef_ is not None else np.zeros(0)
+            info.update(alpha=float(alpha), nonzero=int(np.count_nonzero(coef)))
+        else:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            from oncoslide.evaluation.classification import classification_metrics
+
+            classes = task.classes
+            lookup = {c: i for i, c in enumerate(classes)}
+
+            def labels(ids: list[str]) -> np.ndarray:
+                return np.array(
+                    [lookup[label_str(v)] for v in cohort.labels(task.target.name, ids)]
+                )
+
+            y_fit = labels(fit_ids)
+            if len(np.unique(y_fit)) < len(classes):
+                raise ConfigError(f"{cell.label}: the training part lacks some classes")
+            clf = make_pipeline(
+                StandardScaler(),
+                LogisticRegression(C=model.C, class_weight="balanced", max_iter=5000),
+            )
+            clf.fit(np.concatenate([x_train, x_val]), y_fit)
+            probs = np.zeros((len(test_ids), len(classes)))
+            probs[:, clf.classes_] = clf.predict_proba(x_test)
+            y_test = labels(test_ids)
+            out = classification_metrics(y_test, probs, classes=list(range(len(classes))))
+            metrics = {m: float(out[m]) for m in task.target.metric_names}
+            frame["time"] = np.nan
+            frame["event"] = np.nan
+            frame["label"] = [classes[i] for i in y_test]
+            for i, c in enumerate(classes):
+                frame[f"prob_{c}"] = probs[:, i]
+        return frame, metrics, info
+
+
+def _contract_frame(frame: pd.DataFrame, task: BenchTask) -> pd.DataFrame:
+    """A fold's prediction frame in the store's contract (ids, targets, then outputs)."""
+    out = pd.DataFrame({"patient_id": frame["patient_id"].astype(str)})
+    if task.target.is_survival:
+        out["time"] = frame["time"].astype(float)
+        out["event"] = frame["event"].astype(float)
+        out["label"] = None
+        out["risk"] = frame["risk"].astype(float)
+    else:
+        out["time"] = np.nan
+        out["event"] = np.nan
+        out["label"] = frame["label"].astype(str)
+        for c in task.classes:
+            out[f"prob_{c}"] = frame[f"prob_{c}"].astype(float)
+    return out.reset_index(drop=True)
+
+
+__all__ = ["CELL_VERSION", "Cell", "CellRunner", "cell_config", "plan_cells"]

@@ -1,0 +1,467 @@
+"""A benchmark spec checked against its data: cohorts per feature set, tasks, splits, exclusions.
+
+Everything that can be wrong with the data is found here, before any training, and reported in
+one :class:`~oncoslide.errors.ConfigError` (or the cohort's own validation error, which also
+lists every problem): unknown columns, filters that keep nobody, too few patients, events or
+class members per test part, split audits, exclusion lists that cannot be read.
+
+Splits depend only on the task (its patients, targets, policy), the benchmark's folds, seeds and
+validation fraction: every feature set and model of a task sees the same splits, which makes
+paired comparisons possible and keeps patients from crossing folds whatever the encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedShuffleSplit
+
+from oncoslide._io import read_table_file
+from oncoslide.bench.spec import BenchSpec, FeatureSetSpec, SplitSpec, TaskSpecEntry
+from oncoslide.cohort.splits import audit_splits, make_splits, survival_strata
+from oncoslide.cohort.table import GROUP_COLUMNS, Cohort, load_cohort
+from oncoslide.errors import ConfigError, SplitLeakageError
+from oncoslide.survival.target import make_survival
+from oncoslide.training.tasks import TaskSpec, label_str
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureSet:
+    """A feature set loaded against the cohort table, with its pre-training exclusions."""
+
+    spec: FeatureSetSpec
+    cohort: Cohort
+    excluded: frozenset[str] = frozenset()  # patients never to be scored as test patients
+    exclude_digest: str = ""
+    exclude_note: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, eq=False)
+class BenchTask:
+    """A task resolved on the cohort: its patients, classes and (audited) splits."""
+
+    spec: TaskSpecEntry
+    target: TaskSpec  # what training and metrics need (name = label column)
+    patients: tuple[str, ...]
+    splits: pd.DataFrame
+    n_events: int | None
+    left_out: int  # patients kept by the filter but lacking a target value
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> Literal["survival", "binary", "multiclass"]:
+        return self.spec.kind
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.target.classes
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(int(s) for s in self.splits["seed"].unique())
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(int(f) for f in self.splits["fold"].unique())
+
+    def split_digest(self) -> str:
+        """Identifies the patients and splits: a changed cohort or split gives new cells."""
+        table = self.splits.sort_values(["seed", "fold", "patient_id"]).to_csv(index=False)
+        return hashlib.sha256(table.encode()).hexdigest()[:16]
+
+    def describe_split(self) -> str:
+        s = self.spec.split
+        if s.policy == "train_test":
+            test = int((self.splits.query("seed == @self.seeds[0]")["part"] == "test").sum())
+            return f"train/test, external test set {_filter_text(s.test_filter)} ({test} patients)"
+        site = ", site-preserving" if s.site_preserving else ""
+        return f"{len(self.folds)}-fold patient-level CV{site}, seeds {self.seeds}"
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedBench:
+    spec: BenchSpec
+    feature_sets: dict[str, FeatureSet]
+    tasks: dict[str, BenchTask]
+    notes: tuple[str, ...] = field(default=())
+
+    def exclusion_report(self, task: BenchTask) -> str:
+        """One line per task: what each feature set's exclusion list removed from its tests."""
+        parts = []
+        patients = set(task.patients)
+        for fs in self.feature_sets.values():
+            n = len(fs.excluded & patients)
+            if fs.spec.exclude is not None:
+                parts.append(f"{fs.name}: {n} patient(s) excluded from test parts")
+        return "; ".join(parts) if parts else "no exclusion lists"
+
+
+def resolve_bench(
+    spec: BenchSpec, *, progress: Callable[[str, int, int], None] | None = None
+) -> ResolvedBench:
+    """Load the cohort with every feature set, resolve every task and make its splits."""
+    problems: list[str] = []
+    cohort_path = spec.path(spec.cohort)
+    table = read_table_file(cohort_path, problems, string_columns=("patient_id", "slide_id"))
+    if table is None:
+        raise ConfigError(f"cohort table {cohort_path}: " + "; ".join(problems))
+    problems += _column_problems(spec, table)
+    if problems:
+        raise ConfigError(_problem_text(f"benchmark {spec.name}", problems))
+
+    label_cols = _patient_level_columns(spec)
+    first = next((t for t in spec.tasks if t.kind == "survival"), None)
+    time_col, event_col = (first.time, first.event) if first else ("time", "event")
+    feature_sets: dict[str, FeatureSet] = {}
+    for fs_spec in spec.feature_sets:
+
+        def step(done: int, total: int, name: str = fs_spec.name) -> None:
+            if progress is not None:
+                progress(name, done, total)
+
+        cohort = load_cohort(
+            table,
+            spec.path(fs_spec.features),
+            time_col=time_col,
+            event_col=event_col,
+            label_cols=label_cols,
+            stamp_mpp=fs_spec.stamp_mpp,
+            progress=step,
+        )
+        feature_sets[fs_spec.name] = _with_exclusions(spec, fs_spec, cohort, problems)
+
+    reference = next(iter(feature_sets.values())).cohort
+    tasks: dict[str, BenchTask] = {}
+    for t in spec.tasks:
+        task = _resolve_task(spec, t, reference, problems)
+        if task is not None:
+            tasks[t.name] = task
+    if problems:
+        raise ConfigError(_problem_text(f"benchmark {spec.name}", problems))
+    notes = [
+        f"task {t.name}: {t.left_out} patient(s) lack a target value and are left out"
+        for t in tasks.values()
+        if t.left_out
+    ]
+    return ResolvedBench(spec, feature_sets, tasks, tuple(notes))
+
+
+# ------------------------------------------------------------------------------ columns
+
+
+def _column_problems(spec: BenchSpec, table: pd.DataFrame) -> list[str]:
+    cols = set(table.columns)
+    problems = []
+    for t in spec.tasks:
+        used = [*t.target_columns, *(t.filter or {}), *(t.split.test_filter or {})]
+        if t.split.site_preserving:
+            used.append("site")
+        missing = [c for c in dict.fromkeys(used) if c not in cols]
+        if t.split.site_preserving and "site" in missing and "slide_id" in cols:
+            missing.remove("site")  # may come from TCGA barcodes; checked after loading
+        if missing:
+            problems.append(
+                f"task {t.name}: unknown column(s) {missing} (the cohort table has: "
+                f"{', '.join(map(str, table.columns))})"
+            )
+    return problems
+
+
+def _patient_level_columns(spec: BenchSpec) -> tuple[str, ...]:
+    """Columns that must agree across a patient's slides (loaded as patient-level labels)."""
+    cols: list[str] = []
+    first = next((t for t in spec.tasks if t.kind == "survival"), None)
+    for t in spec.tasks:
+        cols += [*(t.filter or {}), *(t.split.test_filter or {})]
+        if t.kind != "survival":
+            cols.append(str(t.target))
+        elif first is not None and (t.time, t.event) != (first.time, first.event):
+            cols += [t.time, t.event]
+    skip = {*GROUP_COLUMNS, *((first.time, first.event) if first else ())}
+    return tuple(c for c in dict.fromkeys(cols) if c not in skip)
+
+
+# ------------------------------------------------------------------------------ exclusions
+
+
+def _with_exclusions(
+    spec: BenchSpec, fs: FeatureSetSpec, cohort: Cohort, problems: list[str]
+) -> FeatureSet:
+    if fs.exclude is None:
+        return FeatureSet(fs, cohort)
+    path = spec.path(fs.exclude)
+    found: list[str] = []
+    df = read_table_file(path, found, string_columns=("patient_id", "slide_id"))
+    if df is None:
+        problems.append(f"feature set {fs.name}: exclusion list {path}: {'; '.join(found)}")
+        return FeatureSet(fs, cohort)
+    if "patient_id" in df.columns:
+        ids = {str(v) for v in df["patient_id"].dropna()}
+        known = ids & set(cohort.patient_ids)
+        what = "patient"
+    elif "slide_id" in df.columns:
+        ids = {str(v) for v in df["slide_id"].dropna()}
+        by_slide = dict(zip(cohort.slides["slide_id"], cohort.slides["patient_id"], strict=True))
+        known = {by_slide[s] for s in ids if s in by_slide}
+        what = "slide"
+    else:
+        problems.append(
+            f"feature set {fs.name}: exclusion list {path} needs a patient_id or slide_id column"
+        )
+        return FeatureSet(fs, cohort)
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    note = (
+        f"{fs.name}: exclusion list {path.name} names {len(ids)} {what}(s); "
+        f"{len(known)} patient(s) of this cohort are excluded from its test parts"
+    )
+    return FeatureSet(fs, cohort, frozenset(known), digest, note)
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def _matches(cohort: Cohort, ids: Sequence[str], flt: dict[str, list]) -> np.ndarray:
+    keep = np.ones(len(ids), dtype=bool)
+    for col, allowed in flt.items():
+        wanted = {label_str(v) for v in allowed}
+        values = cohort.patients.loc[list(ids), col]
+        keep &= np.array([pd.notna(v) and label_str(v) in wanted for v in values])
+    return keep
+
+
+def _filter_text(flt: dict[str, list] | None) -> str:
+    if not flt:
+        return ""
+    return ", ".join(f"{c} in {sorted(map(label_str, v))}" for c, v in flt.items())
+
+
+def _resolve_task(
+    spec: BenchSpec, t: TaskSpecEntry, cohort: Cohort, problems: list[str]
+) -> BenchTask | None:
+    n_before = len(problems)
+    ids = cohort.patient_ids
+    if t.filter:
+        ids = [p for p, k in zip(ids, _matches(cohort, ids, t.filter), strict=True) if k]
+        if not ids:
+            problems.append(f"task {t.name}: the filter {_filter_text(t.filter)} keeps no patient")
+            return None
+    if t.kind == "survival":
+        if (t.time, t.event) != (cohort.time_col, cohort.event_col):
+            cohort = dataclasses.replace(cohort, time_col=t.time, event_col=t.event)
+        with_target = set(cohort.patients_with(t.time, t.event))
+    else:
+        with_target = set(cohort.patients_with(str(t.target)))
+    patients = [p for p in ids if p in with_target]
+    left_out = len(ids) - len(patients)
+    if not patients:
+        problems.append(f"task {t.name}: no patient has {', '.join(t.target_columns)}")
+        return None
+
+    n_events = None
+    if t.kind == "survival":
+        try:
+            y = cohort.survival(patients)
+        except Exception as exc:  # bad extra survival columns: report, do not crash
+            problems.append(f"task {t.name}: {exc}")
+            return None
+        n_events = int(y["event"].sum())
+        strata = survival_strata(y["time"], y["event"])
+        target = TaskSpec("survival", "survival", time_col=t.time, event_col=t.event)
+    else:
+        strata = np.array([label_str(v) for v in cohort.labels(str(t.target), patients)])
+        classes = tuple(sorted(set(strata)))
+        if t.kind == "binary" and len(classes) != 2:
+            problems.append(f"task {t.name}: binary target has {len(classes)} class(es) {classes}")
+        if t.kind == "multiclass" and len(classes) < 3:
+            problems.append(
+                f"task {t.name}: multiclass target has {len(classes)} class(es) {classes}; "
+                "use kind: binary"
+            )
+        target = TaskSpec(str(t.target), t.kind, classes=classes)
+    if len(problems) > n_before:
+        return None
+
+    sites = None
+    if t.split.site_preserving:
+        if "site" not in cohort.patients.columns:
+            problems.append(f"task {t.name}: site-preserving splits need a 'site' column")
+            return None
+        sites = np.array([str(s) for s in cohort.patients.loc[patients, "site"]])
+    try:
+        if t.split.policy == "kfold":
+            splits = _kfold(spec, t, patients, strata, sites, problems)
+        else:
+            splits = _train_test(spec, t, cohort, patients, strata, problems)
+    except (ConfigError, SplitLeakageError) as exc:
+        problems.append(f"task {t.name}: {exc}")
+        return None
+    if splits is None:
+        return None
+    _check_test_parts(t, splits, dict(zip(patients, strata, strict=True)), cohort, problems)
+    if len(problems) > n_before:
+        return None
+    return BenchTask(t, target, tuple(patients), splits, n_events, left_out)
+
+
+def _kfold(
+    spec: BenchSpec,
+    t: TaskSpecEntry,
+    patients: list[str],
+    strata: np.ndarray,
+    sites: np.ndarray | None,
+    problems: list[str],
+) -> pd.DataFrame | None:
+    folds = t.split.folds or spec.folds
+    if len(patients) < 2 * folds:
+        problems.append(f"task {t.name}: {len(patients)} patients are too few for {folds} folds")
+        return None
+    return make_splits(
+        patients,
+        n_folds=folds,
+        seeds=spec.seeds,
+        strata=strata,
+        sites=sites,
+        val_fraction=spec.val_fraction,
+    )
+
+
+def _train_test(
+    spec: BenchSpec,
+    t: TaskSpecEntry,
+    cohort: Cohort,
+    patients: list[str],
+    strata: np.ndarray,
+    problems: list[str],
+) -> pd.DataFrame | None:
+    split: SplitSpec = t.split
+    assert split.test_filter is not None
+    is_test = _matches(cohort, patients, split.test_filter)
+    n_test, n_fit = int(is_test.sum()), int((~is_test).sum())
+    if n_test == 0 or n_fit < 4:
+        problems.append(
+            f"task {t.name}: the test filter {_filter_text(split.test_filter)} leaves "
+            f"{n_test} test and {n_fit} training patients"
+        )
+        return None
+    ids = np.asarray(patients)
+    fit_idx = np.flatnonzero(~is_test)
+    rows = []
+    for seed in spec.seeds:
+        part = np.where(is_test, "test", "train").astype(object)
+        n_val = max(1, round(spec.val_fraction * len(fit_idx)))
+        fit_strata = strata[fit_idx]
+        _, counts = np.unique(fit_strata, return_counts=True)
+        stratify = fit_strata if counts.min() >= 2 and n_val >= len(counts) else None
+        sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=int(seed))
+        if stratify is None:
+            rng = np.random.default_rng(int(seed))
+            val_local = rng.choice(len(fit_idx), size=n_val, replace=False)
+        else:
+            _, val_local = next(sss.split(np.zeros(len(fit_idx)), stratify))
+        part[fit_idx[val_local]] = "val"
+        rows.append(pd.DataFrame({"patient_id": ids, "seed": int(seed), "fold": 0, "part": part}))
+    splits = pd.concat(rows, ignore_index=True)
+    splits["part"] = splits["part"].astype(str)
+    audit_train_test(splits, test_ids=set(ids[is_test]))
+    return splits
+
+
+def audit_train_test(splits: pd.DataFrame, *, test_ids: set[str]) -> None:
+    """A fixed train/test split: one fold, the same test set for every seed, no overlap."""
+    problems = []
+    if set(splits["fold"].unique()) != {0}:
+        problems.append("a train/test split has exactly one fold (0)")
+    dup = splits.duplicated(["seed", "fold", "patient_id"])
+    if dup.any():
+        problems.append(f"{int(dup.sum())} rows repeat a patient within a seed")
+    for seed, rows in splits.groupby("seed"):
+        test = set(rows.loc[rows["part"] == "test", "patient_id"])
+        if test != test_ids:
+            problems.append(f"seed {seed}: the test set differs from the test filter's patients")
+        if not (rows["part"] == "train").any():
+            problems.append(f"seed {seed}: no training patients")
+    if problems:
+        raise SplitLeakageError("split audit failed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _check_test_parts(
+    t: TaskSpecEntry,
+    splits: pd.DataFrame,
+    stratum_of: dict[str, str],
+    cohort: Cohort,
+    problems: list[str],
+) -> None:
+    """Every test part must be scoreable: enough events, or every class present."""
+    tests = splits[splits["part"] == "test"]
+    worst: tuple[int, int, int] | None = None
+    for (seed, fold), rows in tests.groupby(["seed", "fold"]):
+        pids = list(rows["patient_id"])
+        if t.kind == "survival":
+            y = make_survival(
+                cohort.patients.loc[pids, t.event].to_numpy(),
+                cohort.patients.loc[pids, t.time].to_numpy(),
+            )
+            n = int(y["event"].sum())
+            if n < t.min_events_per_fold and (worst is None or n < worst[2]):
+                worst = (int(seed), int(fold), n)
+        else:
+            counts = pd.Series([stratum_of[p] for p in pids]).value_counts()
+            classes = sorted(set(stratum_of.values()))
+            n = min(int(counts.get(c, 0)) for c in classes)
+            if n < t.min_per_class_per_fold and (worst is None or n < worst[2]):
+                worst = (int(seed), int(fold), n)
+    if worst is not None:
+        seed, fold, n = worst
+        need = (
+            f"{t.min_events_per_fold} events"
+            if t.kind == "survival"
+            else f"{t.min_per_class_per_fold} patient(s) of every class"
+        )
+        problems.append(
+            f"task {t.name}: too few {'events' if t.kind == 'survival' else 'class members'} "
+            f"per test part (seed {seed} fold {fold} has {n}; each needs {need}); "
+            "use fewer folds or a larger cohort"
+        )
+
+
+def _problem_text(where: str, problems: list[str]) -> str:
+    n = len(problems)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{where} has {n} problem{'s' if n != 1 else ''}:\n{lines}"
+
+
+def audit_bench_splits(bench: ResolvedBench) -> None:
+    """Re-audit every task's splits (run before any training)."""
+    for task in bench.tasks.values():
+        if task.spec.split.policy == "kfold":
+            sites = None
+            if task.spec.split.site_preserving:
+                cohort = next(iter(bench.feature_sets.values())).cohort
+                sites = {p: str(cohort.patients.loc[p, "site"]) for p in task.patients}
+            audit_splits(task.splits, patient_ids=list(task.patients), sites=sites)
+        else:
+            test = set(task.splits.loc[task.splits["part"] == "test", "patient_id"])
+            audit_train_test(task.splits, test_ids=test)
+
+
+__all__ = [
+    "BenchTask",
+    "FeatureSet",
+    "ResolvedBench",
+    "audit_bench_splits",
+    "audit_train_test",
+    "resolve_bench",
+]

@@ -1,0 +1,286 @@
+"""``oncoslide bench run``: resolve a benchmark, audit its splits, run the cells it lacks.
+
+The driver resolves the spec against the data (every problem reported before any training),
+audits every split, writes the split tables and the task descriptions, then runs the missing
+cells on an executor:
+
+- ``local`` (default): a pool of worker processes (``workers``; 0 runs in this process). Each
+  worker keeps its own feature cache and slide embeddings, so a feature file is read once per
+  worker, not once per cell.
+- ``ray``: every cell is a Ray task on the cluster at ``address`` (a local instance if none).
+
+Results come back to the driver, which records each finished cell in the results store in one
+transaction. A killed run therefore leaves only whole cells behind, and running it again runs
+exactly the cells that are missing. A cell that fails (bad data, a crash in a worker) is
+reported in ``failures.csv`` and the other cells go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from rich.console import Console
+
+from oncoslide._io import write_json, write_table
+from oncoslide.bench.protocols import Cell, CellRunner, plan_cells
+from oncoslide.bench.resolve import ResolvedBench, audit_bench_splits, resolve_bench
+from oncoslide.bench.spec import BenchSpec
+from oncoslide.bench.store import CellRecord, ResultStore
+from oncoslide.errors import ConfigError, OncoslideError
+from oncoslide.training.progress import make_progress, quiet_lightning
+
+Executor = Literal["local", "ray"]
+
+
+@dataclass
+class BenchRun:
+    """What a ``bench run`` did."""
+
+    out_dir: Path
+    n_cells: int
+    n_already_done: int
+    n_ran: int
+    failures: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    """Worker processes for the local executor: one per 4 cores (each trains multi-threaded)."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def run_benchmark(
+    spec: BenchSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    executor: Executor = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    cache_gb: float = 4.0,
+    console: Console | None = None,
+    progress: bool = True,
+) -> BenchRun:
+    """Run (or resume) a benchmark into ``out_dir``; returns counts and failures."""
+    out = Path(out_dir)
+    console = console or Console(quiet=not progress)
+    bar = make_progress(console, enabled=progress)
+    with bar:
+        checking = bar.add_task("checking feature files", total=None)
+
+        def step(name: str, done: int, total: int) -> None:
+            bar.update(checking, description=f"checking {name}", completed=done, total=total)
+
+        bench = resolve_bench(spec, progress=step)
+        bar.remove_task(checking)
+    audit_bench_splits(bench)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_plan(out, bench)
+    cells = plan_cells(bench)
+    with ResultStore.in_dir(out) as store:
+        store.set_meta("spec", spec.model_dump(mode="json"))
+        store.set_meta("tasks", task_descriptions(bench))
+        store.set_meta("plan", [c.key for c in cells])
+        done = store.done_keys()
+        todo = [c for c in cells if c.key not in done]
+        run = BenchRun(out, len(cells), len(cells) - len(todo), 0, notes=list(bench.notes))
+        for fs in bench.feature_sets.values():
+            if fs.exclude_note:
+                run.notes.append(fs.exclude_note)
+        if not todo:
+            return run
+        workers = default_workers() if workers is None else workers
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}")
+        results = _execute(bench, todo, out, executor, workers, address, cache_gb)
+        bar = make_progress(console, enabled=progress)
+        with bar:
+            overall = bar.add_task(f"{spec.name}: {len(todo)} cells", total=len(todo))
+            for cell, outcome in results:
+                if isinstance(outcome, CellRecord):
+                    if store.record_cell(outcome):
+                        run.n_ran += 1
+                else:
+                    run.failures.append({"cell": cell.label, "key": cell.key, "error": outcome})
+                    console.print(f"[red]failed[/red] {cell.label}: {outcome.splitlines()[0]}")
+                bar.update(overall, advance=1, description=f"{cell.label}")
+    failures_path = out / "failures.csv"
+    if run.failures:
+        write_table(failures_path, pd.DataFrame(run.failures))
+    elif failures_path.exists():
+        failures_path.unlink()
+    return run
+
+
+def task_descriptions(bench: ResolvedBench) -> list[dict[str, Any]]:
+    """What the leaderboard says about each task (kind, classes, patients, split, exclusions)."""
+    return [
+        {
+            "task": t.name,
+            "kind": t.kind,
+            "classes": list(t.classes),
+            "metric": "c_index" if t.kind == "survival" else "auc",
+            "n_patients": len(t.patients),
+            "n_events": t.n_events,
+            "split": t.describe_split(),
+            "excluded": bench.exclusion_report(t),
+        }
+        for t in bench.tasks.values()
+    ]
+
+
+def _write_plan(out: Path, bench: ResolvedBench) -> None:
+    for task in bench.tasks.values():
+        write_table(out / "splits" / f"{task.name}.csv", task.splits)
+    write_json(
+        out / "bench.json",
+        {"spec": bench.spec.model_dump(mode="json"), "tasks": task_descriptions(bench)},
+    )
+
+
+# ------------------------------------------------------------------------------ executors
+
+Outcome = tuple[Cell, "CellRecord | str"]
+
+
+def _execute(
+    bench: ResolvedBench,
+    cells: list[Cell],
+    out: Path,
+    executor: Executor,
+    workers: int,
+    address: str | None,
+    cache_gb: float,
+) -> Iterator[Outcome]:
+    work = out / "work"
+    if executor == "ray":
+        return _run_ray(bench, cells, work, address, cache_gb)
+    if executor != "local":
+        raise ConfigError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    if workers == 0:
+        return _run_inline(bench, cells, work, cache_gb)
+    return _run_pool(bench, cells, work, workers, cache_gb)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OncoslideError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_tb(exc.__traceback__))}"
+
+
+def _run_inline(
+    bench: ResolvedBench, cells: list[Cell], work: Path, cache_gb: float
+) -> Iterator[Outcome]:
+    runner = CellRunner(bench, work_dir=work, cache_gb=cache_gb)
+    try:
+        with quiet_lightning():
+            for cell in cells:
+                try:
+                    yield cell, runner.run(cell)
+                except Exception as exc:  # one bad cell must not stop the benchmark
+                    yield cell, _describe(exc)
+    finally:
+        runner.close()
+
+
+# One runner per worker process, built once from the benchmark sent at start-up.
+_WORKER: CellRunner | None = None
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the driver dies (a killed run leaves no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # other systems: the worker exits when it next reads from the closed pool
+
+
+def _init_worker(bench: ResolvedBench, work: Path, cache_gb: float, threads: int) -> None:
+    global _WORKER
+    _die_with_parent()
+    _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb, num_threads=threads)
+
+
+def _worker_run(cell: Cell) -> CellRecord | str:
+    assert _WORKER is not None
+    try:
+        with quiet_lightning():
+            return _WORKER.run(cell)
+    except Exception as exc:
+        return _describe(exc)
+
+
+def _run_pool(
+    bench: ResolvedBench, cells: list[Cell], work: Path, workers: int, cache_gb: float
+) -> Iterator[Outcome]:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(bench, work, cache_gb / workers, threads),
+    ) as pool:
+        # a bounded window keeps results flowing into the store as cells finish
+        pending: dict[Future[CellRecord | str], Cell] = {}
+        queue = list(cells)
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                cell = queue.pop(0)
+                pending[pool.submit(_worker_run, cell)] = cell
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                cell = pending.pop(fut)
+                try:
+                    yield cell, fut.result()
+                except Exception as exc:  # the worker died (e.g. out of memory)
+                    yield cell, _describe(exc)
+
+
+def _ray_cell(bench: ResolvedBench, work: str, cache_gb: float, cell: Cell) -> CellRecord | str:
+    global _WORKER
+    if _WORKER is None or _WORKER.bench.spec != bench.spec:
+        _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb)
+    return _worker_run(cell)
+
+
+def _run_ray(
+    bench: ResolvedBench, cells: list[Cell], work: Path, address: str | None, cache_gb: float
+) -> Iterator[Outcome]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'oncoslide[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        remote: Any = ray.remote(num_cpus=1)(_ray_cell)
+        bench_ref = ray.put(bench)
+        refs = {remote.remote(bench_ref, str(work), cache_gb, c): c for c in cells}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                cell = refs[ref]
+                try:
+                    yield cell, ray.get(ref)
+                except Exception as exc:  # a lost worker or node
+                    yield cell, f"ray task failed: {exc}"
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+__all__ = ["BenchRun", "default_workers", "run_benchmark", "task_descriptions"]

@@ -1,0 +1,546 @@
+"""The static leaderboard page: structure, escaping, CSV export, and a real headless browser.
+
+The scores and ranking are computed here by hand from a synthetic prediction frame (lifelines'
+concordance index, scikit-learn's AUC, ranks by estimate), independently of the benchmark's
+statistics module.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines.utils import concordance_index
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from oncoslide.bench.leaderboard import (
+    LeaderboardData,
+    entry_name,
+    format_estimate,
+    render_leaderboard,
+)
+from oncoslide.errors import ConfigError
+
+FEATURE_SETS = ("uni", "ctp<v2>")  # "<v2>" checks that every text is escaped
+MODELS = {"abmil": "mil", "linear": "linear"}
+SURVIVAL, BINARY = "os", "msi, status"  # the comma checks CSV quoting of rank:<task> headers
+SEEDS = (7, 2)  # the Kaplan-Meier figure uses the smallest seed, not the first listed
+N_PATIENTS, N_FOLDS = 48, 4
+EXCLUDED = 39  # ctp<v2> lacks features of 39 patients: 9 vs 48 patients sorts differently as text
+STRENGTH = {
+    ("uni", "abmil"): 3.0,
+    ("uni", "linear"): 1.0,
+    ("ctp<v2>", "abmil"): 2.0,
+    ("ctp<v2>", "linear"): 0.3,
+}
+IBS = {  # unequal decimal lengths: sorting them as text would misorder them
+    ("uni", "abmil"): 0.125,
+    ("uni", "linear"): 0.25,
+    ("ctp<v2>", "abmil"): 0.0625,
+    ("ctp<v2>", "linear"): 0.5,
+}
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+# ------------------------------------------------------------------------------ synthetic data
+
+
+def _predictions() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    patients = [f"TCGA-{i:02d}" for i in range(N_PATIENTS)]
+    signal = rng.normal(size=N_PATIENTS)
+    event_time = rng.exponential(np.exp(-signal))
+    censor_time = rng.exponential(2.0, size=N_PATIENTS)
+    time_ = np.minimum(event_time, censor_time)
+    event = (event_time <= censor_time).astype(float)
+    label = np.where(signal + rng.normal(scale=0.8, size=N_PATIENTS) > 0, "MSI", "MSS")
+    rows = []
+    for (feature_set, model), strength in STRENGTH.items():
+        keep = range(EXCLUDED, N_PATIENTS) if feature_set == "ctp<v2>" else range(N_PATIENTS)
+        for seed in SEEDS:
+            folds = np.random.default_rng(seed).permutation(N_PATIENTS) % N_FOLDS
+            noise = rng.normal(size=N_PATIENTS)
+            score = strength * signal + noise
+            for i in keep:
+                common = {
+                    "cell_key": f"{feature_set}/{model}/{seed}/{folds[i]}",
+                    "feature_set": feature_set,
+                    "model": model,
+                    "protocol": MODELS[model],
+                    "seed": seed,
+                    "fold": int(folds[i]),
+                    "patient_id": patients[i],
+                }
+                rows.append(
+                    {
+                        **common,
+                        "task": SURVIVAL,
+                        "time": time_[i],
+                        "event": event[i],
+                        "label": None,
+                        "risk": score[i],
+                    }
+                )
+                p_msi = 1 / (1 + np.exp(-score[i]))
+                rows.append(
+                    {
+                        **common,
+                        "task": BINARY,
+                        "time": np.nan,
+                        "event": np.nan,
+                        "label": label[i],
+                        "prob_MSI": p_msi,
+                        "prob_MSS": 1 - p_msi,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _estimate(task: str, part: pd.DataFrame) -> float:
+    """Primary metric of one entry: mean over seeds of the pooled-fold estimate."""
+    values = []
+    for _, seed_part in part.groupby("seed"):
+        if task == SURVIVAL:
+            values.append(
+                concordance_index(seed_part["time"], -seed_part["risk"], seed_part["event"])
+            )
+        else:
+            values.append(roc_auc_score(seed_part["label"] == "MSI", seed_part["prob_MSI"]))
+    return float(np.mean(values))
+
+
+def _scores(preds: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (task, feature_set, model), part in preds.groupby(["task", "feature_set", "model"]):
+        estimate = _estimate(task, part)
+        survival = task == SURVIVAL
+        rows.append(
+            {
+                "task": task,
+                "kind": "survival" if survival else "binary",
+                "metric": "c_index" if survival else "auc",
+                "feature_set": feature_set,
+                "model": model,
+                "protocol": MODELS[model],
+                "estimate": estimate,
+                "lower": estimate - 0.04,
+                "upper": estimate + 0.03,
+                "n_patients": part["patient_id"].nunique(),
+                "mean:ibs": IBS[feature_set, model] if survival else np.nan,
+                "mean:balanced_accuracy": np.nan if survival else estimate - 0.1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _ranking(scores: pd.DataFrame) -> pd.DataFrame:
+    ranks = scores.assign(rank=scores.groupby("task")["estimate"].rank(ascending=False))
+    wide = ranks.pivot(index=["feature_set", "model"], columns="task", values="rank")
+    per_task = wide.to_numpy()
+    ranking = pd.DataFrame(
+        {
+            "feature_set": [f for f, _ in wide.index],
+            "model": [m for _, m in wide.index],
+            "protocol": [MODELS[m] for _, m in wide.index],
+            "mean_rank": per_task.mean(axis=1),
+            "rank_sd": per_task.std(axis=1),
+            "rank_lo": per_task.min(axis=1),
+            "rank_hi": per_task.max(axis=1),
+            "n_tasks": per_task.shape[1],
+        }
+    )
+    for j, task in enumerate(wide.columns):
+        ranking[f"rank:{task}"] = per_task[:, j]
+    return ranking
+
+
+def _tasks(preds: pd.DataFrame) -> pd.DataFrame:
+    survival = preds[preds["task"] == SURVIVAL].drop_duplicates("patient_id")
+    split = f"{N_FOLDS}-fold patient-level CV x {len(SEEDS)} seeds"
+    excluded = f"ctp<v2>: {EXCLUDED} patients without features"
+    return pd.DataFrame(
+        [
+            [SURVIVAL, "survival", "c_index", N_PATIENTS, survival["event"].sum(), split, excluded],
+            [BINARY, "binary", "auc", N_PATIENTS, np.nan, split, ""],
+        ],
+        columns=["task", "kind", "metric", "n_patients", "n_events", "split", "excluded"],
+    )
+
+
+@pytest.fixture(scope="module")
+def data() -> LeaderboardData:
+    preds = _predictions()
+    scores = _scores(preds)
+    return LeaderboardData(
+        title="Pan-cancer <benchmark>",
+        generated="2025-01-02 03:04 UTC",
+        ranking=_ranking(scores),
+        scores=scores,
+        tasks=_tasks(preds),
+        predictions=preds,
+        notes=["Synthetic data & hand-made scores", "<script>alert(1)</script>"],
+    )
+
+
+@pytest.fixture(scope="module")
+def page(data: LeaderboardData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render_leaderboard(data, tmp_path_factory.mktemp("board") / "leaderboard.html")
+
+
+# ------------------------------------------------------------------------------ a strict parser
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node] = field(default_factory=list)
+    text: str = ""
+
+    def iter(self) -> Iterator[Node]:
+        yield self
+        for child in self.children:
+            yield from child.iter()
+
+    def find_all(self, tag: str, **attrs: str) -> list[Node]:
+        """Descendants with this tag whose attributes contain these values (class: one word)."""
+
+        def matches(node: Node) -> bool:
+            for key, value in attrs.items():
+                key = key.rstrip("_").replace("_", "-")
+                if key == "class":
+                    if value not in node.attrs.get("class", "").split():
+                        return False
+                elif node.attrs.get(key) != value:
+                    return False
+            return True
+
+        return [n for n in self.iter() if n.tag == tag and matches(n)]
+
+    def all_text(self) -> str:
+        return self.text + "".join(c.all_text() for c in self.children)
+
+
+VOID = {"meta", "link", "img", "br", "hr", "input"}
+
+
+class StrictParser(HTMLParser):
+    """Builds a tree and fails on any unclosed or mismatched element."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack[-1].tag == tag, f"</{tag}> closes <{self.stack[-1].tag}>"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].text += data
+
+
+def _parse(path: Path) -> Node:
+    parser = StrictParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert [n.tag for n in parser.stack] == ["#root"], "unclosed elements"
+    return parser.root
+
+
+def _entries(frame: pd.DataFrame) -> list[str]:
+    return [entry_name(f, m) for f, m in zip(frame["feature_set"], frame["model"], strict=True)]
+
+
+# ------------------------------------------------------------------------------ page contents
+
+
+def test_entry_name_and_estimate_format() -> None:
+    assert entry_name("uni", "abmil") == "uni · abmil"
+    assert format_estimate(0.7421, 0.70, 0.7899) == "0.742 [0.70, 0.79]"
+    assert format_estimate(0.7421, np.nan, 0.79) == "0.742"
+    assert format_estimate(np.nan, 0.1, 0.2) == "–"
+
+
+def test_page_parses_and_lists_every_entry(data: LeaderboardData, page: Path) -> None:
+    root = _parse(page)
+    ranking = root.find_all("table", id="ranking")[0]
+    rows = ranking.find_all("tr")[1:]
+    # best mean rank first
+    expected = _entries(data.ranking.sort_values("mean_rank", kind="stable"))
+    assert [r.attrs["data-entry"] for r in rows] == expected
+    keys = [th.attrs["data-key"] for th in ranking.find_all("th")]
+    assert f"rank:{SURVIVAL}" in keys and f"rank:{BINARY}" in keys and "mean_rank" in keys
+    best = data.ranking.sort_values("mean_rank").iloc[0]
+    spread = rows[0].children[5]
+    assert spread.all_text() == (
+        f"{best['mean_rank']:.2f} [{best['rank_lo']:g}, {best['rank_hi']:g}]"
+    )
+    assert float(spread.attrs["data-sort"]) == best["mean_rank"]
+
+    for task, kind in ((SURVIVAL, "survival"), (BINARY, "binary")):
+        (section,) = root.find_all("section", class_="task", data_task=task)
+        assert section.attrs["data-kind"] == kind
+        table = section.find_all("table", class_="entries")[0]
+        task_scores = data.scores[data.scores["task"] == task]
+        listed = [r.attrs["data-entry"] for r in table.find_all("tr")[1:]]
+        assert listed == _entries(task_scores.sort_values("estimate", ascending=False))
+        for row in table.find_all("tr")[1:]:
+            name = row.attrs["data-entry"]
+            score = task_scores[[e == name for e in _entries(task_scores)]].iloc[0]
+            (cell,) = row.find_all("td", class_="estimate")
+            assert cell.all_text() == format_estimate(
+                score["estimate"], score["lower"], score["upper"]
+            )
+
+
+def test_task_sections_report_exclusions_and_metrics(data: LeaderboardData, page: Path) -> None:
+    root = _parse(page)
+    (survival,) = root.find_all("section", data_task=SURVIVAL)
+    (binary,) = root.find_all("section", data_task=BINARY)
+    assert survival.find_all("p", class_="exclusions")[0].all_text() == (
+        f"Exclusions: ctp<v2>: {EXCLUDED} patients without features"
+    )
+    assert binary.find_all("p", class_="exclusions")[0].all_text() == "No exclusions."
+    n_events = int(data.tasks.loc[data.tasks["task"] == SURVIVAL, "n_events"].iloc[0])
+    assert f"{n_events} events" in survival.find_all("p", class_="task-meta")[0].all_text()
+    assert "events" not in binary.find_all("p", class_="task-meta")[0].all_text()
+    # secondary metrics only where the task has them
+    survival_keys = [th.attrs["data-key"] for th in survival.find_all("th")]
+    binary_keys = [th.attrs["data-key"] for th in binary.find_all("th")]
+    assert "mean:ibs" in survival_keys and "mean:balanced_accuracy" not in survival_keys
+    assert "mean:balanced_accuracy" in binary_keys and "mean:ibs" not in binary_keys
+
+
+def test_kaplan_meier_of_the_best_entry_at_its_first_seed(
+    data: LeaderboardData, page: Path
+) -> None:
+    root = _parse(page)
+    (survival,) = root.find_all("section", data_task=SURVIVAL)
+    (binary,) = root.find_all("section", data_task=BINARY)
+    task_scores = data.scores[data.scores["task"] == SURVIVAL]
+    best = _entries(task_scores)[int(np.argmax(task_scores["estimate"]))]
+    (km_best,) = survival.find_all("img", class_="km-best")
+    assert km_best.attrs["data-entry"] == best
+    assert km_best.attrs["data-seed"] == str(min(SEEDS))
+    small = survival.find_all("img", class_="km-entry")
+    assert sorted(i.attrs["data-entry"] for i in small) == sorted(_entries(task_scores))
+    assert binary.find_all("img", class_="km") == []
+    assert "Log-rank p = " in survival.find_all("figure", class_="km-best")[0].all_text()
+
+
+def test_page_is_self_contained_and_escaped(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    root = _parse(page)
+    images = root.find_all("img")
+    assert len(images) == 1 + 1 + len(STRENGTH)  # heat map, best KM, one small KM per entry
+    assert len(root.find_all("img", class_="heatmap")) == 1
+    for img in images:
+        prefix = "data:image/png;base64,"
+        assert img.attrs["src"].startswith(prefix)
+        png = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"][len(prefix) :])))
+        assert png.format == "PNG" and png.width > 100 and png.height > 100
+    for node in root.iter():
+        assert not (node.tag == "script" and "src" in node.attrs)
+        assert not (node.tag == "link" and node.attrs.get("rel") != "icon")
+        for key in ("src", "href"):
+            value = node.attrs.get(key, "")
+            assert not value.startswith(("http:", "https:", "//")), value
+    assert "<v2>" not in text and "ctp&lt;v2&gt;" in text
+    assert "<script>alert(1)</script>" not in text
+    assert root.find_all("ul", class_="notes")[0].children[1].all_text() == (
+        "<script>alert(1)</script>"
+    )
+    assert root.find_all("title")[0].all_text() == "Pan-cancer <benchmark>"
+    assert sorted(p.name for p in page.parent.iterdir()) == ["leaderboard.csv", page.name]
+
+
+def test_csv_round_trips_and_is_linked(data: LeaderboardData, page: Path) -> None:
+    csv_path = page.with_suffix(".csv")
+    back = pd.read_csv(csv_path)
+    pd.testing.assert_frame_equal(back, data.scores, check_dtype=False)
+    (link,) = _parse(page).find_all("a", id="csv-link")
+    assert (page.parent / unquote(link.attrs["href"])).resolve() == csv_path.resolve()
+
+
+def test_custom_csv_path_gets_a_relative_link(data: LeaderboardData, tmp_path: Path) -> None:
+    html_path = render_leaderboard(
+        replace(data, predictions=data.predictions.iloc[0:0]),
+        tmp_path / "site" / "board.html",
+        csv_path=tmp_path / "exports" / "all scores.csv",
+    )
+    (link,) = _parse(html_path).find_all("a", id="csv-link")
+    assert link.attrs["href"] == "../exports/all%20scores.csv"
+    assert (html_path.parent / unquote(link.attrs["href"])).resolve().is_file()
+    # without predictions the page says so instead of drawing curves
+    root = _parse(html_path)
+    assert root.find_all("img", class_="km") == []
+    assert len(root.find_all("p", class_="km-missing")) == 1
+    with pytest.raises(ConfigError, match=r"\.csv"):
+        render_leaderboard(data, tmp_path / "b.html", csv_path=tmp_path / "b.parquet")
+
+
+def test_bad_data_lists_every_problem(data: LeaderboardData) -> None:
+    scores = pd.concat([data.scores, data.scores.iloc[[0]].assign(task="ghost")])
+    with pytest.raises(ConfigError) as info:
+        LeaderboardData(
+            title="x",
+            generated="now",
+            ranking=data.ranking.drop(columns=["rank_sd", "n_tasks"]),
+            scores=pd.concat([scores, scores.iloc[[0]]]),
+            tasks=data.tasks.assign(kind=["survival", "regression"]),
+            predictions=data.predictions.drop(columns="risk"),
+        )
+    message = str(info.value)
+    for needle in (
+        "ranking lacks columns: rank_sd, n_tasks",
+        "scores has duplicate rows",
+        "unknown kinds: regression",
+        "absent from the tasks table: ghost",
+        "event and risk",
+    ):
+        assert needle in message
+    assert "5 problems" in message
+
+
+# ------------------------------------------------------------------------------ real browser
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not binary.is_file() and shutil.which(binary.name) is None:
+            pytest.skip(f"{binary} is absent: install chromium and chromium-driver to run this")
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-background-networking",
+        "--disable-gpu",
+    ):
+        options.add_argument(arg)
+    # chromedriver's name for the console-log capability is goog:loggingPrefs
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _severe(driver: object) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _column(driver: object, key: str) -> list[str]:
+    return driver.execute_script(
+        """
+        const th = document.querySelector(`#ranking th[data-key="${arguments[0]}"]`);
+        const index = Array.from(th.parentNode.cells).indexOf(th);
+        return Array.from(document.querySelectorAll("#ranking tbody tr"),
+                          tr => tr.cells[index].getAttribute("data-sort"));
+        """,
+        key,
+    )
+
+
+def _click(driver: object, selector: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+
+
+def test_page_in_a_real_browser(data: LeaderboardData, page: Path, browser: object) -> None:
+    driver = browser
+    driver.get(page.resolve().as_uri())
+    assert driver.title == "Pan-cancer <benchmark>"
+    assert _severe(driver) == []
+
+    images = driver.execute_script(
+        "return Array.from(document.images, i => [i.className, i.complete, i.naturalWidth]);"
+    )
+    assert len(images) == 2 + len(STRENGTH)
+    assert all(complete and width > 0 for _, complete, width in images), images
+
+    # numeric column, both directions (values compared as numbers)
+    for key in ("rank_sd", f"rank:{BINARY}"):
+        _click(driver, f'#ranking th[data-key="{key}"]')
+        values = [float(v) for v in _column(driver, key)]
+        assert values == sorted(values)
+        _click(driver, f'#ranking th[data-key="{key}"]')
+        values = [float(v) for v in _column(driver, key)]
+        assert values == sorted(values, reverse=True)
+    # text column
+    _click(driver, '#ranking th[data-key="entry"]')
+    assert _column(driver, "entry") == sorted(_entries(data.ranking))
+    _click(driver, '#ranking th[data-key="entry"]')
+    assert _column(driver, "entry") == sorted(_entries(data.ranking), reverse=True)
+    sort_state = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#ranking th'),"
+        " th => th.getAttribute('aria-sort'));"
+    )
+    assert sort_state.count("descending") == 1 and sort_state.count("none") == len(sort_state) - 1
+
+    # numbers, not text: 9 patients sort before 48 (as text "48" < "9")
+    patients = f'section[data-task="{SURVIVAL}"] th[data-key="n_patients"]'
+    _click(driver, patients)
+    counts = driver.execute_script(
+        "const t = document.querySelector(arguments[0]).closest('table');"
+        "return Array.from(t.tBodies[0].rows, r => Number(r.cells[r.cells.length - 1].textContent));",
+        patients,
+    )
+    assert counts == sorted(counts) and counts[0] == N_PATIENTS - EXCLUDED
+    # numbers of unequal lengths (0.0625 < 0.125 < 0.25 < 0.5; as digit runs 5 < 25 < 125)
+    task_scores = data.scores[data.scores["task"] == SURVIVAL]
+    for key in ("estimate", "mean:ibs"):
+        header = f'section[data-task="{SURVIVAL}"] th[data-key="{key}"]'
+        _click(driver, header)
+        values = driver.execute_script(
+            "const th = document.querySelector(arguments[0]);"
+            "const i = Array.from(th.parentNode.cells).indexOf(th);"
+            "return Array.from(th.closest('table').tBodies[0].rows,"
+            " r => Number(r.cells[i].getAttribute('data-sort')));",
+            header,
+        )
+        assert values == sorted(task_scores[key])
+
+    # the CSV export follows the current (descending entry) order, at full precision
+    _click(driver, "#download-csv")
+    csv_text = driver.execute_script("return window.oncoslideLeaderboard.lastCsv;")
+    exported = pd.read_csv(io.StringIO(csv_text))
+    order = sorted(_entries(data.ranking), reverse=True)
+    expected = data.ranking.set_index(pd.Index(_entries(data.ranking))).loc[order]
+    pd.testing.assert_frame_equal(exported, expected.reset_index(drop=True), check_dtype=False)
+    deadline = time.monotonic() + 10
+    saved = driver.downloads / "leaderboard-ranking.csv"
+    while not saved.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert saved.read_text(encoding="utf-8") == csv_text
+    assert _severe(driver) == []

@@ -1,0 +1,203 @@
+"""Running benchmarks: cells, protocols, resuming, executors, and a killed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from oncoslide.bench.protocols import CellRunner, plan_cells
+from oncoslide.bench.resolve import resolve_bench
+from oncoslide.bench.runner import run_benchmark
+from oncoslide.bench.spec import spec_from_dict
+from oncoslide.bench.store import ResultStore
+from oncoslide.evaluation.classification import roc_auc
+from oncoslide.survival.metrics import concordance_index_censored
+
+
+def _linear_only(spec: dict[str, Any]) -> dict[str, Any]:
+    spec["models"] = [m for m in spec["models"] if m["protocol"] == "linear"]
+    return spec
+
+
+def test_cell_keys_are_stable_and_only_new_cells_are_new(bench_data: Path, small_spec: Any) -> None:
+    raw = small_spec(bench_data)
+    cells = plan_cells(resolve_bench(spec_from_dict(raw)))
+    assert len(cells) == 2 * 2 * 2 * 3  # feature sets x tasks x models x folds
+    assert len({c.key for c in cells}) == len(cells)
+    again = plan_cells(resolve_bench(spec_from_dict(small_spec(bench_data))))
+    assert [c.key for c in again] == [c.key for c in cells]
+    # another model adds its cells and leaves every existing key as it was
+    raw["models"].append({"name": "abmil", "protocol": "mil", "train": {"epochs": 1}})
+    more = plan_cells(resolve_bench(spec_from_dict(raw)))
+    assert {c.key for c in cells} < {c.key for c in more}
+    assert len(more) - len(cells) == 2 * 2 * 3
+    # a change that alters a model's numbers gives that model new keys
+    raw["models"][1]["train"]["epochs"] = 3
+    changed = plan_cells(resolve_bench(spec_from_dict(raw)))
+    old_mean = {c.key for c in cells if c.model == "meanpool"}
+    assert not old_mean & {c.key for c in changed}
+
+
+def test_linear_protocol_scores_what_it_predicts_and_respects_exclusions(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str})
+    seen = table["patient_id"].drop_duplicates().iloc[::4].tolist()
+    (tmp_path / "seen.csv").write_text("patient_id\n" + "\n".join(seen) + "\n")
+    raw = _linear_only(small_spec(bench_data))
+    raw["feature_sets"][0]["exclude"] = str(tmp_path / "seen.csv")
+    bench = resolve_bench(spec_from_dict(raw))
+    runner = CellRunner(bench)
+    try:
+        for cell in plan_cells(bench):
+            if cell.feature_set != "real":
+                continue
+            rec = runner.run(cell)
+            test = bench.tasks[cell.task].splits.query(
+                "seed == @cell.seed and fold == @cell.fold and part == 'test'"
+            )["patient_id"]
+            expected = sorted(set(test) - set(seen))
+            assert sorted(rec.predictions["patient_id"]) == expected
+            assert rec.info["n_excluded"] == len(set(test) & set(seen)) > 0
+            p = rec.predictions
+            if cell.task == "os":
+                c = concordance_index_censored(
+                    p["event"].to_numpy().astype(bool), p["time"].to_numpy(), p["risk"].to_numpy()
+                ).cindex
+                assert rec.metrics["c_index"] == pytest.approx(c, abs=1e-12)
+                assert rec.info["alpha"] > 0
+            else:
+                probs = p[["prob_0", "prob_1"]].to_numpy()
+                assert np.allclose(probs.sum(axis=1), 1)
+                auc = roc_auc(p["label"].astype(int).to_numpy(), probs, classes=[0, 1])
+                assert rec.metrics["auc"] == pytest.approx(auc, abs=1e-12)
+    finally:
+        runner.close()
+
+
+def _counts(db: Path) -> tuple[int, int, int]:
+    with sqlite3.connect(db) as conn:
+        cells = conn.execute("select count(*) from cells").fetchone()[0]
+        dup = conn.execute(
+            "select count(*) from (select cell_key, patient_id, count(*) c from predictions "
+            "group by cell_key, patient_id having c > 1)"
+        ).fetchone()[0]
+        dup += conn.execute(
+            "select count(*) from (select cell_key, metric, count(*) c from metrics "
+            "group by cell_key, metric having c > 1)"
+        ).fetchone()[0]
+        orphans = conn.execute(
+            "select count(*) from predictions where cell_key not in (select cell_key from cells)"
+        ).fetchone()[0]
+    return cells, dup, orphans
+
+
+def test_run_resume_and_add_a_model(bench_data: Path, small_spec: Any, tmp_path: Path) -> None:
+    raw = small_spec(bench_data)
+    raw["models"] = [raw["models"][0]]  # linear only: quick
+    out = tmp_path / "bench"
+    first = run_benchmark(spec_from_dict(raw), out, workers=0, progress=False)
+    assert (first.n_cells, first.n_ran, first.failures) == (12, 12, [])
+    assert (out / "splits" / "os.csv").exists() and (out / "bench.json").exists()
+    again = run_benchmark(spec_from_dict(raw), out, workers=0, progress=False)
+    assert (again.n_already_done, again.n_ran) == (12, 0)
+    raw["models"].append({"name": "linear-max", "protocol": "linear", "pooling": "max"})
+    more = run_benchmark(spec_from_dict(raw), out, workers=0, progress=False)
+    assert (more.n_already_done, more.n_ran) == (12, 12)
+    assert _counts(out / "results.sqlite") == (24, 0, 0)
+    with ResultStore.in_dir(out) as store:
+        preds = store.predictions(task="os")
+        assert len(store.get_meta("plan")) == 24
+    # each patient tested once per (entry, seed)
+    assert not preds.duplicated(["feature_set", "model", "seed", "patient_id"]).any()
+
+
+def test_a_failing_cell_is_reported_and_the_rest_go_on(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    raw = _linear_only(small_spec(bench_data))
+    raw["models"].append(
+        {"name": "bad", "protocol": "mil", "model": "abmil", "kwargs": {"no_such_option": 1}}
+    )
+    run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
+    assert run.n_ran == 12 and len(run.failures) == 12
+    assert all("bad" in f["cell"] for f in run.failures)
+    assert "no_such_option" in run.failures[0]["error"]
+    assert (tmp_path / "b" / "failures.csv").exists()
+
+
+def test_local_process_pool_gives_the_same_results_as_inline(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    raw = _linear_only(small_spec(bench_data))
+    raw["tasks"] = raw["tasks"][:1]
+    run_benchmark(spec_from_dict(raw), tmp_path / "inline", workers=0, progress=False)
+    pooled = run_benchmark(spec_from_dict(raw), tmp_path / "pool", workers=2, progress=False)
+    assert pooled.n_ran == 6 and not pooled.failures
+    with ResultStore.in_dir(tmp_path / "inline") as a, ResultStore.in_dir(tmp_path / "pool") as b:
+        ma = a.metrics().sort_values(["cell_key", "metric"]).reset_index(drop=True)
+        mb = b.metrics().sort_values(["cell_key", "metric"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ma, mb)
+
+
+def test_ray_executor_on_a_local_instance(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    ray = pytest.importorskip("ray")
+    raw = _linear_only(small_spec(bench_data))
+    raw["tasks"] = raw["tasks"][1:]
+    run_benchmark(spec_from_dict(raw), tmp_path / "inline", workers=0, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run = run_benchmark(spec_from_dict(raw), tmp_path / "ray", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert run.n_ran == 6 and not run.failures
+    with ResultStore.in_dir(tmp_path / "inline") as a, ResultStore.in_dir(tmp_path / "ray") as b:
+        assert a.done_keys() == b.done_keys()
+        pa = a.predictions().sort_values(["cell_key", "patient_id"]).reset_index(drop=True)
+        pb = b.predictions().sort_values(["cell_key", "patient_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_killed_run_resumes_without_duplicates(
+    bench_data: Path, small_spec: Any, write_spec: Any, tmp_path: Path
+) -> None:
+    raw = small_spec(bench_data)
+    raw["models"] = [raw["models"][1]]  # mil mean pooling: a few seconds per cell
+    raw["models"][0]["train"]["epochs"] = 4
+    spec = write_spec(tmp_path / "spec.yaml", raw)
+    out = tmp_path / "bench"
+    db = out / "results.sqlite"
+    cmd = [sys.executable, "-m", "oncoslide.cli", "bench", "run", str(spec), "--out", str(out)]
+    cmd += ["--workers", "0"]
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if db.exists() and _counts(db)[0] >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    n_cells, dup, orphans = _counts(db)
+    assert 2 <= n_cells < 12 and dup == 0 and orphans == 0
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{n_cells} already done, {12 - n_cells} run now" in " ".join(done.stdout.split())
+    assert _counts(db) == (12, 0, 0)
