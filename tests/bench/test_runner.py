@@ -170,6 +170,27 @@ def test_ray_executor_on_a_local_instance(
     pd.testing.assert_frame_equal(pa, pb)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc (Linux)")
 def test_killed_run_resumes_without_duplicates(
     bench_data: Path, small_spec: Any, write_spec: Any, tmp_path: Path
 ) -> None:
@@ -180,7 +201,7 @@ def test_killed_run_resumes_without_duplicates(
     out = tmp_path / "bench"
     db = out / "results.sqlite"
     cmd = [sys.executable, "-m", "oncoslide.cli", "bench", "run", str(spec), "--out", str(out)]
-    cmd += ["--workers", "0"]
+    cmd += ["--workers", "1"]
     env = {**os.environ, "COLUMNS": "120"}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
@@ -192,9 +213,18 @@ def test_killed_run_resumes_without_duplicates(
                 break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
+        workers = _children(proc.pid)
+        assert workers, "the local executor runs cells in worker processes"
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers must not outlive it
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "orphaned worker processes"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     n_cells, dup, orphans = _counts(db)
     assert 2 <= n_cells < 12 and dup == 0 and orphans == 0
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -195,13 +195,15 @@ _WORKER: CellRunner | None = None
 
 
 def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when the driver dies (a killed run leaves no orphans)."""
+    """Linux: a worker is killed when the driver dies (a killed run leaves no orphans)."""
     try:
         import ctypes
         import signal
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        # SIGKILL: Lightning handles SIGTERM itself (and would finish the fold); the driver
+        # records results, so a worker has nothing to save
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # other systems: the worker exits when it next reads from the closed pool
 
