@@ -122,6 +122,14 @@ def test_example_benchmark_ranks_signal_above_shuffled_in_under_five_minutes(
     run = CliRunner().invoke(app, ["bench", "run", str(spec), "--out", str(tmp_path / "b")])
     assert run.exit_code == 0, run.output
     seconds = time.perf_counter() - started
-    board = build_leaderboard(tmp_path / "b")
-    _assert_signal_beats_shuffled(board.data.scores, ["abmil", "meanpool", "linear"])
+    scores = build_leaderboard(tmp_path / "b").data.scores
+    # every model ranks the signal feature set above the shuffled one on every task ...
+    for (task, model), rows in scores.groupby(["task", "model"]):
+        est = rows.set_index("feature_set")["estimate"]
+        assert est["sim"] > est["shuffled"], (task, model)
+    # ... and, as feature sets (each scored by its best entry), their intervals do not overlap
+    # (single weak entries, e.g. the linear model on MSI, may still overlap at this size)
+    for task, rows in scores.groupby("task"):
+        best = rows.sort_values("estimate").groupby("feature_set").tail(1).set_index("feature_set")
+        assert best.loc["sim", "lower"] > best.loc["shuffled", "upper"], (task, best)
     assert seconds < 300, f"the example took {seconds:.0f} s"
