@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,54 @@ def test_shuffled_features_give_every_slide_another_patients_file(
         bench_data / "cohort.csv", bench_data / "features", tmp_path / "shuf2", seed=4
     )
     pd.testing.assert_frame_equal(mapping, again)  # deterministic given the seed
+
+
+def test_site_preserving_splits_keep_each_site_in_one_test_fold(
+    bench_data: Path, small_spec: Any
+) -> None:
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str})
+    site_of = table.drop_duplicates("patient_id").set_index("patient_id")["site"].astype(str)
+    assert site_of.nunique() >= 3
+    spec = small_spec(bench_data, seeds=[0, 1])
+    spec["tasks"] = [
+        {"name": "os", "kind": "survival", "split": {"site_preserving": True}},
+        {"name": "os-plain", "kind": "survival"},
+    ]
+    bench = resolve_bench(spec_from_dict(spec))
+    splits = bench.tasks["os"].splits
+    assert "site-preserving" in bench.tasks["os"].describe_split()
+    for _, rows in splits.groupby("seed"):
+        test = rows.loc[rows["part"] == "test"]
+        assert test["patient_id"].is_unique and len(test) == len(site_of)
+        # every site is tested in exactly one fold, and never trained or validated on there
+        assert (test.groupby(test["patient_id"].map(site_of))["fold"].nunique() == 1).all()
+        for _, fold in rows.groupby("fold"):
+            tested = set(fold.loc[fold["part"] == "test", "patient_id"].map(site_of))
+            fitted = set(fold.loc[fold["part"] != "test", "patient_id"].map(site_of))
+            assert tested and fitted and not tested & fitted
+    plain = bench.tasks["os-plain"].splits
+    plain_test = plain[(plain["part"] == "test") & (plain["seed"] == 0)]
+    assert (plain_test.groupby(plain_test["patient_id"].map(site_of))["fold"].nunique() > 1).any()
+    audit_bench_splits(bench)
+
+    # a split that puts one patient of a tested site into training is caught before training
+    seed0 = splits["seed"] == 0
+    victim = splits.loc[seed0 & (splits["part"] == "test")].iloc[0]
+    fold = victim["fold"]
+    partner = splits.loc[
+        seed0
+        & (splits["fold"] == fold)
+        & (splits["part"] == "test")
+        & (splits["patient_id"].map(site_of) == site_of[victim["patient_id"]])
+        & (splits["patient_id"] != victim["patient_id"])
+    ].index[0]
+    tampered = splits.copy()
+    tampered.loc[partner, "part"] = "train"
+    bench.tasks["os"] = dataclasses.replace(bench.tasks["os"], splits=tampered)
+    with pytest.raises(SplitLeakageError):
+        audit_bench_splits(bench)
+
+    too_many_folds = small_spec(bench_data, folds=site_of.nunique() + 1)
+    too_many_folds["tasks"] = [{"name": "os", "kind": "survival", "split": {"site_preserving": True}}]
+    with pytest.raises(ConfigError, match="sites"):
+        resolve_bench(spec_from_dict(too_many_folds))

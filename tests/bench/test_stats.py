@@ -16,6 +16,7 @@ from sksurv.metrics import concordance_index_censored as sksurv_cindex
 
 from oncoslide.bench.stats import (
     BenchInputError,
+    SeedDraws,
     TaskInfo,
     TaskScores,
     bootstrap_counts,
@@ -144,22 +145,27 @@ def library_metric(cell: pd.DataFrame, task: TaskInfo) -> float:
 
 
 def oracle_entry(
-    entry: pd.DataFrame, task: TaskInfo, multiplicity: dict[str, int] | None = None
+    entry: pd.DataFrame,
+    task: TaskInfo,
+    multiplicity: dict[str, int] | None = None,
+    seed_multiplicity: dict[int, int] | None = None,
 ) -> float:
-    """Mean over (seed, fold) of the library metric on rows duplicated by multiplicity.
+    """Mean over (seed, fold) of the library metric on rows duplicated by multiplicity, each
+    (seed, fold) listed as often as its seed's multiplicity.
 
-    Cells whose metric is undefined on the full data are left out (as documented); a cell
-    undefined in the duplicated data makes the whole value NaN.
+    Cells whose metric is undefined on the full data are left out (as documented); a listed
+    cell undefined in the duplicated data makes the whole value NaN.
     """
     values = []
-    for _, cell in entry.groupby(["seed", "fold"]):
+    for (seed, _), cell in entry.groupby(["seed", "fold"]):
         if not np.isfinite(library_metric(cell, task)):
             continue
         if multiplicity is not None:
             reps = cell["patient_id"].map(multiplicity).to_numpy()
             cell = cell.loc[cell.index.repeat(reps)]
-        values.append(library_metric(cell, task) if len(cell) else np.nan)
-    return float(np.mean(values))
+        times = 1 if seed_multiplicity is None else seed_multiplicity[int(seed)]
+        values += [library_metric(cell, task) if len(cell) else np.nan] * times
+    return float(np.mean(values)) if values else float("nan")
 
 
 def entry_rows(frame: pd.DataFrame, fs: str, model: str) -> pd.DataFrame:
@@ -293,10 +299,15 @@ def test_replicates_equal_library_metrics_on_shared_duplicated_patients(task: Ta
     scores = task_scores(frame, task, n_boot=n_boot, seed=7)
     patients = np.sort(frame["patient_id"].unique())  # the union over entries
     counts = bootstrap_counts(len(patients), n_boot, seed=7)
+    seed_draws = SeedDraws.draw([0, 1], n_boot, seed=7)
+    assert (seed_draws.counts.sum(axis=1) == 2).all() and len(
+        set(map(tuple, seed_draws.counts))
+    ) > 1
     for b in range(n_boot):
         multiplicity = dict(zip(patients, counts[b], strict=True))
+        seed_multiplicity = dict(zip([0, 1], seed_draws.counts[b].tolist(), strict=True))
         for key, reps in scores.replicates.items():
-            want = oracle_entry(entry_rows(frame, *key), task, multiplicity)
+            want = oracle_entry(entry_rows(frame, *key), task, multiplicity, seed_multiplicity)
             assert reps[b] == pytest.approx(want, abs=1e-10, nan_ok=True)
     for key, reps in scores.replicates.items():
         row = scores.table.set_index(["feature_set", "model"]).loc[key]
@@ -347,6 +358,37 @@ def test_seed_spread() -> None:
     assert (row["n_seeds"], row["n_cells"]) == (3, 9)
     one = task_scores(frame.loc[frame["seed"] == 0], SURV, n_boot=20).table.iloc[0]
     assert np.isnan(one["seed_sd"])
+
+
+def test_seed_draws() -> None:
+    single = SeedDraws.draw([3, 3, 3], 50, seed=0)
+    assert single.seeds.tolist() == [3] and (single.counts == 1).all()
+    draws = SeedDraws.draw([2, 0, 1, 0], 400, seed=9)
+    assert draws.seeds.tolist() == [0, 1, 2]
+    assert (draws.counts.sum(axis=1) == 3).all()
+    # Each seed is drawn Binomial(3, 1/3) times: mean 1, and 0 with probability 8/27.
+    assert draws.counts.mean() == pytest.approx(1.0, abs=0.1)
+    assert (draws.counts == 0).mean() == pytest.approx(8 / 27, abs=0.05)
+    assert np.array_equal(draws.counts, SeedDraws.draw([0, 1, 2], 400, seed=9).counts)
+    assert not np.array_equal(draws.counts, SeedDraws.draw([0, 1, 2], 400, seed=8).counts)
+    weights = draws.cell_weights(np.array([2, 2, 7, 0]))
+    assert np.array_equal(weights[:, 0], draws.counts[:, 2]) and (weights[:, 2] == 0).all()
+
+
+def test_training_variability_across_seeds_widens_the_interval() -> None:
+    """Seed 1 trains a far weaker model than seed 0 on the same patients: with one seed the
+    patient bootstrap is narrow, with both it must reach towards either seed's estimate."""
+    strong = survival_frame({("e", "m"): 3.0}, n=300, rng_seed=2)
+    weak = survival_frame({("e", "m"): 0.3}, n=300, rng_seed=2).assign(seed=1)
+    frame = pd.concat([strong, weak], ignore_index=True)
+    scores = task_scores(frame, SURV, n_boot=1000, seed=0)
+    both, per_seed = scores.table.iloc[0], scores.per_seed["estimate"].to_numpy()
+    only_strong = task_scores(strong, SURV, n_boot=1000, seed=0).table.iloc[0]
+    assert per_seed[0] - per_seed[1] > 0.15
+    assert both["upper"] - both["lower"] > 3 * (only_strong["upper"] - only_strong["lower"])
+    # A quarter of the replicates draw seed 0 twice, a quarter seed 1 twice.
+    assert both["upper"] > per_seed[0] - 0.03 and both["lower"] < per_seed[1] + 0.03
+    assert both["lower"] < both["estimate"] < both["upper"]
 
 
 @pytest.mark.parametrize("task", [SURV, BINARY, MULTI])

@@ -82,6 +82,24 @@ def test_site_preserving_keeps_each_site_in_one_fold() -> None:
 def test_site_preserving_needs_enough_sites() -> None:
     with pytest.raises(ConfigError, match="at least 5 sites"):
         make_splits(_ids(40), n_folds=5, sites=["A", "B", "C"] * 13 + ["A"])
+    # two folds of two sites leave one site outside each test fold: no site-disjoint carve
+    with pytest.raises(ConfigError, match="single site outside the test fold"):
+        make_splits(_ids(40), n_folds=2, sites=["A", "B"] * 20)
+
+
+def test_few_sites_give_a_validation_part_of_one_whole_site() -> None:
+    ids = _ids(60)
+    sites = np.array(["A", "B", "C", "D"] * 15)
+    splits = make_splits(ids, n_folds=2, sites=sites, val_fraction=0.2)
+    site_of = dict(zip(ids, sites, strict=True))
+    for _, fold in splits.groupby("fold"):
+        by_part = fold.groupby("part")["patient_id"].apply(lambda p: {site_of[i] for i in p})
+        assert len(by_part["test"]) == 2 and len(by_part["val"]) == 1
+        assert len(by_part["train"]) == 1
+        # whole sites: every patient of the validation site is in the validation part
+        val_site = next(iter(by_part["val"]))
+        assert (fold.loc[fold["part"] == "val", "patient_id"].size) == 15
+        assert val_site not in by_part["train"]
 
 
 def test_audit_refuses_hand_made_overlap() -> None:

@@ -1,7 +1,7 @@
 """``oncoslide bench leaderboard``: statistics over a benchmark folder, then the static page.
 
 Reads the results store (only the cells of the benchmark's current plan, so entries removed
-from the spec drop out), scores every task (patient-level bootstrap intervals, seed spread),
+from the spec drop out), scores every task (bootstrap intervals over patients and seeds, seed spread),
 compares every entry with the task's best on the same patients (paired bootstrap), ranks the
 entries across tasks, and renders the page and its CSV (:mod:`oncoslide.bench.leaderboard`).
 """
@@ -203,8 +203,9 @@ def _notes(
     if (folder / "failures.csv").exists():
         notes.append("some cells failed in the last run: see failures.csv")
     notes.append(
-        "intervals: 95% patient-level bootstrap of the per-fold metric averaged over folds and "
-        "seeds; 'vs best': paired bootstrap difference to the task's best entry"
+        "intervals: 95% bootstrap over patients (and over seeds, when there are several) of "
+        "the per-fold metric averaged over folds and seeds; 'vs best': paired bootstrap "
+        "difference to the task's best entry"
     )
     return notes
 

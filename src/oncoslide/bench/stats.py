@@ -9,6 +9,11 @@ entry, seed and fold of the task. The replicate recomputes each (seed, fold) met
 patients' multiplicities as weights, which equals the metric on the data with the rows of a
 patient duplicated as many times as it was drawn.
 
+With several training seeds the bootstrap has a second level: each replicate also draws the
+seeds with replacement (again shared by every entry of the task) and averages the cells of a
+seed as often as it was drawn, so the interval carries the variability of training across
+seeds as well as the sampling of test patients. With one seed it is the patient bootstrap.
+
 The weighted metrics are pair statistics: Harrell's C and the Mann-Whitney AUC are ratios of
 sums over pairs, and with weights ``w`` a pair (i, j) counts ``w_i * w_j``. For a fold of ``m``
 patients and a ``(B, m)`` weight matrix ``W`` the numerator of every replicate is
@@ -35,6 +40,7 @@ from oncoslide.survival.metrics import MetricInputError, concordance_index_censo
 __all__ = [
     "BenchInputError",
     "PairedComparison",
+    "SeedDraws",
     "TaskInfo",
     "TaskScores",
     "bootstrap_counts",
@@ -464,6 +470,41 @@ def _pair_metric(cell: pd.DataFrame, task: TaskInfo) -> _PairMetric:
 
 
 @dataclass(frozen=True)
+class SeedDraws:
+    """Seed multiplicities of the bootstrap replicates: the second level of the bootstrap.
+
+    Row b of ``counts`` draws the task's ``seeds`` with replacement; replicate b weights every
+    (seed, fold) cell by its seed's count. With a single seed every count is 1 and the
+    bootstrap reduces to the patient level.
+    """
+
+    seeds: IntArray
+    counts: NDArray[np.int64]  # (n_boot, n_seeds)
+
+    @classmethod
+    def draw(cls, seeds: ArrayLike, n_boot: int, seed: int) -> SeedDraws:
+        """Draw ``n_boot`` resamples of ``seeds``; equal arguments give equal draws.
+
+        The stream is separate from the patient draws of :func:`bootstrap_counts` with the same
+        ``seed``, so adding seeds to a benchmark leaves its patient draws unchanged.
+        """
+        values = np.unique(np.asarray(seeds, dtype=np.intp))
+        if values.size <= 1:
+            return cls(values, np.ones((n_boot, values.size), dtype=np.int64))
+        rng = np.random.default_rng([seed, 1])
+        probs = np.full(values.size, 1.0 / values.size)
+        return cls(values, rng.multinomial(values.size, probs, size=n_boot))
+
+    def cell_weights(self, cell_seeds: IntArray) -> FloatArray:
+        """(n_boot, n_cells) weights of cells with the given seeds; 0 for seeds not drawn."""
+        position = np.searchsorted(self.seeds, cell_seeds)
+        position = np.clip(position, 0, max(self.seeds.size - 1, 0))
+        known = self.seeds.size > 0 and (self.seeds[position] == cell_seeds)
+        weights = self.counts[:, position].astype(np.float64)
+        return np.where(known, weights, 0.0)
+
+
+@dataclass(frozen=True)
 class _EntryEval:
     """Per-(seed, fold) point metrics and bootstrap replicates of one entry.
 
@@ -481,12 +522,24 @@ class _EntryEval:
     def estimate(self) -> float:
         return float(self.points.mean()) if self.points.size else float("nan")
 
-    @property
-    def replicate_means(self) -> FloatArray:
-        """Mean over cells per replicate; NaN where some cell's metric is undefined."""
+    def replicate_means(self, seed_draws: SeedDraws | None = None) -> FloatArray:
+        """Mean over cells per replicate; NaN where a cell that counts is undefined.
+
+        With ``seed_draws`` each cell counts as often as its seed was drawn in that replicate,
+        so the replicates also carry the variability of training across seeds; a replicate
+        that draws none of this entry's seeds is NaN.
+        """
         if not self.points.size:
             return np.full(self.replicates.shape[0], np.nan)
-        return self.replicates.mean(axis=1)
+        if seed_draws is None:
+            return self.replicates.mean(axis=1)
+        weights = seed_draws.cell_weights(self.seeds)
+        counted = weights > 0
+        total = np.where(counted, self.replicates, 0.0)
+        undefined = (counted & ~np.isfinite(self.replicates)).any(axis=1)
+        mass = weights.sum(axis=1)
+        means = (weights * total).sum(axis=1) / np.where(mass > 0, mass, 1.0)
+        return np.where(undefined | (mass == 0), np.nan, means)
 
 
 def _cells(entry: pd.DataFrame) -> Iterator[tuple[int, int, pd.DataFrame]]:
@@ -574,9 +627,14 @@ _TABLE_COLUMNS = [
 
 
 def _entry_row(
-    task: TaskInfo, key: Entry, protocol: str, result: _EntryEval, alpha: float
+    task: TaskInfo,
+    key: Entry,
+    protocol: str,
+    result: _EntryEval,
+    replicate_means: FloatArray,
+    alpha: float,
 ) -> dict[str, Any]:
-    lower, upper, n_ok = _percentiles(result.replicate_means, alpha)
+    lower, upper, n_ok = _percentiles(replicate_means, alpha)
     seed_means = list(_seed_means(result).values())
     return {
         "task": task.name,
@@ -609,9 +667,10 @@ def task_scores(
     The estimate is the mean over (seed, fold) of the primary metric computed within each
     (seed, fold). Each replicate draws the union of the task's patients with replacement; that
     draw is shared by every entry, seed and fold, and every (seed, fold) metric is recomputed
-    with the drawn multiplicities as weights and averaged. The interval is the percentile
-    interval of those averages over the replicates in which every (seed, fold) metric is
-    defined (``n_boot_ok`` of them). A (seed, fold) whose metric is undefined on its full data
+    with the drawn multiplicities as weights and averaged. With several seeds the replicate
+    also draws the seeds with replacement and weights each (seed, fold) by its seed's count
+    (:class:`SeedDraws`). The interval is the percentile interval of those averages over the
+    replicates in which every counted (seed, fold) metric is defined (``n_boot_ok`` of them). A (seed, fold) whose metric is undefined on its full data
     (e.g. no comparable pair) is left out of the entry's estimate and replicates.
 
     Args:
@@ -629,12 +688,14 @@ def task_scores(
     frame = _prepare(preds, task)
     patients = pd.Index(np.sort(frame["patient_id"].unique()))
     counts = bootstrap_counts(len(patients), n_boot, seed)
+    seed_draws = SeedDraws.draw(frame["seed"], n_boot, seed)
     rows, replicates, seed_rows = [], {}, []
     for (fs, model), entry in frame.groupby(["feature_set", "model"], sort=True):
         key = (str(fs), str(model))
         result = _evaluate_entry(entry, task, counts, patients)
-        rows.append(_entry_row(task, key, str(entry["protocol"].iloc[0]), result, alpha))
-        replicates[key] = result.replicate_means
+        means = result.replicate_means(seed_draws)
+        rows.append(_entry_row(task, key, str(entry["protocol"].iloc[0]), result, means, alpha))
+        replicates[key] = means
         for s, mean in _seed_means(result).items():
             n_folds = int((result.seeds == s).sum())
             seed_rows.append(
@@ -700,8 +761,8 @@ def paired_comparison(
     """Paired patient-level bootstrap comparison of two entries of one task.
 
     Both entries are restricted to the patients they share; each replicate draws those patients
-    with replacement once and scores both entries with the same multiplicities, so the
-    patient-to-patient variation common to both cancels out of the difference.
+    (and, with several seeds, the seeds) with replacement once and scores both entries with the
+    same multiplicities, so the variation common to both cancels out of the difference.
 
     Args:
         preds: a prediction frame (contract); rows of other tasks are ignored.
@@ -726,11 +787,12 @@ def paired_comparison(
         raise BenchInputError([f"entries {names} share no patient"], source)
     patients = pd.Index(common)  # intersect1d returns them sorted
     counts = bootstrap_counts(len(patients), n_boot, seed)
+    seed_draws = SeedDraws.draw(pd.concat([part_a["seed"], part_b["seed"]]), n_boot, seed)
     result_a, result_b = (
         _evaluate_entry(part.loc[part["patient_id"].isin(patients)], task, counts, patients)
         for part in (part_a, part_b)
     )
-    diffs = result_a.replicate_means - result_b.replicate_means
+    diffs = result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws)
     diffs = diffs[np.isfinite(diffs)]
     lower, upper, n_ok = _percentiles(diffs, alpha)
     return PairedComparison(

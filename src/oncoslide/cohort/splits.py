@@ -98,7 +98,8 @@ def make_splits(
     ``strata`` (one label per patient: a class label, or ``survival_strata``) balances folds;
     ``sites`` (one per patient) keeps every site inside a single fold (site-preserving mode) and
     the validation part site-disjoint from training too. The validation part is carved from the
-    non-test patients of each fold only, about ``val_fraction`` of them (0 disables it).
+    non-test patients of each fold only, about ``val_fraction`` of them (0 disables it); in
+    site-preserving mode it is made of whole sites, at least one.
     """
     ids = np.asarray([str(p) for p in patient_ids])
     n = len(ids)
@@ -136,11 +137,16 @@ def make_splits(
                     )
                 sub_strata = None if strata_arr is None else strata_arr[rest]
                 sub_sites = None if sites_arr is None else sites_arr[rest]
-                if sub_sites is not None and len(np.unique(sub_sites)) < n_val_splits:
-                    raise ConfigError(
-                        f"seed {seed} fold {k}: too few sites outside the test fold to carve a "
-                        f"site-disjoint validation part ({len(np.unique(sub_sites))} sites)"
-                    )
+                if sub_sites is not None:
+                    # whole sites go to validation: with few sites it holds one site, which
+                    # may be more than val_fraction of the patients
+                    n_sub_sites = len(np.unique(sub_sites))
+                    if n_sub_sites < 2:
+                        raise ConfigError(
+                            f"seed {seed} fold {k}: a single site outside the test fold "
+                            "cannot be split into site-disjoint training and validation parts"
+                        )
+                    n_val_splits = min(n_val_splits, n_sub_sites)
                 # a separate stream so the validation carve never changes the test folds
                 sub_fold = _kfold_assign(
                     len(rest), n_val_splits, sub_strata, sub_sites, int(seed) * 7919 + k + 1
