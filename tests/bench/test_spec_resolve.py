@@ -227,6 +227,8 @@ def test_site_preserving_splits_keep_each_site_in_one_test_fold(
         audit_bench_splits(bench)
 
     too_many_folds = small_spec(bench_data, folds=site_of.nunique() + 1)
-    too_many_folds["tasks"] = [{"name": "os", "kind": "survival", "split": {"site_preserving": True}}]
+    too_many_folds["tasks"] = [
+        {"name": "os", "kind": "survival", "split": {"site_preserving": True}}
+    ]
     with pytest.raises(ConfigError, match="sites"):
         resolve_bench(spec_from_dict(too_many_folds))

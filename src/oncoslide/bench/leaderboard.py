@@ -48,20 +48,10 @@ import numpy as np
 import pandas as pd
 
 from oncoslide import _io
-from oncoslide.bench.stats import entry_name
+from oncoslide.bench.stats import RANKING_COLUMNS, entry_name
 from oncoslide.errors import ConfigError
 from oncoslide.report.plots import figure_png_base64, heatmap_figure, km_figure, risk_groups
 
-RANKING_COLUMNS = (
-    "feature_set",
-    "model",
-    "protocol",
-    "mean_rank",
-    "rank_sd",
-    "rank_lo",
-    "rank_hi",
-    "n_tasks",
-)
 SCORE_COLUMNS = (
     "task",
     "kind",

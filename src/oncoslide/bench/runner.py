@@ -30,6 +30,7 @@ import pandas as pd
 from rich.console import Console
 
 from oncoslide._io import write_json, write_table
+from oncoslide._ray import TaskFailed, map_unordered
 from oncoslide.bench.protocols import Cell, CellRunner, plan_cells
 from oncoslide.bench.resolve import ResolvedBench, audit_bench_splits, resolve_bench
 from oncoslide.bench.spec import BenchSpec
@@ -250,7 +251,7 @@ def _run_pool(
                     yield cell, _describe(exc)
 
 
-def _ray_cell(bench: ResolvedBench, work: str, cache_gb: float, cell: Cell) -> CellRecord | str:
+def _ray_cell(cell: Cell, bench: ResolvedBench, work: str, cache_gb: float) -> CellRecord | str:
     global _WORKER
     if _WORKER is None or _WORKER.bench.spec != bench.spec:
         _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb)
@@ -260,29 +261,9 @@ def _ray_cell(bench: ResolvedBench, work: str, cache_gb: float, cell: Cell) -> C
 def _run_ray(
     bench: ResolvedBench, cells: list[Cell], work: Path, address: str | None, cache_gb: float
 ) -> Iterator[Outcome]:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("the ray executor needs Ray: pip install 'oncoslide[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        remote: Any = ray.remote(num_cpus=1)(_ray_cell)
-        bench_ref = ray.put(bench)
-        refs = {remote.remote(bench_ref, str(work), cache_gb, c): c for c in cells}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                cell = refs[ref]
-                try:
-                    yield cell, ray.get(ref)
-                except Exception as exc:  # a lost worker or node
-                    yield cell, f"ray task failed: {exc}"
-    finally:
-        if started_here:
-            ray.shutdown()
+    tasks = map_unordered(_ray_cell, cells, bench, str(work), cache_gb, address=address)
+    for cell, outcome in tasks:
+        yield cell, outcome.message if isinstance(outcome, TaskFailed) else outcome
 
 
 __all__ = ["BenchRun", "default_workers", "run_benchmark", "task_descriptions"]

@@ -33,11 +33,13 @@ import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import rankdata
 
+from oncoslide._checks import as_events, as_vector
 from oncoslide.errors import ConfigError, ProblemsError
 from oncoslide.evaluation.classification import roc_auc
 from oncoslide.survival.metrics import MetricInputError, concordance_index_censored
 
 __all__ = [
+    "RANKING_COLUMNS",
     "BenchInputError",
     "PairedComparison",
     "SeedDraws",
@@ -237,19 +239,6 @@ def _weight_matrix(weights: ArrayLike, n: int, where: str) -> tuple[FloatArray, 
     return w2, single
 
 
-def _finite_vector(x: ArrayLike, name: str, n: int | None, problems: list[str]) -> FloatArray:
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        problems.append(f"{name} must be numeric")
-        return np.empty(0)
-    if arr.ndim != 1 or (n is not None and arr.size != n):
-        problems.append(f"{name} must have shape ({n if n is not None else 'n'},)")
-    elif not np.isfinite(arr).all():
-        problems.append(f"{name} has non-finite values")
-    return arr
-
-
 def weighted_c_index(
     event: ArrayLike,
     time: ArrayLike,
@@ -275,15 +264,17 @@ def weighted_c_index(
     """
     where = "weighted_c_index"
     problems: list[str] = []
-    t = _finite_vector(time, "time", None, problems)
-    r = _finite_vector(risk, "risk", t.size, problems)
-    e = np.asarray(event)
-    if e.shape != t.shape or not np.isin(e, (0, 1)).all():
-        problems.append(f"event must be 0/1 or bool with shape ({t.size},)")
+    t = as_vector(time, "time", problems)
+    n = None if t is None else t.size
+    r = as_vector(risk, "risk", problems, size=n)
+    e = as_events(event, "event", problems)
+    if e is not None and n is not None and e.size != n:
+        problems.append(f"event has {e.size} values, expected {n}")
     if problems:
         raise MetricInputError(f"{where}: " + "; ".join(problems))
+    assert t is not None and r is not None and e is not None  # no problems recorded
     w, single = _weight_matrix(weights, t.size, where)
-    values = _harrell_metric(e.astype(bool), t, r, float(tied_tol)).values(w)
+    values = _harrell_metric(e, t, r, float(tied_tol)).values(w)
     return float(values[0]) if single else values
 
 
@@ -867,6 +858,19 @@ def _replicate_mean_ranks(
     return means, usable & bool((count > 0).any())
 
 
+# The columns of rank_entries' table before its per-task ``rank:<task>`` columns.
+RANKING_COLUMNS = (
+    "feature_set",
+    "model",
+    "protocol",
+    "mean_rank",
+    "rank_sd",
+    "rank_lo",
+    "rank_hi",
+    "n_tasks",
+)
+
+
 def rank_entries(scores: Sequence[TaskScores]) -> pd.DataFrame:
     """Rank entries within every task and aggregate the ranks over tasks.
 
@@ -911,8 +915,7 @@ def rank_entries(scores: Sequence[TaskScores]) -> pd.DataFrame:
             | {"rank_lo": float(lo), "rank_hi": float(hi), "n_tasks": int(ranks.size)}
             | {f"rank:{n}": rank_columns[key].get(f"rank:{n}", np.nan) for n in names}
         )
-    columns = ["feature_set", "model", "protocol", "mean_rank", "rank_sd", "rank_lo", "rank_hi"]
-    out = pd.DataFrame(rows, columns=[*columns, "n_tasks", *(f"rank:{n}" for n in names)])
+    out = pd.DataFrame(rows, columns=[*RANKING_COLUMNS, *(f"rank:{n}" for n in names)])
     out["_name"] = [
         entry_name(fs, m) for fs, m in zip(out["feature_set"], out["model"], strict=True)
     ]

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from oncoslide._io import read_table_file, write_table
+from oncoslide._ray import TaskFailed, map_unordered
 from oncoslide.errors import ConfigError, OncoslideError
 from oncoslide.features.schema import write_feature_file
 
@@ -472,36 +473,18 @@ def _ray_extract(job: SlideJob, out: str, config: ExtractConfig) -> SlideResult:
 def _run_ray(
     jobs: Sequence[SlideJob], out: Path, config: ExtractConfig, address: str | None, progress: Any
 ) -> list[SlideResult]:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("the ray executor needs Ray: pip install 'oncoslide[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1)(_ray_extract)
-        pending = {remote.remote(job, str(out), config): job for job in jobs}
-        overall = (
-            progress.add_task("slides (ray)", total=len(jobs)) if progress is not None else None
+    overall = progress.add_task("slides (ray)", total=len(jobs)) if progress is not None else None
+    by_id: dict[str, SlideResult] = {}
+    for job, outcome in map_unordered(_ray_extract, jobs, str(out), config, address=address):
+        # a crashed worker is one failed slide, not a failed run
+        by_id[job.slide_id] = (
+            SlideResult(job.slide_id, job.path, STATUS_FAILED, error=outcome.message)
+            if isinstance(outcome, TaskFailed)
+            else outcome
         )
-        by_id: dict[str, SlideResult] = {}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    by_id[job.slide_id] = ray.get(ref)
-                except Exception as exc:  # a crashed worker is one failed slide, not a failed run
-                    by_id[job.slide_id] = SlideResult(
-                        job.slide_id, job.path, STATUS_FAILED, error=f"ray task failed: {exc}"
-                    )
-                if progress is not None:
-                    progress.advance(overall)
-        return [by_id[job.slide_id] for job in jobs]
-    finally:
-        if started_here:
-            ray.shutdown()
+        if progress is not None:
+            progress.advance(overall)
+    return [by_id[job.slide_id] for job in jobs]
 
 
 def summarise_manifest(manifest: pd.DataFrame) -> dict[str, int]:

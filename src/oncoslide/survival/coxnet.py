@@ -37,6 +37,7 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import ArrayLike, NDArray
 
+from oncoslide._checks import as_events, as_matrix, as_vector
 from oncoslide.errors import ConfigError
 from oncoslide.survival.metrics import concordance_index_censored
 
@@ -67,62 +68,6 @@ _MIN_NEW = 10
 # --------------------------------------------------------------------------- validation
 
 
-def _as_matrix(X: ArrayLike, name: str, problems: list[str]) -> FloatArray | None:
-    """A 2-D float64 array (problems recorded; None when unusable)."""
-    try:
-        arr = np.asarray(X, dtype=np.float64)
-    except (TypeError, ValueError):
-        problems.append(f"{name} must be numeric")
-        return None
-    if arr.ndim != 2:
-        problems.append(f"{name} must be 2-D (patients x features), got shape {arr.shape}")
-        return None
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        problems.append(
-            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf) in "
-            f"{int(bad.any(axis=0).sum())} column(s)"
-        )
-    return arr
-
-
-def _as_times(time: ArrayLike, name: str, problems: list[str]) -> FloatArray | None:
-    """A 1-D float64 array of finite, non-negative times (problems recorded)."""
-    try:
-        arr = np.asarray(time, dtype=np.float64)
-    except (TypeError, ValueError):
-        problems.append(f"{name} must be numeric")
-        return None
-    if arr.ndim != 1:
-        problems.append(f"{name} must be 1-D, got shape {arr.shape}")
-        return None
-    finite = np.isfinite(arr)
-    if not finite.all():
-        problems.append(f"{name} has {int((~finite).sum())} non-finite value(s)")
-    negative = int((arr[finite] < 0).sum())
-    if negative:
-        problems.append(f"{name} has {negative} negative value(s); times must be non-negative")
-    return arr
-
-
-def _as_events(event: ArrayLike, name: str, problems: list[str]) -> NDArray[np.bool_] | None:
-    """Event indicators (bool or 0/1) as a 1-D bool array (problems recorded)."""
-    arr = np.asarray(event)
-    if arr.ndim != 1:
-        problems.append(f"{name} must be 1-D, got shape {arr.shape}")
-        return None
-    if arr.dtype == np.bool_:
-        return arr
-    try:
-        ok = bool(np.isin(arr, (0, 1)).all())
-    except TypeError:
-        ok = False
-    if not ok:
-        problems.append(f"{name} must be boolean or 0/1")
-        return None
-    return arr.astype(bool)
-
-
 def _raise_if(problems: list[str], where: str) -> None:
     """Raise one ConfigError listing every collected problem, if any."""
     if problems:
@@ -136,9 +81,9 @@ def _check_survival_data(
     """Validate one (X, time, event) triple, listing all of its problems at once."""
     sfx = f"_{part}" if part else ""
     problems: list[str] = []
-    x = _as_matrix(X, f"X{sfx}", problems)
-    t = _as_times(time, f"time{sfx}", problems)
-    e = _as_events(event, f"event{sfx}", problems)
+    x = as_matrix(X, f"X{sfx}", problems)
+    t = as_vector(time, f"time{sfx}", problems, nonnegative=True)
+    e = as_events(event, f"event{sfx}", problems)
     if x is not None and t is not None and e is not None:
         if not x.shape[0] == t.size == e.size:
             problems.append(
@@ -659,7 +604,7 @@ class ElasticNetCox:
         if not hasattr(self, "coef_"):
             raise ConfigError("ElasticNetCox.predict: the model is not fitted; call fit first")
         problems: list[str] = []
-        x = _as_matrix(X, "X", problems)
+        x = as_matrix(X, "X", problems)
         if x is not None and x.shape[1] != self.n_features_in_:
             problems.append(
                 f"X has {x.shape[1]} feature columns but the model was fitted on "

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from oncoslide._checks import as_events, as_vector
 from oncoslide.errors import ConfigError
 from oncoslide.survival.target import split_survival
 
@@ -92,36 +93,15 @@ def _raise_if(
 
 
 def _vector(x: ArrayLike, name: str, problems: list[str]) -> FloatArray:
-    """Coerce to a finite 1-D float64 array, recording problems instead of raising."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        problems.append(f"{name} must be numeric")
-        return np.empty(0)
-    if arr.ndim != 1:
-        problems.append(f"{name} must be 1-D, got shape {arr.shape}")
-        return np.empty(0)
-    if not np.isfinite(arr).all():
-        problems.append(f"{name} has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
-    return arr
+    """A finite 1-D float64 array; empty when unusable (problems recorded)."""
+    arr = as_vector(x, name, problems)
+    return np.empty(0) if arr is None else arr
 
 
 def _events(x: ArrayLike, name: str, problems: list[str]) -> BoolArray:
-    """Coerce event indicators (bool or 0/1) to a 1-D bool array."""
-    arr = np.asarray(x)
-    if arr.ndim != 1:
-        problems.append(f"{name} must be 1-D, got shape {arr.shape}")
-        return np.empty(0, dtype=bool)
-    if arr.dtype == np.bool_:
-        return arr
-    try:
-        ok = bool(np.isin(arr, (0, 1)).all())
-    except TypeError:
-        ok = False
-    if not ok:
-        problems.append(f"{name} must be boolean or 0/1")
-        return np.zeros(arr.shape, dtype=bool)
-    return arr.astype(bool)
+    """Event indicators as a 1-D bool array; empty when unusable (problems recorded)."""
+    arr = as_events(x, name, problems)
+    return np.empty(0, dtype=bool) if arr is None else arr
 
 
 def _target(y: Any, name: str, problems: list[str]) -> tuple[BoolArray, FloatArray]:
