@@ -9,8 +9,8 @@ Protocols (fixed per benchmark, never tuned on a test part):
 - ``mil``: a registry aggregator fine-tuned on patch features through the same Lightning path
   as ``oncoslide train`` (:func:`oncoslide.training.cv.train_fold`): early stopping and
   checkpoint choice on the validation part carved from the training part.
-- ``linear``: frozen slide embeddings (mean / max / mean+max pooling of every patch of a
-  patient) with, for classification, a standardised logistic regression (C = 0.5, balanced
+- ``linear``: frozen patient embeddings (mean / max / mean+max pooling of every patch of a
+  patient, or the mean of its slides' embeddings for a slide-level feature set) with, for classification, a standardised logistic regression (C = 0.5, balanced
   class weights, as Patho-Bench) fitted on train + validation; for survival an elastic-net Cox
   model (l1_ratio 0.5) whose penalty is chosen on the validation part, then refitted on
   train + validation.
@@ -80,28 +80,43 @@ def cell_config(
     else:
         for unused in ("model", "kwargs", "train"):
             model_part.pop(unused, None)
+        if fs.level == "slide":
+            model_part.pop("pooling", None)
+    feature_set: dict[str, Any] = {
+        "name": fs.name,
+        "features": str(fs.spec.features),
+        "stamp_mpp": fs.spec.stamp_mpp,
+        "exclude": fs.exclude_digest,
+    }
+    if fs.level != "patch":  # patch-level keys stay as they were before levels existed
+        feature_set["level"] = fs.level
     return {
         "version": CELL_VERSION,
         "task": {**task.spec.model_dump(mode="json"), "splits": task.split_digest()},
-        "feature_set": {
-            "name": fs.name,
-            "features": str(fs.spec.features),
-            "stamp_mpp": fs.spec.stamp_mpp,
-            "exclude": fs.exclude_digest,
-        },
+        "feature_set": feature_set,
         "model": model_part,
         "seed": int(seed),
         "fold": int(fold),
     }
 
 
+def applies(model: ModelSpec, fs: FeatureSet) -> bool:
+    """Whether a model runs on a feature set: mil models need patch features (bags)."""
+    return not (model.protocol == "mil" and fs.level == "slide")
+
+
 def plan_cells(bench: ResolvedBench) -> list[Cell]:
-    """Every cell of the benchmark, grouped by feature set (keeps a worker's cache warm)."""
+    """Every cell of the benchmark, grouped by feature set (keeps a worker's cache warm).
+
+    Models that do not apply to a feature set (mil on slide embeddings) have no cells there.
+    """
     cells = []
     models = {m.name: m for m in bench.spec.models}
     for fs in bench.feature_sets.values():
         for task in bench.tasks.values():
             for model in models.values():
+                if not applies(model, fs):
+                    continue
                 for seed in task.seeds:
                     for fold in task.folds:
                         config = cell_config(bench, task, fs, model, seed, fold)
@@ -229,8 +244,24 @@ class CellRunner:
 
     # ---------------------------------------------------------------------------- linear
     def embeddings(self, fs: FeatureSet, pooling: str, patients: list[str]) -> np.ndarray:
-        """Frozen slide embeddings of ``patients`` (computed once per feature set and pooling)."""
+        """Frozen embeddings of ``patients`` (computed once per feature set and pooling).
+
+        Patch features are pooled over every patch of the patient's slides; slide embeddings
+        are averaged over the patient's slides.
+        """
+        if fs.slide_embeddings is not None:
+            pooling = "slides"
         store = self._embeddings.setdefault((fs.name, pooling), {})
+        if fs.slide_embeddings is not None:
+            missing = [p for p in patients if p not in store]
+            if missing:
+                slides = fs.cohort.slides
+                by_patient = slides.groupby("patient_id", sort=False)["slide_id"]
+                for pid, ids in by_patient:
+                    if pid in store:
+                        continue
+                    store[str(pid)] = fs.slide_embeddings.vectors(list(ids)).mean(axis=0)
+            return np.stack([store[p] for p in patients]).astype(np.float64)
         for pid in patients:
             if pid not in store:
                 feats = load_bag(fs.cohort, pid, self.cache).features.astype(np.float32)
@@ -343,4 +374,4 @@ def _contract_frame(frame: pd.DataFrame, task: BenchTask) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-__all__ = ["CELL_VERSION", "Cell", "CellRunner", "cell_config", "plan_cells"]
+__all__ = ["CELL_VERSION", "Cell", "CellRunner", "applies", "cell_config", "plan_cells"]

@@ -26,7 +26,12 @@ from oncoslide._io import read_table_file
 from oncoslide.bench.spec import BenchSpec, FeatureSetSpec, SplitSpec, TaskSpecEntry
 from oncoslide.cohort.splits import audit_splits, make_splits, survival_strata
 from oncoslide.cohort.table import GROUP_COLUMNS, Cohort, load_cohort
-from oncoslide.errors import ConfigError, SplitLeakageError
+from oncoslide.errors import ConfigError, FeatureFileError, SplitLeakageError
+from oncoslide.features.slide_embeddings import (
+    SlideEmbeddingError,
+    SlideEmbeddings,
+    load_slide_embeddings,
+)
 from oncoslide.survival.target import make_survival
 from oncoslide.training.tasks import TaskSpec, label_str
 
@@ -40,10 +45,15 @@ class FeatureSet:
     excluded: frozenset[str] = frozenset()  # patients never to be scored as test patients
     exclude_digest: str = ""
     exclude_note: str = ""
+    slide_embeddings: SlideEmbeddings | None = None  # slide-level feature sets only
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def level(self) -> Literal["patch", "slide"]:
+        return self.spec.level
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,16 +142,20 @@ def resolve_bench(
             if progress is not None:
                 progress(name, done, total)
 
+        slide_level = fs_spec.level == "slide"
         cohort = load_cohort(
             table,
-            spec.path(fs_spec.features),
+            None if slide_level else spec.path(fs_spec.features),
             time_col=time_col,
             event_col=event_col,
             label_cols=label_cols,
             stamp_mpp=fs_spec.stamp_mpp,
-            progress=step,
+            progress=None if slide_level else step,
         )
-        feature_sets[fs_spec.name] = _with_exclusions(spec, fs_spec, cohort, problems)
+        fs = _with_exclusions(spec, fs_spec, cohort, problems)
+        if slide_level:
+            fs = _with_slide_embeddings(spec, fs, problems)
+        feature_sets[fs_spec.name] = fs
 
     reference = next(iter(feature_sets.values())).cohort
     tasks: dict[str, BenchTask] = {}
@@ -228,6 +242,17 @@ def _with_exclusions(
         f"{len(known)} patient(s) of this cohort are excluded from its test parts"
     )
     return FeatureSet(fs, cohort, frozenset(known), digest, note)
+
+
+def _with_slide_embeddings(spec: BenchSpec, fs: FeatureSet, problems: list[str]) -> FeatureSet:
+    try:
+        embeddings = load_slide_embeddings(
+            spec.path(fs.spec.features), list(fs.cohort.slides["slide_id"])
+        )
+    except (SlideEmbeddingError, FeatureFileError) as exc:
+        problems.append(f"feature set {fs.name}: {exc}")
+        return fs
+    return dataclasses.replace(fs, slide_embeddings=embeddings)
 
 
 # ------------------------------------------------------------------------------ tasks

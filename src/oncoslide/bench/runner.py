@@ -31,7 +31,7 @@ from rich.console import Console
 
 from oncoslide._io import write_json, write_table
 from oncoslide._ray import TaskFailed, map_unordered
-from oncoslide.bench.protocols import Cell, CellRunner, plan_cells
+from oncoslide.bench.protocols import Cell, CellRunner, applies, plan_cells
 from oncoslide.bench.resolve import ResolvedBench, audit_bench_splits, resolve_bench
 from oncoslide.bench.spec import BenchSpec
 from oncoslide.bench.store import CellRecord, ResultStore
@@ -95,6 +95,12 @@ def run_benchmark(
         for fs in bench.feature_sets.values():
             if fs.exclude_note:
                 run.notes.append(fs.exclude_note)
+            skipped = [m.name for m in spec.models if not applies(m, fs)]
+            if skipped:
+                run.notes.append(
+                    f"{fs.name}: slide embeddings; mil model(s) {skipped} need patch features "
+                    "and do not run on it"
+                )
         if not todo:
             return run
         workers = default_workers() if workers is None else workers

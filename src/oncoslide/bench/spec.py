@@ -49,10 +49,18 @@ class _Strict(BaseModel):
 
 
 class FeatureSetSpec(_Strict):
-    """One encoder's features for the cohort's slides."""
+    """One encoder's features for the cohort's slides: patch features (a bag per slide) or
+    slide embeddings (one vector per slide, from a slide encoder)."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    features: Path = Field(description="folder of per-slide feature files")
+    features: Path = Field(
+        description="patch level: folder of per-slide feature files; slide level: folder of "
+        "per-slide embedding files or a table with slide_id and one column per dimension"
+    )
+    level: Literal["patch", "slide"] = Field(
+        "patch",
+        description="slide: one embedding per slide (linear protocol only; mil models skip it)",
+    )
     exclude: Path | None = Field(
         None,
         description="CSV with a patient_id or slide_id column: patients (or the patients of "
@@ -60,6 +68,12 @@ class FeatureSetSpec(_Strict):
     )
     stamp_mpp: float | None = Field(None, gt=0)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _level(self) -> FeatureSetSpec:
+        if self.level == "slide" and self.stamp_mpp is not None:
+            raise ValueError("stamp_mpp applies to patch features only")
+        return self
 
 
 class SplitSpec(_Strict):
@@ -200,6 +214,16 @@ def cross_problems(raw: dict[str, Any]) -> list[str]:
     owned = sorted(set(common) & BENCH_OWNED_TRAIN_FIELDS)
     if owned:
         problems.append(f"train: {owned} are set by the benchmark itself")
+    slide_sets = [str(f.get("name")) for f in items("feature_sets") if f.get("level") == "slide"]
+    if (
+        slide_sets
+        and items("models")
+        and all(m.get("protocol", "mil") == "mil" for m in items("models"))
+    ):
+        problems.append(
+            f"slide-level feature set(s) {slide_sets} need a model with protocol: linear "
+            "(mil models train on patch features and skip them)"
+        )
     for m in items("models"):
         if m.get("protocol", "mil") == "mil":
             own = m.get("train") if isinstance(m.get("train"), dict) else {}

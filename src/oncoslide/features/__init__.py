@@ -1,4 +1,5 @@
-"""Per-slide patch feature files: the HDF5 contract, readers for other layouts, a shared cache."""
+"""Per-slide patch feature files (the HDF5 contract, readers for other layouts, a shared cache)
+and slide-level embeddings from slide encoders."""
 
 from oncoslide.features.cache import CacheStats, FeatureCache
 from oncoslide.features.readers import (
@@ -10,6 +11,11 @@ from oncoslide.features.readers import (
     read_features,
 )
 from oncoslide.features.schema import PatchGrid, SlideFeatures, write_feature_file
+from oncoslide.features.slide_embeddings import (
+    SlideEmbeddingError,
+    SlideEmbeddings,
+    load_slide_embeddings,
+)
 
 __all__ = [
     "CacheStats",
@@ -17,9 +23,12 @@ __all__ = [
     "FeatureIndex",
     "FeatureInfo",
     "PatchGrid",
+    "SlideEmbeddingError",
+    "SlideEmbeddings",
     "SlideFeatures",
     "find_feature_file",
     "inspect_features",
+    "load_slide_embeddings",
     "peek_features",
     "read_features",
     "write_feature_file",
