@@ -25,8 +25,11 @@ def map_unordered(
     items: Iterable[Item],
     *shared: Any,
     address: str | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
 ) -> Iterator[tuple[Item, Result | TaskFailed]]:
-    """Run ``fn(item, *shared)`` as one Ray task (1 CPU) per item.
+    """Run ``fn(item, *shared)`` as one Ray task per item, each reserving ``num_cpus`` CPUs and
+    ``num_gpus`` GPUs (Ray hides every GPU from a task that reserves none, so GPU work must ask).
 
     Yields ``(item, result)`` as tasks finish, or ``(item, TaskFailed(...))`` when a task
     raised or its worker or node was lost, so one lost task never stops the others. ``shared``
@@ -45,7 +48,7 @@ def map_unordered(
     if started_here:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     try:
-        remote: Any = ray.remote(num_cpus=1)(fn)
+        remote: Any = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
         shared_refs = [ray.put(value) for value in shared]
         refs = {remote.remote(item, *shared_refs): item for item in items}
         pending = list(refs)

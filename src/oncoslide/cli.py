@@ -405,6 +405,14 @@ def bench_run(
     ),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address"),
     cache_gb: float = typer.Option(4.0, "--cache-gb", help="feature cache limit"),
+    gpus: str | None = typer.Option(
+        None,
+        "--gpus",
+        help="local: CUDA devices for the workers, e.g. 0,1 (default: all visible; none: CPU)",
+    ),
+    gpus_per_cell: float = typer.Option(
+        0.0, "--gpus-per-cell", help="ray: GPUs each cell reserves (e.g. 1 or 0.5)"
+    ),
 ) -> None:
     """Run the cells of a benchmark that its folder does not hold yet."""
     from oncoslide.bench.runner import run_benchmark
@@ -412,6 +420,14 @@ def bench_run(
 
     if executor not in ("local", "ray"):
         raise typer.BadParameter("use 'local' or 'ray'", param_hint="--executor")
+    gpu_ids: list[int] | None = None
+    if gpus is not None:
+        try:
+            gpu_ids = [] if gpus.strip() == "none" else [int(g) for g in gpus.split(",") if g]
+        except ValueError:
+            raise typer.BadParameter(
+                "a comma-separated list of device numbers, or none", param_hint="--gpus"
+            ) from None
     started = time.perf_counter()
     bench_spec = load_spec(spec)
     run = run_benchmark(
@@ -421,6 +437,8 @@ def bench_run(
         workers=workers,
         address=address,
         cache_gb=cache_gb,
+        gpus=gpu_ids,
+        gpus_per_cell=gpus_per_cell,
         console=console,
     )
     for note in run.notes:

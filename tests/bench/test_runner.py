@@ -141,13 +141,21 @@ def test_local_process_pool_gives_the_same_results_as_inline(
 ) -> None:
     raw = _linear_only(small_spec(bench_data))
     raw["tasks"] = raw["tasks"][:1]
-    run_benchmark(spec_from_dict(raw), tmp_path / "inline", workers=0, progress=False)
-    pooled = run_benchmark(spec_from_dict(raw), tmp_path / "pool", workers=2, progress=False)
+    run_benchmark(spec_from_dict(raw), tmp_path / "inline", workers=0, progress=False, gpus=[])
+    # device numbers that need not exist: the placement is observable without a GPU
+    pooled = run_benchmark(
+        spec_from_dict(raw), tmp_path / "pool", workers=2, progress=False, gpus=[5, 7]
+    )
     assert pooled.n_ran == 6 and not pooled.failures
     with ResultStore.in_dir(tmp_path / "inline") as a, ResultStore.in_dir(tmp_path / "pool") as b:
         ma = a.metrics().sort_values(["cell_key", "metric"]).reset_index(drop=True)
         mb = b.metrics().sort_values(["cell_key", "metric"]).reset_index(drop=True)
+        pooled_devices = {info["cuda_visible_devices"] for info in b.cells()["info"]}
+        inline_devices = {info["cuda_visible_devices"] for info in a.cells()["info"]}
     pd.testing.assert_frame_equal(ma, mb)
+    # each worker is pinned to one of the given devices; cells rarely all go to one worker
+    assert pooled_devices <= {"5", "7"} and pooled_devices
+    assert inline_devices == {os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def test_ray_executor_on_a_local_instance(
@@ -157,14 +165,18 @@ def test_ray_executor_on_a_local_instance(
     raw = _linear_only(small_spec(bench_data))
     raw["tasks"] = raw["tasks"][1:]
     run_benchmark(spec_from_dict(raw), tmp_path / "inline", workers=0, progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # one logical GPU (no hardware needed): cells asking for half of it are given device 0
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        run = run_benchmark(spec_from_dict(raw), tmp_path / "ray", executor="ray", progress=False)
+        run = run_benchmark(
+            spec_from_dict(raw), tmp_path / "ray", executor="ray", gpus_per_cell=0.5, progress=False
+        )
     finally:
         ray.shutdown()
     assert run.n_ran == 6 and not run.failures
     with ResultStore.in_dir(tmp_path / "inline") as a, ResultStore.in_dir(tmp_path / "ray") as b:
         assert a.done_keys() == b.done_keys()
+        assert {info["cuda_visible_devices"] for info in b.cells()["info"]} == {"0"}
         pa = a.predictions().sort_values(["cell_key", "patient_id"]).reset_index(drop=True)
         pb = b.predictions().sort_values(["cell_key", "patient_id"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(pa, pb)
@@ -231,3 +243,23 @@ def test_killed_run_resumes_without_duplicates(
     assert done.returncode == 0, done.stderr
     assert f"{n_cells} already done, {12 - n_cells} run now" in " ".join(done.stdout.split())
     assert _counts(db) == (12, 0, 0)
+
+
+def test_workers_take_gpus_round_robin(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    from oncoslide.bench import runner
+
+    monkeypatch.setattr(runner, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(runner, "CellRunner", lambda *a, **k: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    started = multiprocessing.get_context("spawn").Value("i", 0)
+    seen = []
+    for _ in range(5):
+        runner._init_worker(None, Path("."), 1.0, 1, (2, 3), started)  # type: ignore[arg-type]
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["2", "3", "2", "3", "2"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    runner._init_worker(None, Path("."), 1.0, 1, (), started)  # type: ignore[arg-type]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # no GPUs given: nothing is hidden
+    assert runner.default_workers((0, 1, 2)) == 3 and runner.default_workers(()) >= 1

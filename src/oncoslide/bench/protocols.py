@@ -22,6 +22,7 @@ never predicted or scored as test patients.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class CellRunner:
             preds, metrics, info = self._run_linear(cell, task, fs, cohort, model, parts)
         info = {
             **info,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "n_test": len(preds),
             "n_excluded": len(excluded),
             "excluded": sorted(excluded),

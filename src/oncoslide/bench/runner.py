@@ -20,7 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +53,22 @@ class BenchRun:
     notes: list[str] = field(default_factory=list)
 
 
-def default_workers() -> int:
-    """Worker processes for the local executor: one per 4 cores (each trains multi-threaded)."""
+def default_workers(gpus: Sequence[int] = ()) -> int:
+    """Worker processes for the local executor: one per GPU, else one per 4 cores (each
+    trains multi-threaded)."""
+    if gpus:
+        return len(gpus)
     return max(1, (os.cpu_count() or 1) // 4)
+
+
+def visible_gpus() -> list[int]:
+    """The CUDA devices this process sees (empty without CUDA)."""
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    except Exception:  # a broken CUDA setup is the same as none for scheduling
+        return []
 
 
 def run_benchmark(
@@ -66,10 +79,18 @@ def run_benchmark(
     workers: int | None = None,
     address: str | None = None,
     cache_gb: float = 4.0,
+    gpus: Sequence[int] | None = None,
+    gpus_per_cell: float = 0.0,
     console: Console | None = None,
     progress: bool = True,
 ) -> BenchRun:
-    """Run (or resume) a benchmark into ``out_dir``; returns counts and failures."""
+    """Run (or resume) a benchmark into ``out_dir``; returns counts and failures.
+
+    GPUs: the local executor pins worker k to ``gpus[k % len(gpus)]`` (default: every visible
+    CUDA device; ``[]`` for none) and by default runs one worker per GPU. The Ray executor
+    reserves ``gpus_per_cell`` GPUs for every cell (e.g. 1, or 0.5 to share a GPU between two
+    cells); with 0, Ray hides the GPUs and cells train on CPU.
+    """
     out = Path(out_dir)
     console = console or Console(quiet=not progress)
     bar = make_progress(console, enabled=progress)
@@ -103,10 +124,14 @@ def run_benchmark(
                 )
         if not todo:
             return run
-        workers = default_workers() if workers is None else workers
+        gpu_ids = visible_gpus() if gpus is None else [int(g) for g in gpus]
+        workers = default_workers(gpu_ids) if workers is None else workers
         if workers < 0:
             raise ConfigError(f"workers must be >= 0, got {workers}")
-        results = _execute(bench, todo, out, executor, workers, address, cache_gb)
+        if gpus_per_cell < 0:
+            raise ConfigError(f"gpus_per_cell must be >= 0, got {gpus_per_cell}")
+        placement = _Placement(tuple(gpu_ids), float(gpus_per_cell))
+        results = _execute(bench, todo, out, executor, workers, address, cache_gb, placement)
         bar = make_progress(console, enabled=progress)
         with bar:
             overall = bar.add_task(f"{spec.name}: {len(todo)} cells", total=len(todo))
@@ -157,6 +182,14 @@ def _write_plan(out: Path, bench: ResolvedBench) -> None:
 Outcome = tuple[Cell, "CellRecord | str"]
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where cells may use GPUs: local workers' devices, and each Ray cell's share."""
+
+    gpus: tuple[int, ...] = ()
+    gpus_per_cell: float = 0.0
+
+
 def _execute(
     bench: ResolvedBench,
     cells: list[Cell],
@@ -165,15 +198,16 @@ def _execute(
     workers: int,
     address: str | None,
     cache_gb: float,
+    placement: _Placement,
 ) -> Iterator[Outcome]:
     work = out / "work"
     if executor == "ray":
-        return _run_ray(bench, cells, work, address, cache_gb)
+        return _run_ray(bench, cells, work, address, cache_gb, placement.gpus_per_cell)
     if executor != "local":
         raise ConfigError(f"unknown executor {executor!r}: use 'local' or 'ray'")
     if workers == 0:
         return _run_inline(bench, cells, work, cache_gb)
-    return _run_pool(bench, cells, work, workers, cache_gb)
+    return _run_pool(bench, cells, work, workers, cache_gb, placement.gpus)
 
 
 def _describe(exc: BaseException) -> str:
@@ -215,9 +249,22 @@ def _die_with_parent() -> None:
         pass  # other systems: the worker exits when it next reads from the closed pool
 
 
-def _init_worker(bench: ResolvedBench, work: Path, cache_gb: float, threads: int) -> None:
+def _init_worker(
+    bench: ResolvedBench,
+    work: Path,
+    cache_gb: float,
+    threads: int,
+    gpus: tuple[int, ...],
+    started: Any,
+) -> None:
     global _WORKER
     _die_with_parent()
+    with started.get_lock():  # the k-th worker to start takes GPU k (round robin)
+        k = started.value
+        started.value += 1
+    if gpus:
+        # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[k % len(gpus)])
     _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb, num_threads=threads)
 
 
@@ -231,15 +278,21 @@ def _worker_run(cell: Cell) -> CellRecord | str:
 
 
 def _run_pool(
-    bench: ResolvedBench, cells: list[Cell], work: Path, workers: int, cache_gb: float
+    bench: ResolvedBench,
+    cells: list[Cell],
+    work: Path,
+    workers: int,
+    cache_gb: float,
+    gpus: tuple[int, ...],
 ) -> Iterator[Outcome]:
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
+    started = ctx.Value("i", 0)
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(bench, work, cache_gb / workers, threads),
+        initargs=(bench, work, cache_gb / workers, threads, gpus, started),
     ) as pool:
         # a bounded window keeps results flowing into the store as cells finish
         pending: dict[Future[CellRecord | str], Cell] = {}
@@ -265,9 +318,16 @@ def _ray_cell(cell: Cell, bench: ResolvedBench, work: str, cache_gb: float) -> C
 
 
 def _run_ray(
-    bench: ResolvedBench, cells: list[Cell], work: Path, address: str | None, cache_gb: float
+    bench: ResolvedBench,
+    cells: list[Cell],
+    work: Path,
+    address: str | None,
+    cache_gb: float,
+    gpus_per_cell: float,
 ) -> Iterator[Outcome]:
-    tasks = map_unordered(_ray_cell, cells, bench, str(work), cache_gb, address=address)
+    tasks = map_unordered(
+        _ray_cell, cells, bench, str(work), cache_gb, address=address, num_gpus=gpus_per_cell
+    )
     for cell, outcome in tasks:
         yield cell, outcome.message if isinstance(outcome, TaskFailed) else outcome
 
