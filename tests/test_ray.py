@@ -28,3 +28,22 @@ def test_map_unordered_yields_every_item_once_and_failures_as_values() -> None:
         assert out[i] == pytest.approx(table[i].sum() * 0.5)
     failed = out[3]
     assert isinstance(failed, TaskFailed) and "item three is bad" in failed.message
+
+
+def _gpu_ids(item: int) -> list[int]:
+    import ray
+
+    return [int(g) for g in ray.get_gpu_ids()]
+
+
+def test_map_unordered_reserves_the_gpus_it_is_asked_for() -> None:
+    ray = pytest.importorskip("ray")
+    # one logical GPU (no hardware needed): Ray hands device 0 only to tasks that reserve it
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with_gpu = dict(map_unordered(_gpu_ids, range(3), num_gpus=0.5))
+        without = dict(map_unordered(_gpu_ids, range(3)))
+    finally:
+        ray.shutdown()
+    assert all(ids == [0] for ids in with_gpu.values())
+    assert all(ids == [] for ids in without.values())

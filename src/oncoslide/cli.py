@@ -310,6 +310,9 @@ def extract(
     backend: str = typer.Option("auto", "--backend", help="auto, openslide or tiffslide"),
     executor: str = typer.Option("local", "--executor", help="local, or ray for a Ray cluster"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address"),
+    gpus_per_slide: float = typer.Option(
+        0.0, "--gpus-per-slide", help="ray: GPUs each slide's task reserves (e.g. 1 or 0.5)"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Cut tissue into patches at a physical resolution and embed them: one feature file per slide."""
@@ -340,6 +343,7 @@ def extract(
             config,
             executor=cast(Literal["local", "ray"], executor),  # checked by extract_slides
             address=address,
+            gpus_per_slide=gpus_per_slide,
             progress=bar,
         )
     counts = summarise_manifest(manifest)

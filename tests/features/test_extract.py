@@ -200,10 +200,15 @@ def test_ray_executor_on_a_local_two_worker_instance(svs_path: Path, tmp_path: P
     slides.mkdir()
     for name in ("r1", "r2"):
         shutil.copyfile(svs_path, slides / f"{name}.svs")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a logical GPU: the tasks reserve half of it each and still encode on this CPU
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         manifest = extract_slides(
-            find_slides(slides), tmp_path / "feats", ExtractConfig(**FAST), executor="ray"
+            find_slides(slides),
+            tmp_path / "feats",
+            ExtractConfig(**FAST),
+            executor="ray",
+            gpus_per_slide=0.5,
         )
         assert ray.is_initialized()  # an instance we started ourselves is left to us
     finally:

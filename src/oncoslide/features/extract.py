@@ -407,18 +407,20 @@ def extract_slides(
     *,
     executor: Literal["local", "ray"] = "local",
     address: str | None = None,
+    gpus_per_slide: float = 0.0,
     progress: Any = None,
 ) -> pd.DataFrame:
     """Extract every slide, write ``manifest.csv`` and return it.
 
     ``progress`` is a rich Progress (or None). With ``executor="ray"`` slides run as Ray tasks on
-    the cluster at ``address`` (a local instance when None).
+    the cluster at ``address`` (a local instance when None), each reserving ``gpus_per_slide``
+    GPUs: Ray hides GPUs from tasks that reserve none, so encoding on GPUs needs e.g. 1 or 0.5.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     if executor == "ray":
-        results = _run_ray(jobs, out, config, address, progress)
+        results = _run_ray(jobs, out, config, address, gpus_per_slide, progress)
     elif executor == "local":
         results = _run_local(jobs, out, config, progress)
     else:
@@ -471,11 +473,19 @@ def _ray_extract(job: SlideJob, out: str, config: ExtractConfig) -> SlideResult:
 
 
 def _run_ray(
-    jobs: Sequence[SlideJob], out: Path, config: ExtractConfig, address: str | None, progress: Any
+    jobs: Sequence[SlideJob],
+    out: Path,
+    config: ExtractConfig,
+    address: str | None,
+    gpus_per_slide: float,
+    progress: Any,
 ) -> list[SlideResult]:
     overall = progress.add_task("slides (ray)", total=len(jobs)) if progress is not None else None
     by_id: dict[str, SlideResult] = {}
-    for job, outcome in map_unordered(_ray_extract, jobs, str(out), config, address=address):
+    tasks = map_unordered(
+        _ray_extract, jobs, str(out), config, address=address, num_gpus=gpus_per_slide
+    )
+    for job, outcome in tasks:
         # a crashed worker is one failed slide, not a failed run
         by_id[job.slide_id] = (
             SlideResult(job.slide_id, job.path, STATUS_FAILED, error=outcome.message)
