@@ -100,7 +100,7 @@ def test_cli_run_and_leaderboard_rank_signal_above_shuffled(
     cmp = result.comparisons
     shuffled = cmp[cmp["entry"].str.startswith("shuffled")]
     assert len(shuffled) == 2 * 2 and (shuffled["p_value"] < 0.05).all()
-    assert (shuffled["diff"] > 0).all()
+    assert (shuffled["diff"] < 0).all() and (shuffled["upper"] < 0).all()
 
 
 def test_leaderboard_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:

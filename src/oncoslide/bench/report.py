@@ -118,7 +118,8 @@ def build_leaderboard(
 def _versus_best(
     preds: pd.DataFrame, info: TaskInfo, scores: TaskScores, *, n_boot: int, seed: int
 ) -> list[dict[str, object]]:
-    """Every entry against the task's best entry, on the patients both have."""
+    """Every entry against the task's best entry, on the patients both have: ``diff`` is the
+    entry's metric minus the best entry's (so <= 0), with its paired-bootstrap interval."""
     table = scores.table.dropna(subset=["estimate"])
     if len(table) < 2:
         return []
@@ -127,7 +128,7 @@ def _versus_best(
     out = []
     for fs, model in zip(best["feature_set"].iloc[1:], best["model"].iloc[1:], strict=True):
         other = (str(fs), str(model))
-        cmp = paired_comparison(preds, info, top, other, n_boot=n_boot, seed=seed)
+        cmp = paired_comparison(preds, info, other, top, n_boot=n_boot, seed=seed)
         out.append(
             {
                 "task": info.name,
@@ -204,8 +205,8 @@ def _notes(
         notes.append("some cells failed in the last run: see failures.csv")
     notes.append(
         "intervals: 95% bootstrap over patients (and over seeds, when there are several) of "
-        "the per-fold metric averaged over folds and seeds; 'vs best': paired bootstrap "
-        "difference to the task's best entry"
+        "the per-fold metric averaged over folds and seeds; 'Δ vs best': the entry minus the "
+        "task's best entry on the same patients, with a paired-bootstrap p-value"
     )
     return notes
 
