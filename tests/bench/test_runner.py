@@ -263,3 +263,34 @@ def test_workers_take_gpus_round_robin(monkeypatch: pytest.MonkeyPatch) -> None:
     runner._init_worker(None, Path("."), 1.0, 1, (), started)  # type: ignore[arg-type]
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # no GPUs given: nothing is hidden
     assert runner.default_workers((0, 1, 2)) == 3 and runner.default_workers(()) >= 1
+
+
+def test_a_multiclass_task_runs_through_both_protocols_and_the_leaderboard(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    from oncoslide.bench.report import build_leaderboard
+
+    raw = small_spec(bench_data)
+    raw["feature_sets"] = raw["feature_sets"][:1]
+    raw["tasks"] = [{"name": "subtype", "kind": "multiclass", "target": "subtype"}]
+    run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
+    assert run.n_ran == 2 * 3 and not run.failures
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str})
+    classes = sorted(table["subtype"].unique())
+    assert len(classes) >= 3
+    with ResultStore.in_dir(tmp_path / "b") as store:
+        preds, metrics = store.predictions(task="subtype"), store.metrics(task="subtype")
+    prob_cols = [f"prob_{c}" for c in classes]
+    assert np.allclose(preds[prob_cols].to_numpy(float).sum(axis=1), 1.0)
+    for key, cell in preds.groupby("cell_key"):
+        auc = roc_auc(cell["label"].to_numpy(), cell[prob_cols].to_numpy(float), classes=classes)
+        stored = metrics[(metrics["cell_key"] == key) & (metrics["metric"] == "auc")]["value"]
+        assert stored.iloc[0] == pytest.approx(auc, abs=1e-12)
+    board = build_leaderboard(tmp_path / "b", n_boot=100)
+    scores = board.data.scores
+    assert set(scores["metric"]) == {"auc"} and len(scores) == 2
+    assert (
+        scores["lower"].le(scores["estimate"]).all()
+        and scores["estimate"].le(scores["upper"]).all()
+    )
+    assert "subtype" in board.html_path.read_text()
