@@ -133,3 +133,13 @@ def test_example_benchmark_ranks_signal_above_shuffled_in_under_five_minutes(
         best = rows.sort_values("estimate").groupby("feature_set").tail(1).set_index("feature_set")
         assert best.loc["sim", "lower"] > best.loc["shuffled", "upper"], (task, best)
     assert seconds < 300, f"the example took {seconds:.0f} s"
+
+
+def test_bench_run_refuses_a_bad_gpu_list(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\n")
+    result = CliRunner().invoke(
+        app, ["bench", "run", str(spec), "--out", str(tmp_path / "o"), "--gpus", "0,a"]
+    )
+    assert result.exit_code == 2
+    assert "--gpus" in result.output and "device numbers" in result.output
