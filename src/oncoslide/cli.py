@@ -358,6 +358,50 @@ def extract(
         raise typer.Exit(1)
 
 
+@app.command()
+@_friendly
+def heatmap(
+    run: Path = typer.Argument(..., help="run folder written by `oncoslide train`"),
+    cohort: Path = typer.Option(..., "--cohort", "-c", help="the run's cohort table"),
+    features: Path = typer.Option(..., "--features", "-f", help="the run's feature folder"),
+    patient: list[str] = typer.Option(..., "--patient", "-p", help="patient id (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the images and tables"),
+    seed: int = typer.Option(0, "--seed", help="which seed's models"),
+    fold: int | None = typer.Option(
+        None, "--fold", help="default: the fold that held the patient out (out-of-fold)"
+    ),
+    slides: Path | None = typer.Option(
+        None, "--slides", help="folder of the slide files (default: the path recorded by extract)"
+    ),
+    max_side: int = typer.Option(2048, "--max-side", help="image size (longer side, px)"),
+) -> None:
+    """Draw a trained attention model's attention on a patient's slides (out-of-fold)."""
+    from oncoslide.report.attention import attention_heatmaps, read_run
+
+    config, _ = read_run(run)
+    c = _load_cohort(
+        cohort,
+        features,
+        time_col=config.time_col,
+        event_col=config.event_col,
+        label_cols=() if config.is_survival else (config.task,),
+    )
+    for pid in patient:
+        result = attention_heatmaps(
+            run, c, pid, out / pid, seed=seed, fold=fold, slides_dir=slides, max_side=max_side
+        )
+        att = result.attention
+        view = "out-of-fold" if att.out_of_fold else "[yellow]trained on this patient[/]"
+        prediction = ", ".join(f"{k} {v:.3g}" for k, v in att.prediction.items())
+        console.print(
+            f"[green]{pid}[/]: seed {att.seed} fold {att.fold} ({view}), {len(att.table)} "
+            f"patches, prediction {prediction} -> {out / pid}/ "
+            f"({len(result.images)} image(s), attention.csv)"
+        )
+        for note in result.notes:
+            console.print(f"[dim]note:[/] {note}")
+
+
 @app.command("encoders")
 def list_encoders_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) -> None:
     """List the patch encoders and what each needs."""

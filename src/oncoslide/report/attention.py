@@ -1,0 +1,435 @@
+"""Attention heatmaps: where a trained fold model looked, drawn on the patient's slides.
+
+A heatmap is only honest when the model did not train on the patient, so by default the model
+is the one of the fold in which the patient was a *test* patient (out-of-fold attention). The
+model is rebuilt from a ``oncoslide train`` run folder: its ``config.json``, ``splits.csv`` and
+the fold's chosen checkpoint; the fold's preprocessing (time bins, class weights) is refitted on
+that fold's training part exactly as training did, so the prediction shown equals the run's.
+
+Attention weights sum to 1 over a patient's patches, so their scale depends on the bag size;
+the maps show each patch's percentile among the patient's patches (as CLAM does), and the
+table keeps both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from oncoslide._io import atomic_path, write_table
+from oncoslide.cohort.bags import load_bag
+from oncoslide.cohort.splits import fold_parts
+from oncoslide.cohort.table import Cohort
+from oncoslide.errors import ConfigError, OncoslideError
+from oncoslide.features.cache import FeatureCache
+from oncoslide.features.schema import PatchGrid
+from oncoslide.models import MODELS, MILModel, create_model
+from oncoslide.training.config import TrainConfig
+from oncoslide.training.cv import fold_dir
+from oncoslide.training.tasks import FoldTask, TaskSpec, fit_fold_task, resolve_task
+
+#: Slide file suffixes searched in ``slides_dir`` for a background image.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms")
+ATTENTION_COLUMNS = ("patient_id", "slide_id", "x", "y", "attention", "percentile")
+
+
+@dataclass(frozen=True, eq=False)
+class FoldModel:
+    """One fold's trained model, rebuilt from a run folder."""
+
+    model: MILModel
+    config: TrainConfig
+    task: TaskSpec
+    fold_task: FoldTask
+    seed: int
+    fold: int
+    checkpoint: Path
+    test_ids: frozenset[str]  # the fold's test part: the only out-of-fold patients
+
+
+@dataclass(frozen=True, eq=False)
+class PatientAttention:
+    """A patient's attention under one fold model.
+
+    ``table`` has one row per patch (ATTENTION_COLUMNS): level-0 top-left ``x, y``, the raw
+    ``attention`` (sums to 1 over the patient) and its ``percentile`` in (0, 1] among the
+    patient's patches. ``prediction`` is the model's output for the patient (``risk``, or
+    ``prob_<class>``), computed in the same pass.
+    """
+
+    patient_id: str
+    seed: int
+    fold: int
+    out_of_fold: bool
+    table: pd.DataFrame
+    prediction: dict[str, float]
+
+
+@dataclass
+class HeatmapResult:
+    """What :func:`attention_heatmaps` wrote."""
+
+    attention: PatientAttention
+    table_path: Path
+    images: dict[str, Path] = field(default_factory=dict)  # slide_id -> PNG
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def held_out_fold(splits: pd.DataFrame, patient_id: str, seed: int) -> int:
+    """The fold in which ``patient_id`` is a test patient for ``seed``.
+
+    Raises:
+        ConfigError: the patient is not in the run's splits for that seed.
+    """
+    rows = splits.loc[
+        (splits["seed"] == seed)
+        & (splits["patient_id"].astype(str) == str(patient_id))
+        & (splits["part"] == "test")
+    ]
+    if rows.empty:
+        seeds = sorted(int(s) for s in splits["seed"].unique())
+        raise ConfigError(
+            f"patient {patient_id!r} is not a test patient of seed {seed} in this run "
+            f"(seeds: {seeds}); is it in the run's cohort and task?"
+        )
+    return int(rows["fold"].iloc[0])
+
+
+def read_run(run_dir: str | Path) -> tuple[TrainConfig, pd.DataFrame]:
+    """The settings and splits of an ``oncoslide train`` run folder."""
+    run_dir = Path(run_dir)
+    problems = [f"{name} is missing" for name in ("config.json", "splits.csv")]
+    problems = [p for p in problems if not (run_dir / p.split()[0]).exists()]
+    if problems:
+        raise ConfigError(
+            f"{run_dir} is not an `oncoslide train` run folder: {'; '.join(problems)}"
+        )
+    payload = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig.model_validate(payload["config"])
+    splits = pd.read_csv(run_dir / "splits.csv", dtype={"patient_id": str})
+    return config, splits
+
+
+def load_fold_model(run_dir: str | Path, cohort: Cohort, *, seed: int, fold: int) -> FoldModel:
+    """Rebuild the model of one (seed, fold) of a run, with its chosen checkpoint.
+
+    Raises:
+        ConfigError: not a run folder, the fold did not finish, the model has no attention, or
+            the cohort does not fit the run (feature dimension).
+    """
+    run = Path(run_dir)
+    config, splits = read_run(run)
+    if not MODELS.metadata(config.model).get("has_attention", False):
+        with_attention = [m for m in MODELS.list() if MODELS.metadata(m).get("has_attention")]
+        raise ConfigError(
+            f"model {config.model!r} has no attention to draw; attention models: "
+            f"{', '.join(with_attention)}"
+        )
+    fdir = fold_dir(run, seed, fold)
+    checkpoint = next(
+        (p for p in (fdir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.exists()),
+        None,
+    )
+    if not (fdir / "done.json").exists() or checkpoint is None:
+        raise ConfigError(f"seed {seed} fold {fold} of {run} has not finished (no checkpoint)")
+    if cohort.feature_dim is None:
+        raise ConfigError("load the cohort with its feature files (check_features=True)")
+    task = resolve_task(cohort, config)
+    parts = fold_parts(splits, seed, fold)
+    fold_task = fit_fold_task(task, config, cohort, parts["train"])
+    model = create_model(
+        config.model,
+        in_dim=cohort.feature_dim,
+        n_outputs=fold_task.n_outputs,
+        **config.model_kwargs,
+    )
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"the checkpoint {checkpoint} does not fit this cohort's features "
+            f"(D = {cohort.feature_dim}): {str(exc).splitlines()[0]}"
+        ) from None
+    model.eval()
+    return FoldModel(
+        model, config, task, fold_task, seed, fold, checkpoint, frozenset(parts["test"])
+    )
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def patient_attention(
+    fold_model: FoldModel, cohort: Cohort, patient_id: str, cache: FeatureCache | None = None
+) -> PatientAttention:
+    """Every patch's attention for one patient, with the model's prediction."""
+    own = cache is None
+    cache = cache or FeatureCache()
+    try:
+        bag = load_bag(cohort, patient_id, cache)
+    finally:
+        if own:
+            cache.close()
+    # copies: cached bags are read-only and shared
+    features = torch.tensor(np.asarray(bag.features, dtype=np.float32))[None]
+    mask = torch.ones(features.shape[:2], dtype=torch.bool)
+    coords = torch.tensor(np.asarray(bag.coords, dtype=np.float32))[None]
+    with torch.no_grad():
+        out = fold_model.model(features, mask, coords)
+    if out.attention is None:
+        raise ConfigError(f"model {fold_model.config.model!r} returned no attention")
+    weights = out.attention[0].double().numpy()
+    ranks = pd.Series(weights).rank(method="average").to_numpy() / weights.size
+    table = pd.DataFrame(
+        {
+            "patient_id": patient_id,
+            "slide_id": [bag.slide_ids[i] for i in bag.slide_index],
+            "x": bag.coords[:, 0].astype(np.int64),
+            "y": bag.coords[:, 1].astype(np.int64),
+            "attention": weights,
+            "percentile": ranks,
+        }
+    )
+    frame = fold_model.fold_task.prediction_frame(out.logits)
+    prediction = {str(k): float(v) for k, v in frame.iloc[0].items()}
+    return PatientAttention(
+        patient_id,
+        fold_model.seed,
+        fold_model.fold,
+        patient_id in fold_model.test_ids,
+        table,
+        prediction,
+    )
+
+
+# ------------------------------------------------------------------------------ drawing
+
+
+def _grid_of(path: Path, rows: pd.DataFrame, cache: FeatureCache) -> PatchGrid:
+    """The slide's patch grid from its feature file, or inferred from the coordinates."""
+    grid = cache.get(path).grid
+    if grid is not None:
+        return grid
+    xs, ys = np.unique(rows["x"]), np.unique(rows["y"])
+    steps = np.concatenate([np.diff(xs), np.diff(ys)])
+    size = int(steps[steps > 0].min()) if (steps > 0).any() else 256
+    return PatchGrid(
+        patch_size=size,
+        patch_size_level0=size,
+        target_mpp=1.0,
+        level0_mpp=1.0,
+        level0_width=int(rows["x"].max()) + size,
+        level0_height=int(rows["y"].max()) + size,
+    )
+
+
+def find_slide_file(feature_path: Path, slide_id: str, slides_dir: Path | None) -> Path | None:
+    """The slide behind a feature file: ``slides_dir/<slide_id>.<ext>``, else the path that
+    ``oncoslide extract`` recorded in the file (``slide_path`` attribute), if it still exists."""
+    if slides_dir is not None:
+        for suffix in SLIDE_SUFFIXES:
+            candidate = slides_dir / f"{slide_id}{suffix}"
+            if candidate.exists():
+                return candidate
+    try:
+        with h5py.File(feature_path, "r") as f:
+            recorded = f.attrs.get("slide_path")
+    except OSError:
+        return None
+    if isinstance(recorded, bytes):
+        recorded = recorded.decode()
+    if isinstance(recorded, str) and Path(recorded).exists():
+        return Path(recorded)
+    return None
+
+
+def attention_overlay(
+    rows: pd.DataFrame,
+    grid: PatchGrid,
+    *,
+    max_side: int = 2048,
+    background: np.ndarray | None = None,
+    alpha: float = 0.5,
+    cmap: str = "turbo",
+) -> np.ndarray:
+    """An RGB image of the slide (``background`` resized, or white) with every patch painted by
+    its attention percentile; ``max_side`` px on the slide's longer side."""
+    width, height = grid.level0_width, grid.level0_height
+    scale = max_side / max(width, height)
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if background is not None:
+        from PIL import Image
+
+        base = np.asarray(
+            Image.fromarray(background).resize((out_w, out_h), Image.Resampling.BILINEAR),
+            dtype=np.float64,
+        )
+    else:
+        base = np.full((out_h, out_w, 3), 255.0)
+    paint = np.zeros((out_h, out_w, 3))
+    covered = np.zeros((out_h, out_w), dtype=bool)
+    colours = colormaps[cmap](rows["percentile"].to_numpy(dtype=float))[:, :3] * 255.0
+    # patches in increasing attention: where patches overlap, the higher one is on top
+    order = np.argsort(rows["percentile"].to_numpy(), kind="stable")
+    # both edges rounded from level-0 positions: adjacent patches meet without gaps
+    x_lo, y_lo = rows["x"].to_numpy(dtype=float), rows["y"].to_numpy(dtype=float)
+    size = float(grid.patch_size_level0)
+    xs0, ys0 = np.round(x_lo * scale).astype(int), np.round(y_lo * scale).astype(int)
+    xs1 = np.maximum(np.round((x_lo + size) * scale).astype(int), xs0 + 1)
+    ys1 = np.maximum(np.round((y_lo + size) * scale).astype(int), ys0 + 1)
+    for i in order:
+        x0, y0 = max(xs0[i], 0), max(ys0[i], 0)
+        x1, y1 = min(xs1[i], out_w), min(ys1[i], out_h)
+        if x1 > x0 and y1 > y0:
+            paint[y0:y1, x0:x1] = colours[i]
+            covered[y0:y1, x0:x1] = True
+    image = base.copy()
+    image[covered] = (1 - alpha) * base[covered] + alpha * paint[covered]
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _save_figure(image: np.ndarray, title: str, cmap: str, target: Path) -> None:
+    height, width = image.shape[:2]
+    fig = Figure(figsize=(8, 6.6 * height / width + 0.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(image)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    mappable = colormaps[cmap]
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 100), mappable), ax=ax, shrink=0.6)
+    bar.set_label("attention percentile within the patient")
+    with atomic_path(target, suffix=".png.tmp") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+# ------------------------------------------------------------------------------ all together
+
+
+def attention_heatmaps(
+    run_dir: str | Path,
+    cohort: Cohort,
+    patient_id: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    fold: int | None = None,
+    slides_dir: str | Path | None = None,
+    max_side: int = 2048,
+    cmap: str = "turbo",
+) -> HeatmapResult:
+    """Write ``attention.csv`` and one ``<slide_id>.png`` per slide of ``patient_id``.
+
+    ``fold`` defaults to the fold in which the patient was a test patient (out-of-fold
+    attention); another fold is allowed but the result says that its model trained on the
+    patient. The background is the slide itself when it can be found (``slides_dir``, or the
+    path recorded by ``oncoslide extract``), else a white canvas.
+    """
+    if cmap not in colormaps:
+        raise ConfigError(f"unknown colour map {cmap!r}")
+    run, out = Path(run_dir), Path(out_dir)
+    _, splits = read_run(run)
+    if str(patient_id) not in set(splits["patient_id"].astype(str)):
+        raise ConfigError(f"patient {patient_id!r} is not in the run's splits ({run}/splits.csv)")
+    chosen = held_out_fold(splits, patient_id, seed) if fold is None else int(fold)
+    fold_model = load_fold_model(run, cohort, seed=seed, fold=chosen)
+    cache = FeatureCache()
+    notes: list[str] = []
+    try:
+        attention = patient_attention(fold_model, cohort, patient_id, cache)
+        if not attention.out_of_fold:
+            notes.append(
+                f"the model of seed {seed} fold {chosen} trained (or chose its checkpoint) on "
+                f"{patient_id}: its attention "
+                "is not an out-of-fold view (leave --fold unset for the test fold)"
+            )
+        table_path = out / "attention.csv"
+        write_table(table_path, attention.table)
+        result = HeatmapResult(attention, table_path, notes=notes)
+        prediction = ", ".join(f"{k} {v:.3g}" for k, v in attention.prediction.items())
+        paths = dict(zip(cohort.slide_ids(patient_id), cohort.slide_paths(patient_id), strict=True))
+        for slide_id, rows in attention.table.groupby("slide_id", sort=False):
+            path = Path(paths[str(slide_id)])
+            if (rows["x"] < 0).any():
+                notes.append(f"{slide_id}: the feature file has no coordinates; no image drawn")
+                continue
+            grid = _grid_of(path, rows, cache)
+            background = _background(path, str(slide_id), slides_dir, grid, max_side, notes)
+            image = attention_overlay(
+                rows, grid, max_side=max_side, background=background, cmap=cmap
+            )
+            title = (
+                f"{patient_id} · {slide_id} · {fold_model.config.model} seed {seed} fold "
+                f"{chosen} ({'out-of-fold' if attention.out_of_fold else 'trained on'})\n"
+                f"{len(rows)} patches · prediction: {prediction}"
+            )
+            target = out / f"{slide_id}.png"
+            _save_figure(image, title, cmap, target)
+            result.images[str(slide_id)] = target
+    finally:
+        cache.close()
+    return result
+
+
+def _background(
+    feature_path: Path,
+    slide_id: str,
+    slides_dir: str | Path | None,
+    grid: PatchGrid,
+    max_side: int,
+    notes: list[str],
+) -> np.ndarray | None:
+    from oncoslide.slides.reader import open_slide
+
+    slide_path = find_slide_file(
+        feature_path, slide_id, None if slides_dir is None else Path(slides_dir)
+    )
+    if slide_path is None:
+        notes.append(f"{slide_id}: slide file not found; drawn on a blank canvas")
+        return None
+    try:
+        with open_slide(slide_path, mpp_override=grid.level0_mpp) as slide:
+            if (slide.info.width, slide.info.height) != (grid.level0_width, grid.level0_height):
+                notes.append(
+                    f"{slide_id}: {slide_path.name} is {slide.info.width}x{slide.info.height} "
+                    f"px but the features describe {grid.level0_width}x{grid.level0_height}; "
+                    "drawn on a blank canvas"
+                )
+                return None
+            image, _ = slide.thumbnail(max_side=max_side)
+            return image
+    except OncoslideError as exc:
+        notes.append(f"{slide_id}: cannot read {slide_path} ({exc}); drawn on a blank canvas")
+        return None
+
+
+__all__ = [
+    "ATTENTION_COLUMNS",
+    "FoldModel",
+    "HeatmapResult",
+    "PatientAttention",
+    "attention_heatmaps",
+    "attention_overlay",
+    "find_slide_file",
+    "held_out_fold",
+    "load_fold_model",
+    "patient_attention",
+    "read_run",
+]

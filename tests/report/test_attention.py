@@ -1,0 +1,192 @@
+"""Attention heatmaps: the rebuilt fold model reproduces the run's predictions, attention is
+out-of-fold by default, images are drawn on the real slide when it can be found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from oncoslide.cohort.table import load_cohort
+from oncoslide.errors import ConfigError
+from oncoslide.features.schema import PatchGrid, write_feature_file
+from oncoslide.report.attention import (
+    attention_heatmaps,
+    attention_overlay,
+    held_out_fold,
+    load_fold_model,
+    patient_attention,
+)
+from oncoslide.slides.reader import open_slide
+from oncoslide.training import cross_validate, make_config
+
+SVS_W, SVS_H, SVS_MPP = 2220, 2967, 0.499
+PATCH = 256
+
+
+@pytest.fixture(scope="module")
+def slide_cohort(svs_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """18 patients whose feature files describe the bundled slide (its size, resolution and
+    path); one planted feature column drives the hazard."""
+    out = tmp_path_factory.mktemp("attention-cohort")
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.arange(0, SVS_W - PATCH, PATCH), np.arange(0, SVS_H - PATCH, PATCH))
+    coords = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.int64)
+    grid = PatchGrid(
+        patch_size=PATCH,
+        patch_size_level0=PATCH,
+        target_mpp=SVS_MPP,
+        level0_mpp=SVS_MPP,
+        level0_width=SVS_W,
+        level0_height=SVS_H,
+    )
+    rows = []
+    for i in range(18):
+        risk = rng.normal()
+        feats = rng.normal(size=(len(coords), 8)).astype(np.float32)
+        hot = rng.random(len(coords)) < 0.2
+        feats[hot, 0] += 2.0 * risk  # the signal sits in a fifth of the patches
+        sid = f"P{i:02d}-S1"
+        write_feature_file(
+            out / "features" / f"{sid}.h5",
+            feats,
+            coords,
+            grid=grid,
+            encoder="planted",
+            attrs={"slide_path": str(svs_path)},
+        )
+        time = rng.exponential(np.exp(-risk))
+        rows.append({"patient_id": f"P{i:02d}", "slide_id": sid, "time": time, "event": 1})
+    pd.DataFrame(rows).to_csv(out / "cohort.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(slide_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    config = make_config(
+        task="survival",
+        model="abmil",
+        folds=3,
+        epochs=3,
+        batch_size=4,
+        early_stopping_patience=None,
+        progress=False,
+        model_kwargs={"hidden_dim": 16, "attn_dim": 8},
+    )
+    out = tmp_path_factory.mktemp("attention-run")
+    cross_validate(cohort, config, out)
+    return out
+
+
+def test_rebuilt_fold_model_reproduces_the_runs_prediction(
+    slide_cohort: Path, trained_run: Path
+) -> None:
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    splits = pd.read_csv(trained_run / "splits.csv", dtype={"patient_id": str})
+    preds = pd.read_parquet(trained_run / "predictions.parquet")
+    for patient in ("P00", "P07", "P13"):
+        fold = held_out_fold(splits, patient, seed=0)
+        fold_model = load_fold_model(trained_run, cohort, seed=0, fold=fold)
+        got = patient_attention(fold_model, cohort, patient)
+        want = preds.loc[(preds["patient_id"] == patient) & (preds["fold"] == fold), "risk"]
+        assert got.prediction["risk"] == pytest.approx(float(want.iloc[0]), abs=1e-5)
+        assert got.out_of_fold and got.fold == fold
+        table = got.table
+        assert len(table) == 88 and table["attention"].sum() == pytest.approx(1.0)
+        assert (table["attention"] > 0).all()
+        assert table["percentile"].between(0, 1, inclusive="right").all()
+        # the percentile orders patches exactly as the raw attention does
+        order = np.argsort(table["attention"].to_numpy(), kind="stable")
+        assert np.all(np.diff(table["percentile"].to_numpy()[order]) >= 0)
+
+
+def test_heatmaps_are_drawn_on_the_slide_recorded_in_the_feature_file(
+    slide_cohort: Path, trained_run: Path, svs_path: Path, tmp_path: Path
+) -> None:
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    result = attention_heatmaps(trained_run, cohort, "P03", tmp_path / "maps", max_side=512)
+    assert result.notes == []  # the slide was found through the file's slide_path attribute
+    table = pd.read_csv(result.table_path)
+    assert len(table) == 88 and set(table["slide_id"]) == {"P03-S1"}
+    image = np.asarray(Image.open(result.images["P03-S1"]))
+    assert image.shape[0] > 300 and image.shape[1] > 200
+
+    # trained-on folds are allowed but said to be so
+    other = next(f for f in range(3) if f != result.attention.fold)
+    again = attention_heatmaps(trained_run, cohort, "P03", tmp_path / "m2", fold=other)
+    assert not again.attention.out_of_fold
+    assert any("not an out-of-fold view" in n for n in again.notes)
+
+    # without the slide, a blank canvas and a note
+    cohort_no_slide = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    with open_slide(svs_path) as slide:
+        assert (slide.info.width, slide.info.height) == (SVS_W, SVS_H)
+    missing = attention_heatmaps(
+        trained_run, cohort_no_slide, "P04", tmp_path / "m3", slides_dir=tmp_path, max_side=256
+    )
+    assert missing.images  # the recorded path still exists, so it is used after slides_dir
+
+
+def test_overlay_paints_patches_by_percentile_over_the_thumbnail(svs_path: Path) -> None:
+    grid = PatchGrid(
+        patch_size=PATCH,
+        patch_size_level0=PATCH,
+        target_mpp=SVS_MPP,
+        level0_mpp=SVS_MPP,
+        level0_width=SVS_W,
+        level0_height=SVS_H,
+    )
+    rows = pd.DataFrame({"x": [0, 1024], "y": [0, 2048], "percentile": [0.0, 1.0]})
+    with open_slide(svs_path) as slide:
+        thumb, _ = slide.thumbnail(max_side=SVS_H // 4)
+    image = attention_overlay(rows, grid, max_side=SVS_H // 4, background=thumb, alpha=0.5)
+    assert image.shape[:2] == thumb.shape[:2]
+    from matplotlib import colormaps
+
+    for (x, y), p in (((0, 0), 0.0), ((1024, 2048), 1.0)):
+        cx, cy = (x + PATCH // 2) // 4, (y + PATCH // 2) // 4
+        colour = np.asarray(colormaps["turbo"](p)[:3]) * 255
+        want = 0.5 * thumb[cy, cx].astype(float) + 0.5 * colour
+        np.testing.assert_allclose(image[cy, cx], want, atol=1.01)
+    # outside the patches the slide shows through untouched
+    np.testing.assert_array_equal(image[600, 100], thumb[600, 100])
+    blank = attention_overlay(rows, grid, max_side=400)
+    assert (blank[-1, 0] == 255).all()
+
+
+def test_models_without_attention_and_bad_requests_are_refused(
+    slide_cohort: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    with pytest.raises(ConfigError, match="not in the run's splits"):
+        attention_heatmaps(trained_run, cohort, "NOBODY", tmp_path)
+    with pytest.raises(ConfigError, match="not an `oncoslide train` run folder"):
+        attention_heatmaps(tmp_path, cohort, "P00", tmp_path / "x")
+    mean_run = tmp_path / "mean-run"
+    config = make_config(
+        task="survival", model="mean", folds=3, epochs=1, batch_size=4, progress=False
+    )
+    cross_validate(cohort, config, mean_run)
+    with pytest.raises(ConfigError, match=r"has no attention to draw; attention models: .*abmil"):
+        attention_heatmaps(mean_run, cohort, "P00", tmp_path / "y")
+
+
+def test_heatmap_command(slide_cohort: Path, trained_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oncoslide.cli import app
+
+    args = ["heatmap", str(trained_run), "--cohort", str(slide_cohort / "cohort.csv")]
+    args += ["--features", str(slide_cohort / "features"), "--out", str(tmp_path / "maps")]
+    result = CliRunner().invoke(app, [*args, "-p", "P01", "-p", "P02", "--max-side", "300"])
+    assert result.exit_code == 0, result.output
+    assert "out-of-fold" in result.output
+    for pid in ("P01", "P02"):
+        assert (tmp_path / "maps" / pid / "attention.csv").exists()
+        assert (tmp_path / "maps" / pid / f"{pid}-S1.png").exists()
+    bad = CliRunner().invoke(app, [*args, "-p", "NOBODY"])
+    assert bad.exit_code == 2 and "not in the run's splits" in bad.output
