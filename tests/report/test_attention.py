@@ -190,3 +190,18 @@ def test_heatmap_command(slide_cohort: Path, trained_run: Path, tmp_path: Path) 
         assert (tmp_path / "maps" / pid / f"{pid}-S1.png").exists()
     bad = CliRunner().invoke(app, [*args, "-p", "NOBODY"])
     assert bad.exit_code == 2 and "not in the run's splits" in bad.output
+
+
+def test_classification_run_on_the_simulated_cohort(tiny_cohort: Path, tmp_path: Path) -> None:
+    cohort = load_cohort(tiny_cohort / "cohort.csv", tiny_cohort / "features", label_cols=("msi",))
+    config = make_config(task="msi", model="abmil", folds=2, epochs=2, progress=False)
+    cross_validate(cohort, config, tmp_path / "run")
+    preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    patient = str(preds["patient_id"].iloc[0])
+    result = attention_heatmaps(tmp_path / "run", cohort, patient, tmp_path / "maps", max_side=200)
+    row = preds.iloc[0]
+    for column in ("prob_0", "prob_1"):
+        assert result.attention.prediction[column] == pytest.approx(row[column], abs=1e-5)
+    assert result.attention.fold == row["fold"] and result.attention.out_of_fold
+    # simulated slides have no image: drawn on a blank canvas, with a note
+    assert result.images and any("slide file not found" in n for n in result.notes)
