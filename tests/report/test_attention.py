@@ -205,3 +205,41 @@ def test_classification_run_on_the_simulated_cohort(tiny_cohort: Path, tmp_path:
     assert result.attention.fold == row["fold"] and result.attention.out_of_fold
     # simulated slides have no image: drawn on a blank canvas, with a note
     assert result.images and any("slide file not found" in n for n in result.notes)
+
+
+@pytest.mark.slow
+def test_attention_finds_the_planted_tumour_state(tmp_path: Path) -> None:
+    """Planted truth: in the simulator the strongest hazard latent shifts the patches of the
+    high-grade tumour prototype, while nuisance prototypes carry no signal. Out-of-fold ABMIL
+    attention must put more weight, relative to patch counts, on the former than the latter.
+    Measured (2026-11-23): mean log enrichment ratio 0.30 (t = 14.8), 91% of 189 patients."""
+    import json
+
+    from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort
+
+    data = tmp_path / "data"
+    simulate_cohort(data, SimulationConfig(n_patients=200, n_cohorts=1, patches_median=80, seed=5))
+    roles = {
+        p["index"]: p["role"] for p in json.loads((data / "truth.json").read_text())["prototypes"]
+    }
+    labels = np.load(data / "truth_patch_labels.npz")
+    cohort = load_cohort(data / "cohort.csv", data / "features")
+    config = make_config(task="survival", model="abmil", folds=5, epochs=12, progress=False)
+    cross_validate(cohort, config, tmp_path / "run")
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype={"patient_id": str})
+    log_ratios = []
+    for fold in range(5):
+        fold_model = load_fold_model(tmp_path / "run", cohort, seed=0, fold=fold)
+        test = splits.loc[(splits["fold"] == fold) & (splits["part"] == "test"), "patient_id"]
+        for patient in test:
+            table = patient_attention(fold_model, cohort, patient).table
+            prototype = np.concatenate([labels[s] for s in dict.fromkeys(table["slide_id"])])
+            role = pd.Series([roles[int(k)] for k in prototype])
+            enrichment = table["attention"].groupby(role).sum() / role.value_counts(normalize=True)
+            if {"tumour_high_grade", "nuisance"} <= set(enrichment.index):
+                log_ratios.append(
+                    np.log(enrichment["tumour_high_grade"]) - np.log(enrichment["nuisance"])
+                )
+    ratios = np.asarray(log_ratios)
+    assert ratios.size > 150
+    assert ratios.mean() > 0.15 and (ratios > 0).mean() > 0.75
