@@ -45,5 +45,5 @@ def test_map_unordered_reserves_the_gpus_it_is_asked_for() -> None:
         without = dict(map_unordered(_gpu_ids, range(3)))
     finally:
         ray.shutdown()
-    assert all(ids == [0] for ids in with_gpu.values())
+    assert all(ids == [0] for ids in with_gpu.values()), with_gpu
     assert all(ids == [] for ids in without.values())

@@ -252,16 +252,22 @@ def test_workers_take_gpus_round_robin(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(runner, "_die_with_parent", lambda: None)
     monkeypatch.setattr(runner, "CellRunner", lambda *a, **k: None)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    started = multiprocessing.get_context("spawn").Value("i", 0)
-    seen = []
-    for _ in range(5):
-        runner._init_worker(None, Path("."), 1.0, 1, (2, 3), started)  # type: ignore[arg-type]
-        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
-    assert seen == ["2", "3", "2", "3", "2"]
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    runner._init_worker(None, Path("."), 1.0, 1, (), started)  # type: ignore[arg-type]
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # no GPUs given: nothing is hidden
+    # _init_worker sets the variable in this process: put back what was there afterwards
+    original = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    try:
+        started = multiprocessing.get_context("spawn").Value("i", 0)
+        seen = []
+        for _ in range(5):
+            runner._init_worker(None, Path("."), 1.0, 1, (2, 3), started)  # type: ignore[arg-type]
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        assert seen == ["2", "3", "2", "3", "2"]
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+        runner._init_worker(None, Path("."), 1.0, 1, (), started)  # type: ignore[arg-type]
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ  # no GPUs given: nothing is hidden
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        if original is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = original
     assert runner.default_workers((0, 1, 2)) == 3 and runner.default_workers(()) >= 1
 
 
