@@ -217,6 +217,11 @@ def train(
     config: Path | None = typer.Option(None, "--config", help="YAML/JSON file of settings"),
     splits: Path | None = typer.Option(None, "--splits", help="reuse a splits.csv"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace another run in --out"),
+    skip_bad_features: bool = typer.Option(
+        False,
+        "--skip-bad-features",
+        help="leave out slides whose feature file is missing, unreadable or empty (listed)",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Cross-validate a MIL model (patient-level folds, validation carved from training)."""
@@ -246,7 +251,11 @@ def train(
         event_col=cfg.event_col,
         require_survival=cfg.is_survival,
         label_cols=() if cfg.is_survival else (cfg.task,),
+        bad_features="drop" if skip_bad_features else "error",
     )
+    for note in c.notes:
+        if "left out for unusable features" in note:
+            console.print(f"[yellow]note:[/] {note}")
     given = load_splits(splits) if splits else None
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 

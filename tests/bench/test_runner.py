@@ -300,3 +300,37 @@ def test_a_multiclass_task_runs_through_both_protocols_and_the_leaderboard(
         and scores["estimate"].le(scores["upper"]).all()
     )
     assert "subtype" in board.html_path.read_text()
+
+
+def test_unusable_feature_files_leave_their_patients_out_of_that_feature_set(
+    bench_data: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    from oncoslide.errors import CohortValidationError
+
+    real = tmp_path / "real"
+    shutil.copytree(bench_data / "features", real)
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
+    single = table.groupby("patient_id").filter(lambda g: len(g) == 1)
+    broken = single.iloc[:2]
+    (real / f"{broken['slide_id'].iloc[0]}.h5").write_bytes(b"corrupt")
+    (real / f"{broken['slide_id'].iloc[1]}.h5").unlink()
+    lost = set(broken["patient_id"])
+    raw = _linear_only(small_spec(bench_data))
+    raw["feature_sets"][0]["features"] = str(real)
+    run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
+    assert not run.failures and run.n_ran == 12
+    assert any("real: 2 slide(s) left out for unusable features" in n for n in run.notes)
+    with ResultStore.in_dir(tmp_path / "b") as store:
+        preds = store.predictions()
+        tasks = store.get_meta("tasks")
+    by_set = preds.groupby("feature_set")["patient_id"].apply(set)
+    assert not by_set["real"] & lost and lost <= by_set["shuffled"]
+    assert by_set["real"] | lost == by_set["shuffled"]  # same splits, minus the lost ones
+    assert all("real: 2 patient(s) without usable features" in t["excluded"] for t in tasks)
+    # the strict policy refuses to run and lists both files
+    raw["bad_features"] = "error"
+    with pytest.raises(CohortValidationError) as info:
+        resolve_bench(spec_from_dict(raw))
+    assert all(sid in str(info.value) for sid in broken["slide_id"])

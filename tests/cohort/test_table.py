@@ -314,3 +314,31 @@ def test_several_files_for_a_slide_are_noted(tmp_path: Path) -> None:
     c = load_cohort(pd.DataFrame({"patient_id": ["a"], "slide_id": ["s1"]}), tmp_path)
     assert c.slide_paths("a") == [tmp_path / "s1.h5"]
     assert any("several feature files" in n for n in c.notes)
+
+
+def test_bad_feature_files_are_listed_or_dropped(good: tuple[pd.DataFrame, Path]) -> None:
+    df, feat_dir = good
+    (feat_dir / "s2b.h5").write_bytes(b"not hdf5")  # P2 keeps its other slide
+    (feat_dir / "s3.h5").unlink()  # P3's only slide
+    _features(feat_dir, "s4", 0)  # an empty bag: P4's only slide
+    with pytest.raises(CohortValidationError) as info:
+        load_cohort(df, feat_dir)
+    text = _problems(info)
+    assert "s3" in text and "s2b" in text  # error mode: every problem listed
+
+    cohort = load_cohort(df, feat_dir, bad_features="drop")
+    assert cohort.patient_ids == ["P1", "P2"]
+    assert cohort.slide_ids("P2") == ["s2a"] and cohort.patients.loc["P2", "n_patches"] == 4
+    dropped = cohort.dropped_slides.set_index("slide_id")
+    assert sorted(dropped.index) == ["s2b", "s3", "s4"]
+    assert dropped.loc["s3", "reason"].startswith("missing")
+    assert dropped.loc["s2b", "reason"].startswith("unreadable")
+    assert dropped.loc["s4", "reason"].startswith("empty")
+    assert cohort.dropped_patients == ["P3", "P4"]
+    note = next(n for n in cohort.notes if "left out for unusable features" in n)
+    assert "3 slide(s)" in note and "2 patient(s)" in note
+
+    for sid in ("s1", "s2a"):
+        (feat_dir / f"{sid}.h5").unlink()
+    with pytest.raises(CohortValidationError, match="no slide has usable features"):
+        load_cohort(df, feat_dir, bad_features="drop")

@@ -22,6 +22,7 @@ never predicted or scored as test patients.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tempfile
 import time
@@ -89,8 +90,11 @@ def cell_config(
         "stamp_mpp": fs.spec.stamp_mpp,
         "exclude": fs.exclude_digest,
     }
-    if fs.level != "patch":  # patch-level keys stay as they were before levels existed
+    # keys of cells without these stay as they were before the fields existed
+    if fs.level != "patch":
         feature_set["level"] = fs.level
+    if fs.missing:
+        feature_set["missing"] = _digest(fs.missing)
     return {
         "version": CELL_VERSION,
         "task": {**task.spec.model_dump(mode="json"), "splits": task.split_digest()},
@@ -104,6 +108,10 @@ def cell_config(
 def applies(model: ModelSpec, fs: FeatureSet) -> bool:
     """Whether a model runs on a feature set: mil models need patch features (bags)."""
     return not (model.protocol == "mil" and fs.level == "slide")
+
+
+def _digest(ids: frozenset[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def plan_cells(bench: ResolvedBench) -> list[Cell]:
@@ -186,16 +194,31 @@ class CellRunner:
         fs = self.bench.feature_sets[cell.feature_set]
         model = next(m for m in self.bench.spec.models if m.name == cell.model)
         cohort = _task_cohort(fs.cohort, task)
-        parts = fold_parts(task.splits, cell.seed, cell.fold)
+        # patients without usable features in this set neither train nor test
+        splits = task.splits
+        if fs.missing:
+            splits = splits.loc[~splits["patient_id"].isin(fs.missing)]
+        parts = fold_parts(splits, cell.seed, cell.fold)
+        n_missing = int(
+            task.splits.loc[
+                (task.splits["seed"] == cell.seed) & (task.splits["fold"] == cell.fold),
+                "patient_id",
+            ]
+            .isin(fs.missing)
+            .sum()
+        )
         excluded = [p for p in parts["test"] if p in fs.excluded]
         if len(excluded) == len(parts["test"]):
-            raise ConfigError(f"{cell.label}: every test patient is on {fs.name}'s exclusion list")
+            raise ConfigError(
+                f"{cell.label}: no test patient left (exclusion list or unusable features)"
+            )
         if model.protocol == "mil":
-            preds, metrics, info = self._run_mil(cell, task, fs, cohort, model)
+            preds, metrics, info = self._run_mil(cell, task, fs, cohort, model, splits)
         else:
             preds, metrics, info = self._run_linear(cell, task, fs, cohort, model, parts)
         info = {
             **info,
+            "n_missing": n_missing,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "n_test": len(preds),
             "n_excluded": len(excluded),
@@ -218,7 +241,13 @@ class CellRunner:
 
     # ---------------------------------------------------------------------------- mil
     def _run_mil(
-        self, cell: Cell, task: BenchTask, fs: FeatureSet, cohort: Cohort, model: ModelSpec
+        self,
+        cell: Cell,
+        task: BenchTask,
+        fs: FeatureSet,
+        cohort: Cohort,
+        model: ModelSpec,
+        splits: pd.DataFrame,
     ) -> tuple[pd.DataFrame, dict[str, float], dict[str, Any]]:
         from oncoslide.training.cv import train_fold
 
@@ -231,7 +260,7 @@ class CellRunner:
                 cohort,
                 task.target,
                 config,
-                task.splits,
+                splits,
                 cell.seed,
                 cell.fold,
                 Path(tmp),

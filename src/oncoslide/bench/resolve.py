@@ -46,6 +46,8 @@ class FeatureSet:
     exclude_digest: str = ""
     exclude_note: str = ""
     slide_embeddings: SlideEmbeddings | None = None  # slide-level feature sets only
+    missing: frozenset[str] = frozenset()  # patients without usable features: never used
+    missing_note: str = ""
 
     @property
     def name(self) -> str:
@@ -107,6 +109,7 @@ class ResolvedBench:
     feature_sets: dict[str, FeatureSet]
     tasks: dict[str, BenchTask]
     notes: tuple[str, ...] = field(default=())
+    cohort: Cohort | None = None  # every patient of the table (labels only, no features)
 
     def exclusion_report(self, task: BenchTask) -> str:
         """One line per task: what each feature set's exclusion list removed from its tests."""
@@ -116,6 +119,9 @@ class ResolvedBench:
             n = len(fs.excluded & patients)
             if fs.spec.exclude is not None:
                 parts.append(f"{fs.name}: {n} patient(s) excluded from test parts")
+            lost = len(fs.missing & patients)
+            if lost:
+                parts.append(f"{fs.name}: {lost} patient(s) without usable features, left out")
         return "; ".join(parts) if parts else "no exclusion lists"
 
 
@@ -151,13 +157,24 @@ def resolve_bench(
             label_cols=label_cols,
             stamp_mpp=fs_spec.stamp_mpp,
             progress=None if slide_level else step,
+            bad_features=spec.bad_features,
         )
         fs = _with_exclusions(spec, fs_spec, cohort, problems)
         if slide_level:
             fs = _with_slide_embeddings(spec, fs, problems)
+        if cohort.dropped:
+            fs = dataclasses.replace(
+                fs,
+                missing=frozenset(cohort.dropped_patients),
+                missing_note=f"{fs.name}: "
+                + next(n for n in cohort.notes if "left out for unusable features" in n),
+            )
         feature_sets[fs_spec.name] = fs
 
-    reference = next(iter(feature_sets.values())).cohort
+    # tasks are resolved on every patient of the table, whatever features each set lacks
+    reference = load_cohort(
+        table, None, time_col=time_col, event_col=event_col, label_cols=label_cols
+    )
     tasks: dict[str, BenchTask] = {}
     for t in spec.tasks:
         task = _resolve_task(spec, t, reference, problems)
@@ -170,7 +187,8 @@ def resolve_bench(
         for t in tasks.values()
         if t.left_out
     ]
-    return ResolvedBench(spec, feature_sets, tasks, tuple(notes))
+    notes += [fs.missing_note for fs in feature_sets.values() if fs.missing_note]
+    return ResolvedBench(spec, feature_sets, tasks, tuple(notes), reference)
 
 
 # ------------------------------------------------------------------------------ columns
@@ -474,7 +492,7 @@ def audit_bench_splits(bench: ResolvedBench) -> None:
         if task.spec.split.policy == "kfold":
             sites = None
             if task.spec.split.site_preserving:
-                cohort = next(iter(bench.feature_sets.values())).cohort
+                cohort = bench.cohort or next(iter(bench.feature_sets.values())).cohort
                 sites = {p: str(cohort.patients.loc[p, "site"]) for p in task.patients}
             audit_splits(task.splits, patient_ids=list(task.patients), sites=sites)
         else:

@@ -169,6 +169,11 @@ class BenchSpec(_Strict):
         default_factory=dict, description="TrainConfig overrides for every mil model"
     )
     n_boot: int = Field(1000, ge=100)
+    bad_features: Literal["drop", "error"] = Field(
+        "drop",
+        description="patch feature files that are missing, unreadable or empty: drop those "
+        "slides from that feature set (reported) or refuse to run",
+    )
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")

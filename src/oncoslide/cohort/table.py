@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,18 @@ class Cohort:
     label_cols: tuple[str, ...] = ()
     features_dir: Path | None = None
     notes: tuple[str, ...] = field(default=())
+    dropped: tuple[tuple[str, str, str], ...] = field(default=())
+
+    @property
+    def dropped_slides(self) -> pd.DataFrame:
+        """Slides left out for unusable features (``bad_features="drop"``): patient_id,
+        slide_id, reason."""
+        return pd.DataFrame(list(self.dropped), columns=["patient_id", "slide_id", "reason"])
+
+    @property
+    def dropped_patients(self) -> list[str]:
+        """Patients left with no usable slide (absent from :attr:`patients`), sorted."""
+        return sorted({pid for pid, _, _ in self.dropped} - set(self.patients.index))
 
     @property
     def patient_ids(self) -> list[str]:
@@ -176,6 +189,7 @@ def load_cohort(
     stamp_mpp: float | None = None,
     require_survival: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    bad_features: Literal["error", "drop"] = "error",
 ) -> Cohort:
     """Read and validate a cohort table and, optionally, the feature files it names.
 
@@ -192,6 +206,11 @@ def load_cohort(
         stamp_mpp: level-0 µm per pixel for STAMP files that do not record it.
         require_survival: the survival columns must exist.
         progress: called as ``progress(done, total)`` while feature files are checked.
+        bad_features: what a slide whose feature file is missing, unreadable or empty does:
+            ``"error"`` (listed with every other problem) or ``"drop"``: the slide is left out
+            (a patient keeps its other slides; one without any left is left out) and each is
+            listed in :attr:`Cohort.dropped` and the notes. Disagreeing feature dimensions
+            are always an error.
 
     Raises:
         CohortValidationError: listing every problem found.
@@ -218,11 +237,28 @@ def load_cohort(
     feature_dim: int | None = None
     df["feature_path"] = None
     df["n_patches"] = pd.array([pd.NA] * len(df), dtype="Int64")
+    if bad_features not in ("error", "drop"):
+        problems.append(f"bad_features must be 'error' or 'drop', got {bad_features!r}")
+    dropped: list[tuple[str, str, str]] = []
     if features_dir is not None and "slide_id" in df.columns:
         if check_features:
+            bad: dict[str, str] = {}
             feature_dim = _attach_features(
-                df, Path(features_dir), stamp_mpp, problems, notes, progress
+                df,
+                Path(features_dir),
+                stamp_mpp,
+                problems,
+                notes,
+                progress,
+                bad if bad_features == "drop" else None,
             )
+            if bad and not problems:
+                df, dropped = _drop_slides(df, bad, notes)
+                if df.empty:
+                    problems.append(
+                        f"no slide has usable features in {features_dir} "
+                        f"({len(dropped)} left out, e.g. {dropped[0][1]}: {dropped[0][2]})"
+                    )
         else:
             _locate_features(df, Path(features_dir))
     if problems:
@@ -241,7 +277,30 @@ def load_cohort(
         label_cols=label_cols,
         features_dir=Path(features_dir) if features_dir is not None else None,
         notes=tuple(notes),
+        dropped=tuple(dropped),
     )
+
+
+def _drop_slides(
+    df: pd.DataFrame, bad: dict[str, str], notes: list[str]
+) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
+    """Leave out the slides in ``bad`` (slide id -> reason), with a note that counts them."""
+    gone = df["slide_id"].isin(list(bad))
+    dropped = [
+        (str(pid), str(sid), bad[sid])
+        for pid, sid in zip(df.loc[gone, "patient_id"], df.loc[gone, "slide_id"], strict=True)
+    ]
+    kept = df.loc[~gone].copy()
+    lost = sorted({pid for pid, _, _ in dropped} - set(kept["patient_id"]))
+    reasons = Counter(reason.split(":")[0] for reason in bad.values())
+    notes.append(
+        f"{len(dropped)} slide(s) left out for unusable features "
+        f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))}): "
+        f"{_examples([sid for _, sid, _ in dropped])}; "
+        f"{len(lost)} patient(s) left with no slide are left out"
+        + (f": {_examples(lost)}" if lost else "")
+    )
+    return kept, dropped
 
 
 def _read_table(table: PathLike | pd.DataFrame, problems: list[str]) -> pd.DataFrame | None:
@@ -460,8 +519,13 @@ def _attach_features(
     problems: list[str],
     notes: list[str],
     progress: Callable[[int, int], None] | None = None,
+    bad: dict[str, str] | None = None,
 ) -> int | None:
-    """Locate and inspect every slide's feature file; return the common dimension."""
+    """Locate and inspect every slide's feature file; return the common dimension.
+
+    With ``bad`` (a dict to fill), slides whose file is missing, unreadable or empty are
+    recorded there (slide id -> reason) instead of being problems.
+    """
     try:
         index = FeatureIndex(features_dir)
     except FeatureFileError as exc:
@@ -487,9 +551,14 @@ def _attach_features(
                 path, passed_over = found.path, passed_over + bool(found.ignored)
                 info = inspect_features(path, stamp_mpp=stamp_mpp, check_units=True)
                 n = info.n_patches
-                dims[info.dim].append(sid)
+                if bad is not None and n == 0:
+                    bad[sid] = "empty: the feature file has no patches"
+                else:
+                    dims[info.dim].append(sid)
         except FeatureFileError as exc:
             unreadable.append(f"{sid}: {exc.reason}")
+            if bad is not None:
+                bad[sid] = f"unreadable: {exc.reason}"
         seen[sid] = (None if path is None else str(path), n)
     paths = [seen.get(sid, (None, None))[0] if sid else None for sid in df["slide_id"]]
     counts = [seen.get(sid, (None, None))[1] if sid else None for sid in df["slide_id"]]
@@ -500,6 +569,9 @@ def _attach_features(
             f"{passed_over} slide(s) have several feature files; the preferred one was used "
             "(.h5 over .hdf5 over .pt)"
         )
+    if bad is not None:
+        bad.update({sid: "missing: no feature file" for sid in missing})
+        missing, unreadable = [], []
     _report_feature_problems(features_dir, missing, unreadable, dims, problems)
     return next(iter(dims)) if len(dims) == 1 else None
 
