@@ -253,9 +253,8 @@ def train(
         label_cols=() if cfg.is_survival else (cfg.task,),
         bad_features="drop" if skip_bad_features else "error",
     )
-    for note in c.notes:
-        if "left out for unusable features" in note:
-            console.print(f"[yellow]note:[/] {note}")
+    if c.drop_note:
+        console.print(f"[yellow]note:[/] {c.drop_note}")
     given = load_splits(splits) if splits else None
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 

@@ -337,6 +337,7 @@ def test_bad_feature_files_are_listed_or_dropped(good: tuple[pd.DataFrame, Path]
     assert cohort.dropped_patients == ["P3", "P4"]
     note = next(n for n in cohort.notes if "left out for unusable features" in n)
     assert "3 slide(s)" in note and "2 patient(s)" in note
+    assert cohort.drop_note == note
 
     for sid in ("s1", "s2a"):
         (feat_dir / f"{sid}.h5").unlink()

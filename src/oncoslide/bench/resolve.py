@@ -166,8 +166,7 @@ def resolve_bench(
             fs = dataclasses.replace(
                 fs,
                 missing=frozenset(cohort.dropped_patients),
-                missing_note=f"{fs.name}: "
-                + next(n for n in cohort.notes if "left out for unusable features" in n),
+                missing_note=f"{fs.name}: {cohort.drop_note}",
             )
         feature_sets[fs_spec.name] = fs
 

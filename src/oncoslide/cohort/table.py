@@ -74,6 +74,11 @@ class Cohort:
         return sorted({pid for pid, _, _ in self.dropped} - set(self.patients.index))
 
     @property
+    def drop_note(self) -> str:
+        """The line of :attr:`notes` that counts the slides and patients left out ("" if none)."""
+        return _drop_note(self.dropped, self.dropped_patients) if self.dropped else ""
+
+    @property
     def patient_ids(self) -> list[str]:
         """All patient ids, sorted."""
         return list(self.patients.index)
@@ -292,15 +297,20 @@ def _drop_slides(
     ]
     kept = df.loc[~gone].copy()
     lost = sorted({pid for pid, _, _ in dropped} - set(kept["patient_id"]))
-    reasons = Counter(reason.split(":")[0] for reason in bad.values())
-    notes.append(
+    notes.append(_drop_note(dropped, lost))
+    return kept, dropped
+
+
+def _drop_note(dropped: Sequence[tuple[str, str, str]], lost: Sequence[str]) -> str:
+    """One line counting the slides left out by reason and the patients left without any."""
+    reasons = Counter(reason.split(":")[0] for _, _, reason in dropped)
+    return (
         f"{len(dropped)} slide(s) left out for unusable features "
         f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))}): "
         f"{_examples([sid for _, sid, _ in dropped])}; "
         f"{len(lost)} patient(s) left with no slide are left out"
         + (f": {_examples(lost)}" if lost else "")
     )
-    return kept, dropped
 
 
 def _read_table(table: PathLike | pd.DataFrame, problems: list[str]) -> pd.DataFrame | None:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
@@ -111,11 +112,11 @@ def held_out_fold(splits: pd.DataFrame, patient_id: str, seed: int) -> int:
 def read_run(run_dir: str | Path) -> tuple[TrainConfig, pd.DataFrame]:
     """The settings and splits of an ``oncoslide train`` run folder."""
     run_dir = Path(run_dir)
-    problems = [f"{name} is missing" for name in ("config.json", "splits.csv")]
-    problems = [p for p in problems if not (run_dir / p.split()[0]).exists()]
-    if problems:
+    missing = [n for n in ("config.json", "splits.csv") if not (run_dir / n).exists()]
+    if missing:
         raise ConfigError(
-            f"{run_dir} is not an `oncoslide train` run folder: {'; '.join(problems)}"
+            f"{run_dir} is not an `oncoslide train` run folder: "
+            + "; ".join(f"{n} is missing" for n in missing)
         )
     payload = json.loads((run_dir / "config.json").read_text())
     config = TrainConfig.model_validate(payload["config"])
@@ -132,6 +133,12 @@ def load_fold_model(run_dir: str | Path, cohort: Cohort, *, seed: int, fold: int
     """
     run = Path(run_dir)
     config, splits = read_run(run)
+    return _fold_model(run, config, splits, cohort, seed, fold)
+
+
+def _fold_model(
+    run: Path, config: TrainConfig, splits: pd.DataFrame, cohort: Cohort, seed: int, fold: int
+) -> FoldModel:
     if not MODELS.metadata(config.model).get("has_attention", False):
         with_attention = [m for m in MODELS.list() if MODELS.metadata(m).get("has_attention")]
         raise ConfigError(
@@ -311,10 +318,7 @@ def _save_figure(image: np.ndarray, title: str, cmap: str, target: Path) -> None
     ax.imshow(image)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    mappable = colormaps[cmap]
-    from matplotlib.cm import ScalarMappable
-
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 100), mappable), ax=ax, shrink=0.6)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 100), colormaps[cmap]), ax=ax, shrink=0.6)
     bar.set_label("attention percentile within the patient")
     with atomic_path(target, suffix=".png.tmp") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -345,11 +349,11 @@ def attention_heatmaps(
     if cmap not in colormaps:
         raise ConfigError(f"unknown colour map {cmap!r}")
     run, out = Path(run_dir), Path(out_dir)
-    _, splits = read_run(run)
+    config, splits = read_run(run)
     if str(patient_id) not in set(splits["patient_id"].astype(str)):
         raise ConfigError(f"patient {patient_id!r} is not in the run's splits ({run}/splits.csv)")
     chosen = held_out_fold(splits, patient_id, seed) if fold is None else int(fold)
-    fold_model = load_fold_model(run, cohort, seed=seed, fold=chosen)
+    fold_model = _fold_model(run, config, splits, cohort, seed, chosen)
     cache = FeatureCache()
     notes: list[str] = []
     try:
