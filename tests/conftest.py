@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
+from oncoslide.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
 
 
 @pytest.fixture(scope="session")

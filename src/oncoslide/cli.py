@@ -52,55 +52,67 @@ def _friendly(fn: F) -> F:
 @app.command()
 @_friendly
 def simulate(
-    out: Path = typer.Argument(..., help="folder to write the cohort into"),
-    patients: int = typer.Option(240, "--patients", "-n", help="number of patients"),
-    cohorts: int = typer.Option(3, "--cohorts", "-k", help="number of cancer types"),
-    seed: int = typer.Option(0, "--seed", "-s"),
-    dim: int = typer.Option(384, "--dim", help="feature dimension (<= 1536)"),
+    out: Path | None = typer.Argument(None, help="folder to write the cohort into"),
+    preset: str = typer.Option(
+        "demo", "--preset", "-p", help="named world (see --list-presets; docs/simulator.md)"
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="any knob, e.g. --set n_patients=400 --set omics_hidden=0.5"
+    ),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="YAML mapping of knobs (may name its own preset)"
+    ),
+    patients: int | None = typer.Option(None, "--patients", "-n", help="number of patients"),
+    cohorts: int | None = typer.Option(None, "--cohorts", "-k", help="number of cancer types"),
+    seed: int | None = typer.Option(None, "--seed", "-s"),
+    dim: int | None = typer.Option(None, "--dim", help="feature dimension (<= 1536)"),
     patches: int | None = typer.Option(None, "--patches", help="median patches per slide"),
-    dtype: str = typer.Option("float16", "--dtype", help="feature storage: float16 or float32"),
+    dtype: str | None = typer.Option(None, "--dtype", help="feature storage: float16 or float32"),
     permuted_copy: bool = typer.Option(
         True, help="also write cohort_permuted.csv (outcomes shuffled across patients)"
     ),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    list_presets: bool = typer.Option(False, "--list-presets", help="list the presets and exit"),
 ) -> None:
-    """Simulate a pan-cancer cohort with planted, documented ground truth (truth.json)."""
-    from oncoslide.cohort.simulate import SimulationConfig
+    """Simulate a cohort with planted, documented ground truth (truth.json).
 
-    kwargs: dict[str, Any] = dict(
-        n_patients=patients, n_cohorts=cohorts, seed=seed, feature_dim=dim, feature_dtype=dtype
+    Settings apply in order: the preset, the --config file, --set, then the shortcut options.
+    """
+    from oncoslide.errors import ConfigError
+    from oncoslide.simulate import (
+        PRESETS,
+        make_simulation_config,
+        parse_assignments,
+        run_simulation,
     )
+
+    if list_presets:
+        for p in PRESETS.values():
+            console.print(f"[bold]{p.name}[/]: {p.description}", highlight=False)
+        return
+    if out is None:
+        raise ConfigError("name the folder to write the cohort into: oncoslide simulate OUT")
+    overrides = parse_assignments(settings)
+    shortcuts = {
+        "n_patients": patients,
+        "n_cohorts": cohorts,
+        "seed": seed,
+        "feature_dim": dim,
+        "feature_dtype": dtype,
+    }
+    overrides.update({k: v for k, v in shortcuts.items() if v is not None})
     if patches is not None:
         # keep the default spread around a smaller or larger median
-        kwargs.update(
+        overrides.update(
             patches_median=patches,
             patches_min=min(40, max(4, patches // 4)),
             patches_max=max(3000, 4 * patches),
         )
-    result = _simulate(out, SimulationConfig(**kwargs), overwrite, permuted_copy)
+    config = make_simulation_config(preset, overrides, config_file=config_file)
+    result = run_simulation(
+        out, config, overwrite=overwrite, permuted_copy=permuted_copy, console=console
+    )
     _print_simulation(result)
-
-
-def _simulate(out: Path, config: Any, overwrite: bool, permuted_copy: bool) -> Any:
-    from rich.progress import Progress
-
-    from oncoslide.cohort.simulate import simulate_cohort, write_permuted_cohort
-    from oncoslide.training.progress import make_progress
-
-    progress: Progress = make_progress(console)
-    with progress:
-        task = progress.add_task("simulating patients", total=config.n_patients)
-        result = simulate_cohort(
-            out,
-            config,
-            overwrite=overwrite,
-            progress=lambda done, total: progress.update(task, completed=done),
-        )
-    if permuted_copy:
-        write_permuted_cohort(
-            result.cohort_table, out / "cohort_permuted.csv", seed=config.seed + 1
-        )
-    return result
 
 
 def _print_simulation(result: Any) -> None:
@@ -113,6 +125,9 @@ def _print_simulation(result: Any) -> None:
     console.print(f"  cohort table  {result.cohort_table}")
     console.print(f"  features      {result.features_dir}")
     console.print(f"  omics         {result.omics_table} + {result.gene_groups.name}")
+    for label, path in (("mutations", result.mutations_table), ("label tree", result.label_tree)):
+        if path is not None:
+            console.print(f"  {label:<13} {path}")
     console.print(f"  ground truth  {result.truth}")
 
 

@@ -65,8 +65,7 @@ def run_demo(
     from oncoslide.bench.runner import run_benchmark
     from oncoslide.bench.shuffle import shuffle_features
     from oncoslide.bench.spec import spec_from_dict
-    from oncoslide.cli import _simulate
-    from oncoslide.cohort.simulate import SimulationConfig
+    from oncoslide.simulate import SimulationConfig, run_simulation
 
     console = console or Console()
     out = Path(out)
@@ -79,7 +78,7 @@ def run_demo(
     )
     if not (data / "cohort.csv").exists():
         console.rule("1. simulate the default cohort and its shuffled-features control")
-        _simulate(data, sim, overwrite=False, permuted_copy=False)
+        run_simulation(data, sim, overwrite=False, permuted_copy=False, console=console)
     if not (data / "features-shuffled" / "shuffle_map.csv").exists():
         shuffle_features(data / "cohort.csv", data / "features", data / "features-shuffled")
 

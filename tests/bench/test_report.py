@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from oncoslide.bench.report import build_leaderboard
 from oncoslide.bench.shuffle import shuffle_features
 from oncoslide.cli import app
-from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort
+from oncoslide.simulate import SimulationConfig, simulate_cohort
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bench-demo.yaml"
 

@@ -206,7 +206,7 @@ def test_attention_finds_the_planted_tumour_state(tmp_path: Path) -> None:
     Measured (2026-11-23): mean log enrichment ratio 0.30 (t = 14.8), 91% of 189 patients."""
     import json
 
-    from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort
+    from oncoslide.simulate import SimulationConfig, simulate_cohort
 
     data = tmp_path / "data"
     simulate_cohort(data, SimulationConfig(n_patients=200, n_cohorts=1, patches_median=80, seed=5))

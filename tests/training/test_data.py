@@ -24,7 +24,14 @@ def _item(i: int, n: int, dim: int = 3, dtype: str = "float16") -> dict[str, obj
     features = (np.arange(n * dim).reshape(n, dim) + 100 * i).astype(dtype)
     coords = np.stack([np.arange(n), np.arange(n) * 2], axis=1).astype(np.int64)
     features.setflags(write=False)  # cached arrays are read-only
-    return {"index": i, "features": features, "coords": coords, "time": 10.0 * i, "event": 1.0}
+    return {
+        "index": i,
+        "features": features,
+        "coords": coords,
+        "slide_index": np.arange(n) % 2,
+        "time": 10.0 * i,
+        "event": 1.0,
+    }
 
 
 def test_collate_pads_masks_and_casts_to_float32() -> None:
@@ -38,6 +45,30 @@ def test_collate_pads_masks_and_casts_to_float32() -> None:
     np.testing.assert_array_equal(batch["features"][1].numpy(), _item(1, 5)["features"])
     assert (batch["features"][0, 2:] == 0).all() and (batch["coords"][0, 2:] == 0).all()
     assert batch["time"].tolist() == [0.0, 10.0, 20.0] and batch["index"].tolist() == [0, 1, 2]
+    assert batch["slide_index"].dtype == torch.long
+    assert batch["slide_index"][0].tolist() == [0, 1, -1, -1, -1]  # -1 on padding
+
+
+def test_slide_index_travels_from_files_into_batches(tiny_cohort: Path) -> None:
+    """Each slide is its own coordinate frame: batches say which slide every patch comes from."""
+    cohort = load_cohort(tiny_cohort / "cohort.csv", tiny_cohort / "features")
+    two = [p for p in cohort.patient_ids if len(cohort.slide_ids(p)) == 2]
+    assert two, "the tiny cohort has two-slide patients"
+    cache = FeatureCache()
+    for max_patches in (None, 12):
+        ds = BagDataset(cohort, two, cache, BagTargets(), max_patches=max_patches, seed=1)
+        batch = collate_bags([ds[i] for i in range(len(ds))])
+        for b, pid in enumerate(two):
+            valid = batch["mask"][b]
+            index = batch["slide_index"][b][valid].numpy()
+            coords = batch["coords"][b][valid].numpy()
+            assert set(index) == {0, 1}
+            for k, path in enumerate(cohort.slide_paths(pid)):
+                own = {tuple(c) for c in cache.get(path).coords.tolist()}
+                # every patch's coordinates exist in the slide its index names
+                assert all(tuple(c) in own for c in coords[index == k].astype(int).tolist())
+            assert (batch["slide_index"][b][~valid] == -1).all()
+    cache.close()
 
 
 def test_bag_sampling_is_seeded_by_seed_epoch_and_item(tiny_cohort: Path) -> None:

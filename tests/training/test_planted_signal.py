@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
 from oncoslide.cohort.table import load_cohort
 from oncoslide.features.cache import FeatureCache
+from oncoslide.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
 from oncoslide.training import cross_validate, make_config
 
 

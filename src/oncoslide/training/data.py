@@ -80,12 +80,17 @@ class BagDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, object]:
         bag = load_bag(self.cohort, self.patient_ids[i], self.cache)
-        features, coords = bag.features, bag.coords
+        features, coords, slide_index = bag.features, bag.coords, bag.slide_index
         if self.max_patches is not None and features.shape[0] > self.max_patches:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             keep = np.sort(rng.choice(features.shape[0], self.max_patches, replace=False))
-            features, coords = features[keep], coords[keep]
-        item: dict[str, object] = {"index": i, "features": features, "coords": coords}
+            features, coords, slide_index = features[keep], coords[keep], slide_index[keep]
+        item: dict[str, object] = {
+            "index": i,
+            "features": features,
+            "coords": coords,
+            "slide_index": slide_index,
+        }
         for name in ("time", "event", "bin_index", "label"):
             arr = getattr(self.targets, name)
             if arr is not None:
@@ -96,6 +101,10 @@ class BagDataset(Dataset):
 def collate_bags(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
     """Pad bags to the longest one in the batch; ``mask`` marks the real patches.
 
+    ``coords`` (B, N, 2) are level-0 pixels of each patch's own slide and ``slide_index``
+    (B, N) says which of the patient's slides it comes from (-1 on padding): slides are separate
+    coordinate frames, so two patches are neighbours only when their slide indices agree.
+
     Bags are copied into fresh numpy buffers (cached arrays are read-only and may be float16),
     which torch then wraps without another copy.
     """
@@ -104,14 +113,17 @@ def collate_bags(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
     n_max, dim = max(lengths), arrays[0].shape[1]
     features = np.zeros((len(items), n_max, dim), dtype=np.float32)
     coords = np.zeros((len(items), n_max, 2), dtype=np.float32)
+    slide_index = np.full((len(items), n_max), -1, dtype=np.int64)
     mask = np.zeros((len(items), n_max), dtype=bool)
     for b, (it, arr, n) in enumerate(zip(items, arrays, lengths, strict=True)):
         features[b, :n] = arr
         coords[b, :n] = np.asarray(it["coords"])
+        slide_index[b, :n] = np.asarray(it["slide_index"])
         mask[b, :n] = True
     batch: dict[str, torch.Tensor] = {
         "features": torch.from_numpy(features),
         "coords": torch.from_numpy(coords),
+        "slide_index": torch.from_numpy(slide_index),
         "mask": torch.from_numpy(mask),
         "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),  # type: ignore[call-overload]
     }

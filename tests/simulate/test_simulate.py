@@ -24,7 +24,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from oncoslide.cohort.simulate import (
+from oncoslide.errors import CohortValidationError, ConfigError
+from oncoslide.simulate import (
     SimulationConfig,
     SimulationResult,
     oracle_predictions,
@@ -32,7 +33,6 @@ from oncoslide.cohort.simulate import (
     simulate_cohort,
     write_permuted_cohort,
 )
-from oncoslide.errors import CohortValidationError, ConfigError
 
 # Small but statistically useful: 300 patients, ~80 patches of 32 dims per slide (~2 s).
 SMALL = {
