@@ -32,12 +32,12 @@ import h5py
 import numpy as np
 import torch
 
-from oncoslide.cohort.simulate import SimulationConfig, simulate_cohort
 from oncoslide.cohort.splits import fold_parts
 from oncoslide.cohort.table import load_cohort
 from oncoslide.features.cache import FeatureCache
 from oncoslide.models import create_model
 from oncoslide.models.heads import discrete_risk
+from oncoslide.simulate import SimulationConfig, simulate_cohort
 from oncoslide.survival.bins import TimeBins
 from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
 from oncoslide.survival.metrics import concordance_index_censored
