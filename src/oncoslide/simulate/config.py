@@ -184,10 +184,10 @@ class SimulationConfig:
     n_mutation_genes: int = 0  # genes in mutations.csv (0 = no mutation table)
     # --- v2: site shift (stain / scanner)
     site_shift_sites: int = 0  # per cohort, the last sites (by code) are scanned differently
-    site_shift_strength: float = 1.0  # angle scale of the shifted sites' feature-space rotation
+    site_shift_strength: float = 1.5  # angle scale of the shifted sites' feature-space rotation
     site_shift_gain: float = 0.3  # sd of the log gain per feature dimension
     site_shift_offset: float = 2.0  # length of the shifted sites' extra offset
-    site_shift_content: float = 3.0  # length of the shifted sites' per-prototype shifts
+    site_shift_content: float = 4.0  # length of the shifted sites' per-prototype shifts
     # --- v2: hierarchical labels (histological family -> subtype)
     hierarchical_labels: bool = False
     hierarchy_signal: float = 1.0  # multiplies the histology latents' effect on labels and tissue
