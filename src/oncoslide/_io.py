@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+
+from oncoslide.errors import ConfigError
 
 
 def _read_umask() -> int:
@@ -93,6 +96,31 @@ def read_table_file(
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
         problems.append(f"cannot read the table ({type(exc).__name__}: {exc})")
         return None
+
+
+def read_mapping_file(
+    path: str | os.PathLike[str], what: str, holds: str, *, allow_empty: bool = False
+) -> dict[str, Any]:
+    """Read a YAML file (JSON when the suffix is .json) that must hold a mapping.
+
+    ``what`` names the file in messages ("benchmark spec"), ``holds`` what the mapping holds;
+    an empty file is an empty mapping when ``allow_empty``. Raises ``ConfigError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    text = path.read_text()
+    as_json = path.suffix == ".json"
+    try:
+        data = json.loads(text) if as_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if as_json else "YAML"
+        raise ConfigError(f"{what} {path} is not valid {kind}: {exc}") from None
+    if data is None and allow_empty:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of {holds}")
+    return data
 
 
 def _json_default(obj: Any) -> Any:

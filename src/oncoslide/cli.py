@@ -181,21 +181,9 @@ def validate(
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    import json
+    from oncoslide._io import read_mapping_file
 
-    import yaml
-
-    from oncoslide.errors import ConfigError
-
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    data = read_mapping_file(path, "config file", "settings")
     return data.get("config", data) if "run_key" in data else data
 
 

@@ -29,9 +29,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from oncoslide._io import read_mapping_file
 from oncoslide.errors import ConfigError
 from oncoslide.training.config import TrainConfig
 
@@ -256,14 +256,7 @@ def _train_problems(model: str, overrides: dict[str, Any]) -> list[str]:
 def load_spec(path: str | os.PathLike[str]) -> BenchSpec:
     """Read and validate a benchmark YAML file; every problem is listed in one ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the spec must be a mapping (name, cohort, tasks, ...)")
+    raw = read_mapping_file(path, "benchmark spec", "settings (name, cohort, tasks, ...)")
     return spec_from_dict(raw, base_dir=path.parent, source=str(path))
 
 

@@ -107,6 +107,9 @@ LEVEL0_MPP = 0.25
 PATCH_SIZE_LEVEL0 = 448
 ENCODER_NAME = "simulated"
 
+# TCGA barcodes: 2-character tissue-source-site codes and 4-character patient tails.
+BARCODE_CHARS = string.ascii_uppercase + string.digits
+
 N_CALIBRATION = 20_000  # reference patients used to calibrate censoring and MSI prevalence
 
 

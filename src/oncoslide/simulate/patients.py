@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from oncoslide.simulate.config import AGGR, IMMUNE, SimulationConfig
-from oncoslide.simulate.world import _BARCODE_CHARS, World
+from oncoslide.simulate.config import AGGR, BARCODE_CHARS, IMMUNE, SimulationConfig
+from oncoslide.simulate.world import World
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +137,7 @@ def _barcodes(site: list[str], rng: np.random.Generator) -> list[str]:
     ids: list[str] = []
     for code in site:
         while True:
-            tail = "".join(rng.choice(list(_BARCODE_CHARS), size=4))
+            tail = "".join(rng.choice(list(BARCODE_CHARS), size=4))
             pid = f"TCGA-{code}-{tail}"
             if pid not in seen:
                 break

@@ -13,12 +13,12 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from oncoslide._io import read_mapping_file
 from oncoslide.errors import ConfigError
 from oncoslide.simulate.config import SimulationConfig
 
@@ -126,7 +126,9 @@ def make_simulation_config(
     """
     from_file: dict[str, Any] = {}
     if config_file is not None:
-        from_file = _read_file(Path(config_file))
+        from_file = read_mapping_file(
+            config_file, "simulation config file", "knobs", allow_empty=True
+        )
         file_preset = from_file.pop("preset", None)
         if file_preset is not None and preset == "demo":
             preset = str(file_preset)
@@ -158,20 +160,6 @@ def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"--set has {len(problems)} problem(s):\n{lines}")
     return out
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"simulation config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse simulation config file {path}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"simulation config file {path} must hold a mapping of knobs")
-    return dict(data)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SimulationConfig)}

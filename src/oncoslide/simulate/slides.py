@@ -23,7 +23,7 @@ from oncoslide.simulate.config import (
     SimulationConfig,
 )
 from oncoslide.simulate.patients import Patients, slide_ids
-from oncoslide.simulate.world import World, _random_unit
+from oncoslide.simulate.world import World, random_unit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,7 +188,7 @@ def patch_features(
     # per-prototype mean: centre, plus the tumour cell state (a shift along the prototype's
     # state direction that grows with its latent)
     means = world.centres + cfg.state_signal * state[:, None] * world.state_dirs
-    shift = world.site_shift[site] + cfg.slide_effect * _random_unit(rng, 1, d)[0]
+    shift = world.site_shift[site] + cfg.slide_effect * random_unit(rng, 1, d)[0]
     x = rng.standard_normal((n, d), dtype=np.float32)  # isotropic patch noise (unit sd)
     x += (means + shift[None, :]).astype(np.float32)[labels]
     r = world.lowrank.shape[1]

@@ -29,6 +29,7 @@ from oncoslide.simulate.config import (
     MSI_COEFS,
     PATCH_SIZE,
     PATCH_SIZE_LEVEL0,
+    ROLE_LOADINGS,
     SUBTYPE_LATENTS,
     SUBTYPE_SLOPE,
     SUBTYPES,
@@ -489,8 +490,6 @@ def _patients(
 
 def _prototypes(cfg: SimulationConfig, world: World) -> list[dict[str, Any]]:
     """Which prototype carries which signal (mix loading and cell-state latent)."""
-    from oncoslide.simulate.config import ROLE_LOADINGS
-
     prototypes = []
     for p in world.prototypes:
         latent, _ = ROLE_LOADINGS.get(p.role, (None, 0.0))

@@ -9,7 +9,6 @@ was: e.g. the hierarchical patterns draw their geometry from their own stream.
 from __future__ import annotations
 
 import math
-import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from scipy import linalg, optimize, special
 
 from oncoslide.errors import ConfigError
 from oncoslide.simulate.config import (
+    BARCODE_CHARS,
     FAMILY_PATTERNS,
     GENOMIC_STATE_ROLE,
     HAZARD_COEFS,
@@ -33,7 +33,6 @@ from oncoslide.simulate.config import (
     SimulationConfig,
 )
 
-_BARCODE_CHARS = string.ascii_uppercase + string.digits
 # The first seven streams are those of the first simulator, in its order: its outputs are kept.
 STREAM_NAMES = (
     "model",
@@ -182,7 +181,7 @@ def make_prototypes(
 
 def _site_codes(cfg: SimulationConfig, rng: np.random.Generator) -> tuple[tuple[str, ...], ...]:
     """Distinct 2-character tissue-source-site codes, as in TCGA barcodes (e.g. "A2", "BH")."""
-    pool = np.array([a + b for a in _BARCODE_CHARS for b in _BARCODE_CHARS])
+    pool = np.array([a + b for a in BARCODE_CHARS for b in BARCODE_CHARS])
     codes = rng.choice(pool, size=cfg.n_cohorts * cfg.sites_per_cohort, replace=False)
     s = cfg.sites_per_cohort
     return tuple(tuple(sorted(codes[c * s : (c + 1) * s].tolist())) for c in range(cfg.n_cohorts))
@@ -258,7 +257,7 @@ def _hazard_coefs(cfg: SimulationConfig, seq: np.random.SeedSequence) -> np.ndar
     return patterns * base[None, :] + rng.normal(0.0, cfg.family_jitter, size=patterns.shape)
 
 
-def _random_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+def random_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     v = rng.standard_normal((n, d))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -275,9 +274,9 @@ def _make_geometry(
     # centres ~ N(0, sep^2 / (2D) I): the expected squared distance of two centres is sep^2
     centres = rng.normal(0.0, cfg.prototype_separation / math.sqrt(2.0 * d), size=(k, d))
     lowrank = _lowrank(cfg, k, rng)
-    state_dirs = _random_unit(rng, k, d)
+    state_dirs = random_unit(rng, k, d)
     codes = [code for cohort in site_codes for code in cohort]
-    shifts = cfg.site_effect * _random_unit(rng, len(codes), d)
+    shifts = cfg.site_effect * random_unit(rng, len(codes), d)
     site_shift = {code: shifts[i] for i, code in enumerate(codes)}
     # expected per-dimension variance of the raw features; dividing by its root makes the
     # embedding roughly unit-variance per dimension, as foundation-model features are
@@ -325,7 +324,7 @@ def _add_histology(
     offsets = rng.normal(0.0, sd * cfg.fine_separation, size=(n_fine, d))
     geometry["centres"] = np.concatenate([geometry["centres"], anchors[parent] + offsets])
     geometry["lowrank"] = np.concatenate([geometry["lowrank"], _lowrank(cfg, n_fine, rng)])
-    geometry["state_dirs"] = np.concatenate([geometry["state_dirs"], _random_unit(rng, n_fine, d)])
+    geometry["state_dirs"] = np.concatenate([geometry["state_dirs"], random_unit(rng, n_fine, d)])
     n_c = base_logits.shape[0]
     extra = ROLE_BASE_LOGITS["histology"] + rng.normal(0.0, 0.3, size=(n_c, n_fine))
     intercepts = rng.normal(0.0, 0.3, size=n_fine)
@@ -345,8 +344,8 @@ def _site_transforms(
         out[code] = SiteTransform(
             mixing=linalg.expm(s * (g - g.T) / math.sqrt(2.0 * d)),
             gain=np.exp(rng.normal(0.0, cfg.site_shift_gain, size=d)),
-            offset=cfg.site_shift_offset * _random_unit(rng, 1, d)[0],
-            content=cfg.site_shift_content * _random_unit(rng, k, d),
+            offset=cfg.site_shift_offset * random_unit(rng, 1, d)[0],
+            content=cfg.site_shift_content * random_unit(rng, k, d),
         )
     return out
 
