@@ -11,7 +11,7 @@ import base64
 import io
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -418,6 +418,153 @@ def test_bad_data_lists_every_problem(data: LeaderboardData) -> None:
     ):
         assert needle in message
     assert "5 problems" in message
+
+
+# ------------------------------------------------------------------------------ from the store
+
+UNEVEN_TASKS = (("os", "survival", "easy"), ("msi", "binary", "hard"))
+
+
+def _independent_estimate(kind: str, rows: pd.DataFrame) -> float:
+    """Mean over (seed, fold) of lifelines' C or scikit-learn's AUC (positive class MSS)."""
+    values = []
+    for _, cell in rows.groupby(["seed", "fold"]):
+        if kind == "survival":
+            values.append(concordance_index(cell["time"], -cell["risk"], cell["event"]))
+        else:
+            values.append(roc_auc_score(cell["label"] == "MSS", cell["prob_MSS"]))
+    return float(np.mean(values))
+
+
+def _uneven_store(folder: Path, frames: dict[str, pd.DataFrame]) -> None:
+    """A results folder holding the given prediction frames as finished cells."""
+    from oncoslide.bench.store import CellRecord, ResultStore, cell_key
+
+    keys, tasks = [], []
+    with ResultStore.in_dir(folder) as store:
+        for task, frame in frames.items():
+            kind = "survival" if "risk" in frame.columns else "binary"
+            for (fs, model, seed, fold), cell in frame.groupby(
+                ["feature_set", "model", "seed", "fold"]
+            ):
+                config = {"task": task, "fs": fs, "model": model, "seed": seed, "fold": fold}
+                key = cell_key(config)
+                columns = ["patient_id", "time", "event", "label"]
+                outputs = ["risk", "risk_threshold"] if kind == "survival" else ["prob_MSI"]
+                outputs += [] if kind == "survival" else ["prob_MSS"]
+                predictions = cell[[c for c in columns + outputs if c in cell.columns]]
+                store.record_cell(
+                    CellRecord(
+                        cell_key=key,
+                        task=task,
+                        feature_set=str(fs),
+                        model=str(model),
+                        protocol="linear",
+                        seed=int(seed),
+                        fold=int(fold),
+                        config=config,
+                        metrics={},
+                        predictions=predictions.reset_index(drop=True),
+                        seconds=1.0,
+                    )
+                )
+                keys.append(key)
+            tasks.append(
+                {
+                    "task": task,
+                    "kind": kind,
+                    "classes": [] if kind == "survival" else ["MSI", "MSS"],
+                    "metric": "c_index" if kind == "survival" else "auc",
+                    "n_patients": int(frame["patient_id"].nunique()),
+                    "n_events": None,
+                    "split": "3-fold x 2 seeds",
+                    "excluded": "part: 24 patients excluded",
+                }
+            )
+        store.set_meta("spec", {"name": "uneven", "n_boot": 200})
+        store.set_meta("tasks", tasks)
+        store.set_meta("plan", keys)
+
+
+def _table_values(section: Node, key: str) -> dict[str, str]:
+    """Entry -> the text of the column ``key`` in a task section's entries table."""
+    (table,) = section.find_all("table", class_="entries")
+    headers = [th.attrs["data-key"] for th in table.find_all("th")]
+    index = headers.index(key)
+    rows = table.find_all("tr")[1:]
+    return {r.attrs["data-entry"]: r.find_all("td")[index].all_text() for r in rows}
+
+
+def test_leaderboard_ranks_and_compares_on_the_patients_common_to_all_entries(
+    uneven_frame: Callable[[str, str], pd.DataFrame], tmp_path: Path
+) -> None:
+    from oncoslide.bench.report import build_leaderboard
+
+    frames = {task: uneven_frame(kind, missing) for task, kind, missing in UNEVEN_TASKS}
+    # a stand-in for the training part's median risk: that of the entry's other folds
+    os_frame = frames["os"]
+    for (fs, seed, fold), cell in os_frame.groupby(["feature_set", "seed", "fold"]):
+        same = (os_frame["feature_set"] == fs) & (os_frame["seed"] == seed)
+        others = os_frame.loc[same & (os_frame["fold"] != fold), "risk"]
+        os_frame.loc[cell.index, "risk_threshold"] = float(np.median(others))
+    _uneven_store(tmp_path / "bench", frames)
+    board = build_leaderboard(tmp_path / "bench", n_boot=200)
+    scores = board.data.scores.set_index(["task", "feature_set"])
+    root = _parse(board.html_path)
+    exported = pd.read_csv(board.csv_path).set_index(["task", "feature_set"])
+    for task, kind, _ in UNEVEN_TASKS:
+        frame = frames[task]
+        full, part = frame[frame["feature_set"] == "full"], frame[frame["feature_set"] == "part"]
+        common = full.merge(part[["seed", "patient_id"]], on=["seed", "patient_id"])
+        want = {
+            "full": _independent_estimate(kind, common),
+            "part": _independent_estimate(kind, part),
+        }
+        own = _independent_estimate(kind, full)
+        assert (own > want["part"]) != (want["full"] > want["part"])  # the rules disagree
+        for fs in ("full", "part"):
+            assert scores.loc[(task, fs), "estimate"] == pytest.approx(want[fs], abs=1e-12)
+            assert exported.loc[(task, fs), "estimate"] == pytest.approx(want[fs], abs=1e-12)
+        best, other = sorted(want, key=want.__getitem__, reverse=True)
+        assert board.data.ranking.set_index("feature_set").loc[best, f"rank:{task}"] == 1.0
+        (cmp,) = board.comparisons[board.comparisons["task"] == task].to_dict("records")
+        assert cmp["entry"] == f"{other} · lin" and cmp["best"] == f"{best} · lin"
+        assert cmp["diff"] == pytest.approx(want[other] - want[best], abs=1e-12)
+        assert cmp["n_patients"] == 66
+        # every entry shows its own test patients and the common ones it was scored on
+        for table in (scores, exported):
+            assert table.loc[(task, "full"), ["n_patients", "n_used"]].tolist() == [90, 66]
+            assert table.loc[(task, "part"), ["n_patients", "n_used"]].tolist() == [66, 66]
+        (section,) = root.find_all("section", data_task=task)
+        assert _table_values(section, "n_patients") == {"full · lin": "90", "part · lin": "66"}
+        assert _table_values(section, "n_used") == {"full · lin": "66", "part · lin": "66"}
+        (note,) = section.find_all("p", class_="common-patients")
+        assert "66 test patients" in note.all_text() and "2 entries" in note.all_text()
+    # the Kaplan-Meier groups of survival entries split at the stored training thresholds
+    (survival,) = root.find_all("section", data_task="os")
+    caption = survival.find_all("figure", class_="km-best")[0].all_text()
+    assert "training part" in caption and "test fold" not in caption
+
+
+def test_leaderboard_says_when_entries_share_no_patient(
+    uneven_frame: Callable[[str, str], pd.DataFrame], tmp_path: Path
+) -> None:
+    from oncoslide.bench.report import build_leaderboard
+
+    frame = uneven_frame("survival", "easy")
+    # "part" was only scored in seed 1, "full" only in seed 0: no common (seed, patient)
+    frame = frame[(frame["feature_set"] == "full") == (frame["seed"] == 0)]
+    _uneven_store(tmp_path / "bench", {"os": frame})
+    board = build_leaderboard(tmp_path / "bench", n_boot=50)
+    scores = board.data.scores.set_index("feature_set")
+    assert scores["estimate"].isna().all() and (scores["n_used"] == 0).all()
+    assert "no test patient in common" in scores.loc["full", "note"]
+    assert board.comparisons.empty
+    (section,) = _parse(board.html_path).find_all("section", data_task="os")
+    (message,) = section.find_all("p", class_="no-common")
+    assert "no test patient in common" in message.all_text()
+    assert "full · lin" in message.all_text() and "part · lin" in message.all_text()
+    assert any("os" in note and "no test patient" in note for note in board.data.notes)
 
 
 # ------------------------------------------------------------------------------ real browser

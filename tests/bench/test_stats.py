@@ -5,11 +5,12 @@ rank aggregation and fold-metric summaries."""
 from __future__ import annotations
 
 import time as timer
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import pytest
+from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 from sksurv.datasets import load_gbsg2, load_whas500
 from sksurv.metrics import concordance_index_censored as sksurv_cindex
@@ -20,6 +21,7 @@ from oncoslide.bench.stats import (
     TaskInfo,
     TaskScores,
     bootstrap_counts,
+    common_rows,
     fold_metric_summary,
     paired_comparison,
     rank_entries,
@@ -297,7 +299,11 @@ def test_replicates_equal_library_metrics_on_shared_duplicated_patients(task: Ta
         frame = class_frame(task, strengths, n=45, seeds=(0, 1), n_folds=2)
     n_boot = 40 if task.kind == "survival" else 10  # sklearn's AUC makes the oracle slow
     scores = task_scores(frame, task, n_boot=n_boot, seed=7)
-    patients = np.sort(frame["patient_id"].unique())  # the union over entries
+    # every entry is scored on the patients all entries have (e2 lacks the first five)
+    shared = entry_rows(frame, "e2", "m2")[["seed", "patient_id"]]
+    frame = frame.merge(shared, on=["seed", "patient_id"])
+    patients = np.sort(frame["patient_id"].unique())
+    assert len(patients) == (55 if task.kind == "survival" else 45)
     counts = bootstrap_counts(len(patients), n_boot, seed=7)
     seed_draws = SeedDraws.draw([0, 1], n_boot, seed=7)
     assert (seed_draws.counts.sum(axis=1) == 2).all() and len(
@@ -472,6 +478,113 @@ def test_bad_options_and_tasks() -> None:
     with pytest.raises(ConfigError, match="exactly 2 classes"):
         TaskInfo("t", "binary", ("a", "b", "c"))
     assert TaskInfo("t", "binary", ("a", "b")).metric == "auc" and SURV.metric == "c_index"
+
+
+# --------------------------------------------------------------------------- common patients
+
+Uneven = Callable[[str, str], pd.DataFrame]
+FULL, PART = ("full", "lin"), ("part", "lin")
+
+
+def independent_estimate(rows: pd.DataFrame, task: TaskInfo) -> float:
+    """Mean over (seed, fold) of lifelines' C (survival) or scikit-learn's AUC (binary)."""
+    values = []
+    for _, cell in rows.groupby(["seed", "fold"]):
+        if task.kind == "survival":
+            values.append(concordance_index(cell["time"], -cell["risk"], cell["event"]))
+        else:
+            positive = task.classes[-1]
+            values.append(roc_auc_score(cell["label"] == positive, cell[f"prob_{positive}"]))
+    return float(np.mean(values))
+
+
+def on_common_patients(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of every entry at the (seed, patient) pairs that every entry has."""
+    keys = frame.groupby(["feature_set", "model"])[["seed", "patient_id"]]
+    shared = None
+    for _, pairs in keys:
+        pairs = pairs.drop_duplicates()
+        shared = pairs if shared is None else shared.merge(pairs, on=["seed", "patient_id"])
+    assert shared is not None
+    return frame.merge(shared, on=["seed", "patient_id"])
+
+
+@pytest.mark.parametrize("kind", ["survival", "binary"])
+@pytest.mark.parametrize("missing", ["easy", "hard"])
+def test_entries_are_ranked_and_scored_on_the_patients_common_to_all(
+    uneven_frame: Uneven, kind: str, missing: str
+) -> None:
+    """One entry lacks patients it would have scored perfectly (easy) or perfectly wrongly
+    (hard): on their own patients the entries rank one way, on the common ones the other."""
+    task = SURV if kind == "survival" else BINARY
+    frame = uneven_frame(kind, missing)
+    common = on_common_patients(frame)
+    own = {key: independent_estimate(entry_rows(frame, *key), task) for key in (FULL, PART)}
+    shared = {key: independent_estimate(entry_rows(common, *key), task) for key in (FULL, PART)}
+    # the data are built so that the two rules disagree about which entry is better
+    assert (own[FULL] > own[PART]) != (shared[FULL] > shared[PART])
+    assert abs(own[FULL] - shared[FULL]) > 0.05
+
+    scores = task_scores(frame, task, n_boot=200, seed=3)
+    table = scores.table.set_index(["feature_set", "model"])
+    for key in (FULL, PART):
+        assert table.loc[key, "estimate"] == pytest.approx(shared[key], abs=1e-12)
+        assert table.loc[key, "lower"] <= table.loc[key, "estimate"] <= table.loc[key, "upper"]
+        per_seed = scores.per_seed.set_index(["feature_set", "model", "seed"])
+        for seed in (0, 1):
+            rows = entry_rows(common, *key)
+            want = independent_estimate(rows.loc[rows["seed"] == seed], task)
+            assert per_seed.loc[(*key, seed), "estimate"] == pytest.approx(want, abs=1e-12)
+    # patients: each entry's own test patients (over seeds) and the common ones it was scored on
+    assert (table.loc[FULL, "n_patients"], table.loc[PART, "n_patients"]) == (90, 66)
+    assert (table["n_used"] == 66).all() and (table["note"] == "").all()
+    ranking = rank_entries([scores])
+    best = max(shared, key=shared.__getitem__)
+    assert tuple(ranking.iloc[0][["feature_set", "model"]]) == best
+    assert ranking.iloc[0][f"rank:{task.name}"] == 1.0
+    # the rows the statistics use
+    used = common_rows(frame, task)
+    assert len(used) == 2 * (66 + 63)  # p030..p032 are missing from "part" in seed 1 only
+    pd.testing.assert_frame_equal(
+        used.sort_values(["feature_set", "seed", "patient_id"]).reset_index(drop=True),
+        common.sort_values(["feature_set", "seed", "patient_id"]).reset_index(drop=True)[
+            used.columns
+        ],
+    )
+
+
+def test_paired_comparison_pairs_patients_within_each_seed(uneven_frame: Uneven) -> None:
+    """``part`` lacks p030..p032 in seed 1 but not in seed 0: only seed 1 loses them."""
+    frame = uneven_frame("survival", "easy")
+    common = on_common_patients(frame)
+    result = paired_comparison(frame, SURV, FULL, PART, n_boot=100)
+    want_full = independent_estimate(entry_rows(common, *FULL), SURV)
+    want_part = independent_estimate(entry_rows(common, *PART), SURV)
+    assert result.estimate_a == pytest.approx(want_full, abs=1e-12)
+    assert result.diff == pytest.approx(want_full - want_part, abs=1e-12)
+    assert result.n_patients == 66
+    table = task_scores(frame, SURV, n_boot=100).table.set_index("feature_set")
+    assert result.diff == pytest.approx(
+        table.loc["full", "estimate"] - table.loc["part", "estimate"]
+    )
+
+
+def test_entries_without_a_common_patient_are_reported_not_ranked() -> None:
+    first = survival_frame({("a", "m"): 1.0, ("b", "m"): 0.5}, n=60, seeds=(0,))
+    late = survival_frame({("c", "m"): 2.0}, n=60, seeds=(1,))  # another seed only
+    frame = pd.concat([first, late], ignore_index=True)
+    scores = task_scores(frame, SURV, n_boot=50)
+    table = scores.table.set_index("feature_set")
+    assert table["estimate"].isna().all() and (table["n_used"] == 0).all()
+    assert (table["n_patients"] == 60).all()
+    assert "no test patient in common" in table.loc["c", "note"]
+    assert "a · m" in table.loc["c", "note"] and "b · m" in table.loc["c", "note"]
+    assert "c · m" in table.loc["a", "note"] and "b · m" not in table.loc["a", "note"]
+    assert all(np.isnan(reps).all() for reps in scores.replicates.values())
+    assert (rank_entries([scores])["n_tasks"] == 0).all()
+    assert common_rows(frame, SURV).empty
+    with pytest.raises(BenchInputError, match="share no patient"):
+        paired_comparison(frame, SURV, ("a", "m"), ("c", "m"))
 
 
 # --------------------------------------------------------------------------- paired comparison

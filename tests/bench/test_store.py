@@ -210,6 +210,48 @@ def test_survival_and_classification_together_put_risk_first(store: ResultStore)
     assert got.loc[got["task"] == "os", "prob_a"].isna().all()
 
 
+def test_risk_threshold_round_trips_and_cells_without_it_still_load(
+    store: ResultStore, tmp_path: Path
+) -> None:
+    # the training part's median risk rides along with every prediction of its cell
+    with_threshold = _survival_frame(12, seed=1).assign(risk_threshold=0.1 + 2**-40)
+    older = _survival_frame(8, seed=2, first=100)  # as written before the column existed
+    assert store.record_cell(_record("os", with_threshold, fold=0))
+    assert store.record_cell(_record("os", older, fold=1))
+    got = store.predictions(task="os")
+    assert list(got.columns) == [*ID_COLUMNS, *PATIENT_COLUMNS, "risk", "risk_threshold"]
+    fold0 = got[got["fold"] == 0]
+    assert fold0["risk_threshold"].tolist() == [0.1 + 2**-40] * 12  # bit-exact
+    assert got.loc[got["fold"] == 1, "risk_threshold"].isna().all()
+    expected = with_threshold.sort_values("patient_id")
+    assert fold0["risk"].tolist() == expected["risk"].tolist()
+    with sqlite3.connect(store.path) as conn:  # read back without the store's readers
+        outputs = conn.execute(
+            "SELECT outputs_json FROM predictions WHERE patient_id = 'P0000' AND cell_key = ?",
+            (_record("os", with_threshold, fold=0).cell_key,),
+        ).fetchone()[0]
+    assert json.loads(outputs)["risk_threshold"] == 0.1 + 2**-40
+    # a store holding only cells without the column reads as before
+    with ResultStore(tmp_path / "old.sqlite") as old:
+        old.record_cell(_record("os", older))
+        assert list(old.predictions().columns) == [*ID_COLUMNS, *PATIENT_COLUMNS, "risk"]
+
+
+def test_a_risk_threshold_must_be_one_finite_value_of_a_survival_cell(store: ResultStore) -> None:
+    varying = _survival_frame(4, seed=1).assign(risk_threshold=[0.0, 0.0, 1.0, 0.0])
+    missing = _survival_frame(4, seed=1).assign(risk_threshold=[0.0, np.nan, 0.0, 0.0])
+    classification = _classification_frame(4, seed=1, classes=("a", "b")).assign(risk_threshold=0.0)
+    for frame, needle in (
+        (varying, "one finite value"),
+        (missing, "one finite value"),
+        (classification, "survival"),
+    ):
+        with pytest.raises(ConfigError, match="risk_threshold") as info:
+            store.record_cell(_record("os", frame))
+        assert needle in str(info.value)
+    assert _raw_counts(store.path) == {"cells": 0, "metrics": 0, "predictions": 0}
+
+
 def test_empty_store_gives_typed_empty_frames(store: ResultStore) -> None:
     predictions, metrics, cells = store.predictions(), store.metrics(), store.cells()
     assert list(predictions.columns) == [*ID_COLUMNS, *PATIENT_COLUMNS] and predictions.empty

@@ -162,3 +162,79 @@ def test_small_cohorts_still_get_a_validation_part() -> None:
         assert len(parts["test"]) == 4 and len(parts["val"]) >= 1 and len(parts["train"]) >= 1
     with pytest.raises(ConfigError, match="cannot be split"):
         make_splits(_ids(2), n_folds=2, val_fraction=0.2)
+
+
+def _hand_made(val_of_fold: dict[int, list[str]]) -> pd.DataFrame:
+    """Eight patients of four sites (P0000-P0001 at A, ... P0006-P0007 at D), two folds with
+    whole sites as test parts (A, B | C, D); the given patients form each fold's validation."""
+    ids = _ids(8)
+    rows = []
+    for fold, test in ((0, ids[:4]), (1, ids[4:])):
+        for p in ids:
+            part = "test" if p in test else "val" if p in val_of_fold[fold] else "train"
+            rows.append({"patient_id": p, "seed": 0, "fold": fold, "part": part})
+    return pd.DataFrame(rows)
+
+
+SITES_OF_EIGHT = dict(zip(_ids(8), ["A", "A", "B", "B", "C", "C", "D", "D"], strict=True))
+
+
+def test_audit_refuses_a_site_shared_by_training_and_validation() -> None:
+    # fold 0 validates on one of D's two patients, fold 1 on one of B's: the other patient of
+    # that site trains, so checkpoint choice would see the training sites' batch effects
+    split = _hand_made({0: ["P0007"], 1: ["P0003"]})
+    audit_splits(split)  # no patient leaks: only the site check can refuse it
+    with pytest.raises(SplitLeakageError) as err:
+        audit_splits(split, sites=SITES_OF_EIGHT)
+    lines = str(err.value).splitlines()
+    fold0 = [line for line in lines if "seed 0 fold 0" in line]
+    fold1 = [line for line in lines if "seed 0 fold 1" in line]
+    assert len(fold0) == 1 and "validation" in fold0[0] and "'D'" in fold0[0]
+    assert len(fold1) == 1 and "validation" in fold1[0] and "'B'" in fold1[0]
+    assert "test" not in fold0[0] + fold1[0]  # no site crosses the test boundary here
+    # whole sites as validation parts pass
+    audit_splits(_hand_made({0: ["P0006", "P0007"], 1: ["P0002", "P0003"]}), sites=SITES_OF_EIGHT)
+    audit_splits(_hand_made({0: [], 1: []}), sites=SITES_OF_EIGHT)  # no validation part
+
+
+@pytest.mark.parametrize(
+    ("n_patients", "n_sites", "n_folds", "val_fraction"),
+    [
+        (60, 4, 2, 0.2),  # few sites: one whole site validates
+        (45, 4, 3, 0.2),  # n_folds + 1 sites: one site left on each side of the carve
+        (90, 6, 5, 0.2),
+        (150, 15, 5, 0.2),
+        (200, 40, 5, 0.3),
+        (120, 12, 3, 0.1),
+    ],
+)
+def test_site_preserving_splits_keep_every_part_site_disjoint(
+    n_patients: int, n_sites: int, n_folds: int, val_fraction: float
+) -> None:
+    rng = np.random.default_rng(n_patients + n_sites)
+    ids = _ids(n_patients)
+    # every site has patients; uneven sizes
+    sites = np.array([f"S{i}" for i in range(n_sites)] + [
+        f"S{i}" for i in rng.integers(0, n_sites, n_patients - n_sites)
+    ])  # fmt: skip
+    rng.shuffle(sites)
+    strata = survival_strata(rng.exponential(size=n_patients), rng.random(n_patients) < 0.5)
+    site_of = dict(zip(ids, sites, strict=True))
+    seeds = (0, 1, 2, 3)
+    splits = make_splits(
+        ids, n_folds=n_folds, seeds=seeds, strata=strata, sites=sites, val_fraction=val_fraction
+    )
+    audit_splits(splits, patient_ids=ids, sites=site_of)
+    for (seed, fold), in_fold in splits.groupby(["seed", "fold"]):
+        site_sets = {
+            part: {site_of[p] for p in in_fold.loc[in_fold["part"] == part, "patient_id"]}
+            for part in ("train", "val", "test")
+        }
+        where = f"seed {seed} fold {fold}"
+        assert site_sets["train"] and site_sets["val"] and site_sets["test"], where
+        assert not site_sets["train"] & site_sets["val"], where
+        assert not site_sets["train"] & site_sets["test"], where
+        assert not site_sets["val"] & site_sets["test"], where
+        # whole sites: every patient of a validation site validates
+        n_val = int((in_fold["part"] == "val").sum())
+        assert n_val == sum(site_of[p] in site_sets["val"] for p in ids), where

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from oncoslide.bench.stats import TaskInfo, task_scores
 from oncoslide.evaluation import BootstrapCI, GroupData, bootstrap_ci, grouped_bootstrap_ci
 from oncoslide.survival import make_survival, split_survival
 from oncoslide.survival.metrics import (
@@ -162,3 +164,70 @@ def test_harrell_bootstrap_is_fast() -> None:
     elapsed = timer.perf_counter() - start
     assert isinstance(result, BootstrapCI) and result.n_boot_ok == 1000
     assert elapsed < 4.0  # about 0.6 s here; generous for a loaded CI machine
+
+
+def test_named_patients_are_drawn_once_for_all_groups() -> None:
+    # Two groups holding the same patients (another row order): with one shared patient draw
+    # both group metrics move together, so the interval is that of one group. Independent
+    # draws per group would average two independent resamples: about sqrt(2) narrower.
+    rng = np.random.default_rng(6)
+    ids = np.array([f"P{i:02d}" for i in range(40)])
+    x = rng.normal(size=40)
+    order = rng.permutation(40)
+    first = GroupData({"x": x}, patients=ids)
+    again = GroupData({"x": x[order]}, patients=ids[order])
+    one = grouped_bootstrap_ci([first], mean_of_x, n_boot=1000, seed=3)
+    both = grouped_bootstrap_ci([first, again], mean_of_x, n_boot=1000, seed=3)
+    assert (both.lower, both.upper) == pytest.approx((one.lower, one.upper), abs=1e-12)
+    unnamed = [GroupData({"x": x}), GroupData({"x": x[order]})]
+    independent = grouped_bootstrap_ci(unnamed, mean_of_x, n_boot=1000, seed=3)
+    ratio = (independent.upper - independent.lower) / (one.upper - one.lower)
+    assert ratio == pytest.approx(1 / np.sqrt(2), rel=0.15)
+
+
+def test_named_patients_draw_the_benchmarks_patient_bootstrap() -> None:
+    # One seed, three folds: the benchmark's task_scores weights every fold's Harrell C by the
+    # same multinomial patient counts; here the rows are repeated instead. Same draws, same C.
+    rng = np.random.default_rng(7)
+    n = 90
+    x = rng.normal(size=n)
+    t, c = rng.exponential(np.exp(-x)), rng.exponential(2.0, size=n)
+    ids = np.array([f"P{i:03d}" for i in rng.permutation(n)])
+    frame = pd.DataFrame(
+        {"task": "os", "feature_set": "f", "model": "m", "protocol": "cv", "seed": 0}
+        | {"fold": np.arange(n) % 3, "patient_id": ids, "time": np.minimum(t, c)}
+        | {"event": (t <= c).astype(int), "risk": x + rng.normal(size=n)}
+    )
+    groups = [
+        GroupData(
+            {"y": make_survival(part["event"] == 1, part["time"]), "risk": part["risk"]},
+            patients=part["patient_id"],
+        )
+        for _, part in frame.groupby("fold")
+    ]
+    ours = grouped_bootstrap_ci(groups, harrell, n_boot=400, seed=9)
+    bench = task_scores(frame, TaskInfo("os", "survival"), n_boot=400, seed=9).table.iloc[0]
+    assert ours.estimate == pytest.approx(bench["estimate"], abs=1e-12)
+    assert (ours.lower, ours.upper) == pytest.approx((bench["lower"], bench["upper"]), abs=1e-9)
+    assert ours.n_boot_ok == bench["n_boot_ok"] == 400
+
+
+def test_a_group_without_drawn_patients_skips_the_replicate() -> None:
+    # Group A is one patient of ten: a replicate misses it with p = 0.9**10 = 0.349.
+    ids = [f"P{i}" for i in range(10)]
+    groups = [
+        GroupData({"x": np.zeros(1)}, patients=ids[:1]),
+        GroupData({"x": np.arange(9.0)}, patients=ids[1:]),
+    ]
+    result = grouped_bootstrap_ci(groups, mean_of_x, n_boot=1000, seed=0)
+    assert 580 <= result.n_boot_ok <= 720
+
+
+def test_patient_ids_are_checked() -> None:
+    with pytest.raises(MetricInputError, match="2 patient ids for 3 rows"):
+        GroupData({"x": np.zeros(3)}, patients=["a", "b"])
+    with pytest.raises(MetricInputError, match="unique"):
+        GroupData({"x": np.zeros(3)}, patients=["a", "b", "a"])
+    named = GroupData({"x": np.zeros(3)}, patients=["a", "b", "c"])
+    with pytest.raises(MetricInputError, match="every group names its patients or none"):
+        grouped_bootstrap_ci([named, GroupData({"x": np.zeros(2)}, name="fold1")], mean_of_x)

@@ -63,9 +63,57 @@ def test_risk_groups_split_at_each_folds_own_median() -> None:
     # A global median (10) would put all of fold 0 low and all of fold 1 high.
     preds = _frame([1, 10, 2, 3, 100, 300, 200], [0, 0, 0, 0, 1, 1, 1])
     groups = risk_groups(preds)
-    assert list(groups.columns) == ["patient_id", "fold", "time", "event", "risk", "group"]
+    assert list(groups.columns) == [
+        *["patient_id", "fold", "time", "event", "risk", "group", "threshold", "threshold_source"]
+    ]
     assert list(groups["patient_id"]) == list(preds["patient_id"])
     assert list(groups["group"]) == ["low", "high", "low", "high", "low", "high", "low"]
+    # predictions without a training threshold (older results) fall back to the test median
+    assert list(groups["threshold"]) == [2.5] * 4 + [200.0] * 3
+    assert (groups["threshold_source"] == "test").all()
+
+
+def _oracle_groups(preds: pd.DataFrame) -> list[str]:
+    """High when the risk exceeds its row's training threshold, by a plain loop."""
+    return [
+        "high" if risk > threshold else "low"
+        for risk, threshold in zip(preds["risk"], preds["risk_threshold"], strict=True)
+    ]
+
+
+def test_risk_groups_split_at_the_threshold_fitted_on_the_training_part() -> None:
+    # fold 0: the training median is 5 (the test median 2.5 would also make 3 high); fold 1:
+    # the training median is 50, below every test risk (the test median 200 would make only
+    # 300 high); the risk equal to its threshold (5) is low
+    risk = [1, 10, 2, 3, 5, 100, 300, 200]
+    preds = _frame(risk, [0, 0, 0, 0, 0, 1, 1, 1], risk_threshold=[5.0] * 5 + [50.0] * 3)
+    groups = risk_groups(preds)
+    assert list(groups["group"]) == _oracle_groups(preds)
+    assert list(groups["group"]) == ["low", "high", "low", "low", "low", "high", "high", "high"]
+    assert list(groups["threshold"]) == [5.0] * 5 + [50.0] * 3
+    assert (groups["threshold_source"] == "train").all()
+    # not what the test folds' own medians give
+    test_median = preds.groupby("fold")["risk"].transform("median")
+    assert list(groups["group"]) != list(np.where(preds["risk"] > test_median, "high", "low"))
+
+
+def test_risk_groups_use_the_test_median_only_for_folds_without_a_threshold() -> None:
+    risk = [1.0, 10.0, 2.0, 3.0, 100.0, 300.0, 200.0]
+    preds = _frame(risk, [0, 0, 0, 0, 1, 1, 1], risk_threshold=[5.0] * 4 + [np.nan] * 3)
+    groups = risk_groups(preds)
+    assert list(groups["group"]) == ["low", "high", "low", "low", "low", "high", "low"]
+    assert list(groups["threshold_source"]) == ["train"] * 4 + ["test"] * 3
+    assert list(groups["threshold"]) == [5.0] * 4 + [200.0] * 3
+
+
+def test_risk_groups_refuse_a_threshold_that_is_not_one_value_per_fold() -> None:
+    varying = _frame([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], risk_threshold=[1.5, 2.5, 3.0, 3.0])
+    partial = _frame([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], risk_threshold=[1.5, 1.5, 3.0, np.nan])
+    infinite = _frame([1.0, 2.0], [0, 0], risk_threshold=[np.inf, np.inf])
+    for preds, needle in ((varying, "fold 0"), (partial, "fold 1"), (infinite, "infinite")):
+        with pytest.raises(ConfigError, match="risk_threshold") as info:
+            risk_groups(preds)
+        assert needle in str(info.value)
 
 
 def test_risk_groups_ties_at_the_median_are_low() -> None:

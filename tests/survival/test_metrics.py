@@ -224,8 +224,8 @@ def test_uno_bad_inputs() -> None:
     assert "structured" in message and "tau" in message and "2 rows" in message
     with pytest.raises(MetricInputError, match="non-finite"):
         om.cumulative_dynamic_auc(y, y, [0.1, 0.2, 0.3], [np.nan])
-    with pytest.raises(MetricInputError, match="empty"):
-        om.brier_score(y, y[:0], np.zeros((0, 1)), [1.5])
+    # an empty test set is not malformed: NaN (see test_no_event_every_metric_is_nan)
+    assert np.isnan(om.brier_score(y, y[:0], np.zeros((0, 1)), [1.5])[1]).all()
 
 
 # --------------------------------------------------------------------------- td-AUC
@@ -382,8 +382,10 @@ def test_censoring_kaplan_meier_is_lifelines_on_flipped_events_without_ties() ->
 def test_kaplan_meier_bad_input() -> None:
     with pytest.raises(MetricInputError):
         om.kaplan_meier([1.0, 2.0], [1, 0, 1])
-    with pytest.raises(MetricInputError):
-        om.kaplan_meier([], [])
+    with pytest.raises(MetricInputError, match="negative"):
+        om.kaplan_meier([1.0, -2.0], [1, 0])
+    times, surv = om.kaplan_meier([], [])  # no observation: nothing known, not an error
+    assert times.size == 0 and surv.size == 0
 
 
 # --------------------------------------------------------------------------- evaluation grid
@@ -453,3 +455,274 @@ def test_survival_metrics_undefined_metrics_are_nan() -> None:
     assert all(np.isnan(v) for v in result.values()) and len(result) == 4
     with pytest.raises(MetricInputError):
         om.survival_metrics(train, no_events, [0.1, 0.2])
+
+
+# --------------------------------------------------------------------------- structured targets
+
+
+def relayout(y: np.ndarray, event_name: str, time_name: str, *, time_first: bool) -> np.ndarray:
+    """The same target under other field names, event as 0/1 integers, optionally time first."""
+    event, time = y[y.dtype.names[0]], y[y.dtype.names[1]]  # scikit-survival: event first
+    fields = [(event_name, "<i8"), (time_name, "<f8")]
+    out = np.empty(len(y), dtype=fields[::-1] if time_first else fields)
+    out[event_name], out[time_name] = event.astype(int), time
+    return out
+
+
+def every_metric(y_train: np.ndarray, y_test: np.ndarray) -> tuple:
+    """Every metric taking structured targets, on the whas500 split with its Cox estimate."""
+    _, _, grid, estimate = cox_survival("whas500")
+    risk = dataset("whas500")[2][split("whas500")[1]]
+    auc, mean_auc = om.cumulative_dynamic_auc(y_train, y_test, risk, grid)
+    return (
+        om.concordance_index_ipcw(y_train, y_test, risk, tau=grid[-1]),
+        auc.tolist(),
+        mean_auc,
+        om.brier_score(y_train, y_test, estimate, grid)[1].tolist(),
+        om.integrated_brier_score(y_train, y_test, estimate, grid),
+        om.evaluation_times(y_train, y_test).tolist(),
+        om.survival_metrics(y_train, y_test, risk, surv_fn=estimate, times=grid),
+    )
+
+
+@pytest.mark.parametrize(
+    ("event_name", "time_name"), [("event", "time"), ("status", "time"), ("fstat", "lenfol")]
+)
+def test_structured_targets_are_read_by_field_name(event_name: str, time_name: str) -> None:
+    y_train, y_test, _, _ = cox_survival("whas500")
+    expected = every_metric(y_train, y_test)
+    for time_first in (False, True):
+        train = relayout(y_train, event_name, time_name, time_first=time_first)
+        test = relayout(y_test, event_name, time_name, time_first=time_first)
+        assert every_metric(train, test) == expected
+
+
+@pytest.mark.parametrize("bad", [2, -1, 0.5])
+def test_structured_event_codes_must_be_0_or_1(bad: float) -> None:
+    good = make_survival([1, 0, 1, 0, 1], [1.0, 2.0, 3.0, 4.0, 5.0])
+    y = np.zeros(5, dtype=[("time", "<f8"), ("status", "<f8")])
+    y["time"], y["status"] = [1.0, 2.0, 3.0, 4.0, 5.0], [1, 0, bad, 0, 1]
+    risk, grid, estimate = np.arange(5.0), [2.5, 3.5], np.full((5, 2), 0.5)
+    calls = [
+        lambda: om.concordance_index_ipcw(good, y, risk),
+        lambda: om.concordance_index_ipcw(y, good, risk),
+        lambda: om.cumulative_dynamic_auc(good, y, risk, grid),
+        lambda: om.brier_score(y, good, estimate, grid),
+        lambda: om.integrated_brier_score(good, y, estimate, grid),
+        lambda: om.evaluation_times(y, good),
+        lambda: om.survival_metrics(good, y, risk),
+    ]
+    for call in calls:
+        with pytest.raises(MetricInputError, match=r"event field 'status' must hold 0/1"):
+            call()
+
+
+def test_structured_targets_with_unclear_fields_are_refused() -> None:
+    good = make_survival([1, 0, 1], [1.0, 2.0, 3.0])
+    unnamed = np.zeros(3, dtype=[("a", "<f8"), ("b", "<f8")])
+    with pytest.raises(MetricInputError, match=r"survival_test: cannot tell"):
+        om.concordance_index_ipcw(good, unnamed, [0.1, 0.2, 0.3])
+
+
+# --------------------------------------------------------------------------- negative times
+
+
+def raw_target(event: list[float], time: list[float]) -> np.ndarray:
+    """A structured target built without make_survival's checks (which refuse negative times)."""
+    y = np.zeros(len(time), dtype=[("event", "?"), ("time", "<f8")])
+    y["event"], y["time"] = event, time
+    return y
+
+
+NEGATIVE = raw_target([1, 0, 1, 0], [1.0, -2.0, 3.0, 4.0])
+POSITIVE = make_survival([1, 0, 1, 0], [1.0, 2.0, 3.0, 4.0])
+NEGATIVE_TIME_CALLS: dict[str, Callable[[], object]] = {
+    "harrell": lambda: om.concordance_index_censored([1, 0, 1], [1.0, -2.0, 3.0], [1, 2, 3]),
+    "uno_test": lambda: om.concordance_index_ipcw(POSITIVE, NEGATIVE, np.arange(4.0)),
+    "uno_train": lambda: om.concordance_index_ipcw(NEGATIVE, POSITIVE, np.arange(4.0)),
+    "auc": lambda: om.cumulative_dynamic_auc(NEGATIVE, POSITIVE, np.arange(4.0), [2.0]),
+    "auc_grid": lambda: om.cumulative_dynamic_auc(POSITIVE, POSITIVE, np.arange(4.0), [-1.0]),
+    "brier": lambda: om.brier_score(POSITIVE, NEGATIVE, np.full((4, 1), 0.5), [2.0]),
+    "ibs": lambda: om.integrated_brier_score(NEGATIVE, POSITIVE, np.full((4, 2), 0.5), [2, 3]),
+    "metrics": lambda: om.survival_metrics(POSITIVE, NEGATIVE, np.arange(4.0)),
+    "metrics_train": lambda: om.survival_metrics(NEGATIVE, POSITIVE, np.arange(4.0)),
+    "kaplan_meier": lambda: om.kaplan_meier([1.0, -2.0], [1, 0]),
+    "evaluation_times": lambda: om.evaluation_times(NEGATIVE, POSITIVE),
+}
+
+
+@pytest.mark.parametrize("name", NEGATIVE_TIME_CALLS)
+def test_negative_times_are_refused(name: str) -> None:
+    with pytest.raises(MetricInputError, match="negative"):
+        NEGATIVE_TIME_CALLS[name]()
+
+
+def test_negative_times_are_reported_with_every_other_problem() -> None:
+    bad_test = np.zeros(3, dtype=[("status", "<i8"), ("time", "<f8")])
+    bad_test["status"], bad_test["time"] = [1, 2, 0], [-1.0, 2.0, -3.0]
+    with pytest.raises(MetricInputError) as info:
+        om.concordance_index_ipcw(NEGATIVE, bad_test, [0.1, 0.2, 0.3], tau=-1.0)
+    message = str(info.value)
+    assert "survival_train has 1 negative time(s)" in message
+    assert "survival_test has 2 negative time(s)" in message
+    assert "event field 'status'" in message and "tau" in message
+    with pytest.raises(MetricInputError) as info:
+        om.concordance_index_censored([1, 2, 0], [-1.0, 2.0, np.nan], [0.1, 0.2, 0.3])
+    message = str(info.value)
+    assert "negative" in message and "non-finite" in message and "0/1" in message
+
+
+def test_zero_times_are_allowed() -> None:
+    y = make_survival([1, 0, 1, 1, 0], [0.0, 0.0, 1.0, 2.0, 3.0])
+    risk = np.array([5.0, 1.0, 4.0, 2.0, 0.0])
+    event, time = split_survival(y)
+    assert_same_result(
+        om.concordance_index_censored(event, time, risk),
+        sk.concordance_index_censored(event, time, risk),
+    )
+    times, surv = om.kaplan_meier(time, event)
+    assert times[0] == 0.0 and surv[0] == pytest.approx(4 / 5)
+    auc, _ = om.cumulative_dynamic_auc(y, y, risk, [0.0, 1.5])
+    np.testing.assert_allclose(auc, sk.cumulative_dynamic_auc(y, y, risk, [0.0, 1.5])[0])
+
+
+# --------------------------------------------------------------------------- empty / all censored
+
+TRAIN = make_survival([1, 0, 1, 0, 1, 0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+EMPTY = make_survival(np.zeros(0, bool), np.zeros(0))
+ALL_CENSORED = make_survival([0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0])
+GRID = np.array([1.5, 2.5])
+
+
+def all_nan(values: object) -> bool:
+    return bool(np.isnan(np.asarray(values, dtype=float)).all())
+
+
+@pytest.mark.parametrize("train", ["train", "empty_train"])
+@pytest.mark.parametrize("test", ["empty", "all_censored"])
+def test_no_event_every_metric_is_nan(test: str, train: str) -> None:
+    """One rule for n = 0 and for no event: every metric is NaN, none raises for that alone
+    (not even when the training set is empty, since no censoring weight is needed)."""
+    y = EMPTY if test == "empty" else ALL_CENSORED
+    y_train = TRAIN if train == "train" else EMPTY
+    n = len(y)
+    event, time = split_survival(y)
+    risk = np.arange(float(n))
+    harrell = om.concordance_index_censored(event, time, risk)
+    assert np.isnan(harrell.cindex) and harrell[1:] == (0, 0, 0, 0)
+    for tau in (None, 2.5):
+        uno = om.concordance_index_ipcw(y_train, y, risk, tau=tau)
+        assert np.isnan(uno.cindex) and uno[1:] == (0, 0, 0, 0)
+    for grid in (GRID, GRID[:1]):
+        auc, mean_auc = om.cumulative_dynamic_auc(y_train, y, risk, grid)
+        assert auc.shape == grid.shape and all_nan(auc) and np.isnan(mean_auc)
+        times, scores = om.brier_score(y_train, y, np.full((n, grid.size), 0.5), grid)
+        np.testing.assert_array_equal(times, grid)
+        assert scores.shape == grid.shape and all_nan(scores)
+    auc_2d, mean_2d = om.cumulative_dynamic_auc(y_train, y, np.zeros((n, 2)), GRID)
+    assert auc_2d.shape == (2,) and all_nan(auc_2d) and np.isnan(mean_2d)
+    assert np.isnan(om.integrated_brier_score(y_train, y, np.full((n, 2), 0.5), GRID))
+    with pytest.raises(TimeGridError, match="no events"):
+        om.evaluation_times(y_train, y)
+    with_grid = om.survival_metrics(y_train, y, risk, surv_fn=np.full((n, 2), 0.5), times=GRID)
+    default = om.survival_metrics(y_train, y, risk, surv_fn=lambda t: np.full((n, len(t)), 0.5))
+    for result in (with_grid, default):
+        assert set(result) == {"c_index", "c_index_uno", "td_auc", "ibs"}
+        assert all_nan(list(result.values()))
+
+
+def test_no_event_test_set_still_checks_its_inputs() -> None:
+    assert all_nan(om.brier_score(TRAIN, EMPTY, np.zeros(0), [2.0])[1])  # (0,) for one time
+    with pytest.raises(MetricInputError, match="rows"):
+        om.brier_score(TRAIN, EMPTY, np.zeros((3, 2)), GRID)
+    with pytest.raises(MetricInputError, match="rows"):
+        om.cumulative_dynamic_auc(TRAIN, ALL_CENSORED, np.zeros(3), GRID)
+    with pytest.raises(MetricInputError, match=r"\[0, 1\]"):
+        om.brier_score(TRAIN, ALL_CENSORED, np.full((4, 2), 2.0), GRID)
+    with pytest.raises(TimeGridError, match="follow-up"):  # a non-empty test set has one
+        om.cumulative_dynamic_auc(TRAIN, ALL_CENSORED, np.zeros(4), [4.0])
+    with pytest.raises(TimeGridError, match="two"):
+        om.integrated_brier_score(TRAIN, EMPTY, np.zeros((0, 1)), [2.0])
+    # scikit-survival refuses such test sets outright
+    with pytest.raises(ValueError, match="censored"):
+        sk.brier_score(TRAIN, ALL_CENSORED, np.full((4, 2), 0.5), GRID)
+
+
+@pytest.mark.parametrize("test", ["empty", "all_censored"])
+def test_no_event_kaplan_meier_is_one(test: str) -> None:
+    event, time = split_survival(EMPTY if test == "empty" else ALL_CENSORED)
+    times, surv = om.kaplan_meier(time, event)
+    np.testing.assert_array_equal(times, np.unique(time))
+    np.testing.assert_array_equal(surv, np.ones(len(times)))
+    times, cens = om.kaplan_meier(time, event, reverse=True)
+    assert cens.size == times.size and (cens.size == 0 or cens[-1] == 0.0)
+
+
+def test_empty_training_set_means_no_censoring_weights() -> None:
+    test = make_survival([1, 0, 1], [1.0, 2.0, 3.0])
+    with pytest.raises(CensoringSupportError, match="no training"):
+        om.concordance_index_ipcw(EMPTY, test, [3.0, 2.0, 1.0])
+    with pytest.raises(CensoringSupportError, match="no training"):
+        om.cumulative_dynamic_auc(EMPTY, test, [3.0, 2.0, 1.0], [1.5])
+    with pytest.raises(CensoringSupportError, match="no training"):
+        om.brier_score(EMPTY, test, np.full((3, 1), 0.5), [1.5])
+    with pytest.raises(TimeGridError):
+        om.evaluation_times(EMPTY, test)
+    result = om.survival_metrics(EMPTY, test, [3.0, 2.0, 1.0], surv_fn=lambda t: None)
+    assert result["c_index"] == 1.0
+    assert all_nan([result["c_index_uno"], result["td_auc"], result["ibs"]])
+
+
+def test_all_censored_training_set_closed_form() -> None:
+    # G from a train set censored at 1, 2, 3, 4: 3/4 on [1, 2), 1/2 on [2, 3), 1/4, then 0.
+    train = make_survival([0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0])
+    test = make_survival([1, 1, 0], [1.5, 2.5, 3.5])
+    risk = np.array([2.0, 0.0, 1.0])
+    # pairs (1.5, 2.5) and (1.5, 3.5) concordant with weight (4/3)^2, (2.5, 3.5) discordant x 4
+    uno = om.concordance_index_ipcw(train, test, risk)
+    assert uno.cindex == pytest.approx(8 / 17) and uno[1:] == (2, 1, 0, 0)
+    # t = 3: cases 1.5 (weight 4/3, beats the control) and 2.5 (weight 2, loses)
+    auc, _ = om.cumulative_dynamic_auc(train, test, risk, [3.0])
+    assert auc[0] == pytest.approx(0.4)
+    _, brier = om.brier_score(train, test, np.array([0.2, 0.4, 0.9]), [3.0])
+    assert brier[0] == pytest.approx((0.04 * 4 / 3 + 0.16 * 2 + 0.01 * 4) / 3)
+
+
+# --------------------------------------------------------------------------- size independence
+
+
+def near_tie_sample(tol: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """400 subjects (tree path) whose risks sit at, just inside and just outside ``tol`` of each
+    other, with heavy ties in time between events, censorings and both."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    event = rng.random(n) < 0.5
+    time = rng.integers(0, 40, size=n).astype(float)
+    if tol < 1e-3:  # groups of four at x, x + tol, x - tol, x + tol / 2 (rounded floats)
+        offsets = np.array([0.0, tol, -tol, 0.5 * tol])
+        risk = np.repeat(rng.normal(size=n // 4), 4) + offsets[np.arange(n) % 4]
+    else:  # the tolerance is the rounding step of the scores, as with round(score, 1)
+        risk = np.round(rng.normal(size=n), 1)
+    return event, time, risk
+
+
+@pytest.mark.parametrize("tol", [1e-8, 0.1])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_concordance_does_not_depend_on_input_size(tol: float, seed: int) -> None:
+    event, time, risk = near_tie_sample(tol, seed)
+    assert int(event.sum()) * time.size > om._DENSE_MAX_PAIRS  # the fast path is taken
+    dense = om._pair_counts_dense(event, time, risk, tol)
+    tree = om._pair_counts_tree(event, time, risk, tol)
+    for a, b in zip(dense, tree, strict=True):
+        np.testing.assert_array_equal(a, b)
+    ours = om.concordance_index_censored(event, time, risk, tied_tol=tol)
+    assert_same_result(ours, sk.concordance_index_censored(event, time, risk, tied_tol=tol))
+    # Size independence: k copies of a small sample (dense path) take the fast path, and every
+    # pair (i, j) of the small sample appears k^2 times in the copies.
+    small = np.r_[np.flatnonzero(event)[:15], np.flatnonzero(~event)[:15]]
+    e, t, r = event[small], time[small], risk[small]
+    k = 20
+    assert int(e.sum()) * small.size <= om._DENSE_MAX_PAIRS < int(e.sum()) * k * k * small.size
+    once = om.concordance_index_censored(e, t, r, tied_tol=tol)
+    copies = om.concordance_index_censored(np.tile(e, k), np.tile(t, k), np.tile(r, k), tol)
+    assert copies == ConcordanceResult(once.cindex, *(k * k * c for c in once[1:]))

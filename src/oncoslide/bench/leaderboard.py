@@ -20,16 +20,24 @@
     entry (columns, best mean rank first) on every task (rows).
   * **one section per task** (``section.task[data-task=<name>]``): kind, metric, numbers of
     patients and events, the split (``p.task-meta``); the exclusion report
-    (``p.exclusions``); a sortable table of entries (``table.entries``, best estimate first)
-    with the estimate and its 95% CI as ``0.742 [0.70, 0.79]``, the secondary metrics and the
-    number of patients. Survival tasks add the Kaplan-Meier curves of the best entry
-    (``img.km.km-best``): its first seed's test patients split at the median risk of their own
-    test fold, with the log-rank p-value; then small curves for every entry
+    (``p.exclusions``); when the scores have ``n_used``, how many test patients common to all
+    entries the task's estimates use (``p.common-patients``) and, for entries without any
+    patient in common with the others, their ``note`` (``p.no-common``); a sortable table of
+    entries (``table.entries``, best estimate first) with the estimate and its 95% CI as
+    ``0.742 [0.70, 0.79]``, the secondary metrics, the paired comparison with the best entry,
+    the number of patients used (``n_used``, when present) and the entry's own number of test
+    patients (``n_patients``, last). Survival tasks add the Kaplan-Meier curves of the best
+    entry (``img.km.km-best``): its first seed's test patients split into high / low risk at
+    the median predicted risk of their fold's training part (``risk_threshold``; predictions
+    stored without one fall back to the median of their own test fold, and the caption says
+    which), with the log-rank p-value; then small curves for every entry
     (``img.km.km-entry``).
 
 - ``leaderboard.csv`` (``csv_path``; by default the HTML path with suffix ``.csv``): the tidy
   scores table, one row per task x entry (task, kind, metric, feature_set, model, protocol,
-  estimate, lower, upper, n_patients, secondary ``mean:<metric>`` columns).
+  estimate, lower, upper, n_patients, and whatever else the scores hold: from
+  :mod:`oncoslide.bench.report` also n_used, note, the paired comparison ``diff_vs_best`` /
+  ``p_vs_best`` and secondary ``mean:<metric>`` columns).
 """
 
 from __future__ import annotations
@@ -89,7 +97,9 @@ class LeaderboardData:
 
     ranking: one row per entry (feature_set, model, protocol, mean_rank, rank_sd, rank_lo,
     rank_hi, n_tasks, and ``rank:<task>`` columns). scores: one row per task x entry (task, kind,
-    metric, feature_set, model, protocol, estimate, lower, upper, n_patients, optional
+    metric, feature_set, model, protocol, estimate, lower, upper, n_patients (the entry's own
+    test patients), optional n_used (the patients common to all entries of the task that the
+    estimate uses), note (why an entry has no estimate), ``diff_vs_best``, ``p_vs_best`` and
     ``mean:<metric>`` columns). tasks: one row per task (task, kind, metric, n_patients, n_events,
     split, excluded). predictions: the prediction frame of all tasks (for Kaplan-Meier curves; may
     be empty, then no curves are drawn). Raises :class:`ConfigError` listing every problem.
@@ -368,6 +378,7 @@ def _order_by_estimate(scores: pd.DataFrame, ranking: pd.DataFrame) -> pd.DataFr
 
 def _entries_table(task_index: int, metric: str, scores: pd.DataFrame) -> str:
     secondary = _secondary_columns(scores)
+    used = "n_used" in scores.columns
     columns = [
         _Column("position", "#", True),
         _Column("entry", "Entry", False),
@@ -375,6 +386,7 @@ def _entries_table(task_index: int, metric: str, scores: pd.DataFrame) -> str:
         _Column("estimate", f"{metric} [95% CI]", True),
         *[_Column(c, c[len(SECONDARY_PREFIX) :], True) for c in secondary],
         *[_Column(c, label, True) for c, label in _comparison_columns(scores)],
+        *([_Column("n_used", "Used", True)] if used else []),
         _Column("n_patients", "Patients", True),
     ]
     rows = []
@@ -394,6 +406,7 @@ def _entries_table(task_index: int, metric: str, scores: pd.DataFrame) -> str:
                 _td(_comparison_text(c, row[c]), _sort_key(row[c]))
                 for c, _ in _comparison_columns(scores)
             ],
+            *([_td(_count(row["n_used"]), _sort_key(row["n_used"]))] if used else []),
             _td(_count(row["n_patients"]), _sort_key(row["n_patients"])),
         ]
         rows.append((f'data-entry="{_e(name)}"', cells))
@@ -445,14 +458,35 @@ def _entry_predictions(
     return sub[sub["seed"] == sub["seed"].min()]
 
 
-def _km_image(sub: pd.DataFrame, title: str, name: str, *, small: bool) -> tuple[str, float]:
-    """A Kaplan-Meier ``<img>`` of one entry's predictions (a thumbnail when ``small``)."""
+def _km_image(
+    sub: pd.DataFrame, title: str, name: str, *, small: bool
+) -> tuple[str, float, set[str]]:
+    """A Kaplan-Meier ``<img>`` of one entry's predictions (a thumbnail when ``small``), its
+    log-rank p-value and where its thresholds came from (``"train"``, ``"test"``)."""
     css, dpi = ("km km-entry", _KM_ENTRY_DPI) if small else ("km km-best", _KM_BEST_DPI)
     size = _KM_ENTRY_SIZE if small else _KM_BEST_SIZE
-    fig, p_value = km_figure(risk_groups(sub), title, figsize=size)
+    groups = risk_groups(sub)
+    fig, p_value = km_figure(groups, title, figsize=size)
     extra = f'data-entry="{_e(name)}" data-seed="{_e(sub["seed"].iloc[0])}" '
     image = _img(figure_png_base64(fig, dpi=dpi), css, f"Kaplan-Meier curves, {title}", extra)
-    return image, p_value
+    return image, p_value, set(groups["threshold_source"])
+
+
+def _threshold_text(sources: set[str]) -> str:
+    """How the risk groups of a Kaplan-Meier figure were formed."""
+    train = (
+        "High / low risk: above / at or below the median predicted risk of the training part "
+        "of the patient's fold"
+    )
+    if sources == {"train"}:
+        return train + "."
+    test = "the median risk of the patient's own test fold"
+    if sources == {"test"}:
+        return (
+            f"High / low risk: above / at or below {test} (these predictions were stored "
+            "without a training threshold)."
+        )
+    return f"{train}, or {test} for folds stored without a training threshold."
 
 
 def _p_text(p_value: float) -> str:
@@ -465,13 +499,13 @@ def _km_best(data: LeaderboardData, task: str, metric: str, best: pd.Series) -> 
     sub = _entry_predictions(data.predictions, task, best["feature_set"], best["model"])
     if sub.empty:
         return f'<p class="km-missing">No predictions for the best entry, {_e(name)}.</p>'
-    image, p_value = _km_image(sub, f"{task}: {name}", name, small=False)
+    image, p_value, sources = _km_image(sub, f"{task}: {name}", name, small=False)
     estimate = format_estimate(best["estimate"], best["lower"], best["upper"])
     return (
         f'<figure class="km-best">{image}<figcaption>Best entry by {_e(metric)}: '
         f"<strong>{_e(name)}</strong> ({_e(estimate)}), seed {_e(sub['seed'].iloc[0])}. "
-        "High / low risk: above / at or below the median risk of the patient's own test "
-        f"fold. Log-rank p = {_e(_p_text(p_value))}.</figcaption></figure>"
+        f"{_e(_threshold_text(sources))} Log-rank p = {_e(_p_text(p_value))}."
+        "</figcaption></figure>"
     )
 
 
@@ -483,7 +517,7 @@ def _km_grid(data: LeaderboardData, task: str, scores: pd.DataFrame) -> str:
         sub = _entry_predictions(data.predictions, task, row["feature_set"], row["model"])
         if sub.empty:
             continue
-        image, p_value = _km_image(sub, name, name, small=True)
+        image, p_value, _ = _km_image(sub, name, name, small=True)
         figures.append(
             f"<figure>{image}<figcaption>{_e(name)}: p = {_e(_p_text(p_value))}</figcaption></figure>"
         )
@@ -504,6 +538,31 @@ def _task_meta(task: pd.Series) -> str:
     return " · ".join(bits)
 
 
+def _common_patients(scores: pd.DataFrame) -> list[str]:
+    """The paragraphs on the patients a task's entries are scored on (needs ``n_used``)."""
+    if "n_used" not in scores.columns or scores.empty:
+        return []
+    used = pd.to_numeric(scores["n_used"], errors="coerce").fillna(0)
+    parts = []
+    if (used > 0).any():
+        n = len(scores)
+        text = (
+            f"Estimates, intervals, ranks and comparisons use the {_count(used.max())} test "
+            f"patients common to all {n} {'entries' if n != 1 else 'entry'} (per seed, "
+            "column Used); Patients counts each entry's own test patients."
+        )
+        parts.append(f'<p class="common-patients">{_e(text)}</p>')
+    notes = scores["note"] if "note" in scores.columns else pd.Series(dtype=object)
+    lines = [
+        f"{entry_name(fs, model)}: {note}"
+        for fs, model, note in zip(scores["feature_set"], scores["model"], notes, strict=False)
+        if not _is_missing(note) and str(note).strip()
+    ]
+    if lines:
+        parts.append(f'<p class="no-common">{_e("; ".join(lines))}.</p>')
+    return parts
+
+
 def _task_section(index: int, task: pd.Series, data: LeaderboardData, ranking: pd.DataFrame) -> str:
     name = str(task["task"])
     scores = _order_by_estimate(data.scores[data.scores["task"].astype(str) == name], ranking)
@@ -514,6 +573,7 @@ def _task_section(index: int, task: pd.Series, data: LeaderboardData, ranking: p
         f"<h3>{_e(name)}</h3>",
         f'<p class="task-meta">{_e(_task_meta(task))}</p>',
         f'<p class="exclusions">{_e(exclusions)}</p>',
+        *_common_patients(scores),
     ]
     if scores.empty:
         parts.append('<p class="empty">No scores for this task.</p>')
@@ -617,7 +677,8 @@ th[aria-sort="ascending"]::after { content: " \\25B2"; }
 th[aria-sort="descending"]::after { content: " \\25BC"; }
 tbody tr:hover { background: #f7fbff; }
 section.task { border-top: 2px solid #ccc; margin-top: 2em; }
-.task-meta, .exclusions { color: #444; margin: 0.3em 0; }
+.task-meta, .exclusions, .common-patients { color: #444; margin: 0.3em 0; }
+.no-common { color: #a00; margin: 0.3em 0; }
 img.heatmap, img.km-best { max-width: 100%; height: auto; }
 .km-grid { display: flex; flex-wrap: wrap; gap: 0.5em; }
 .km-grid figure { margin: 0; font-size: 0.8em; }

@@ -2,8 +2,10 @@
 
 Reads the results store (only the cells of the benchmark's current plan, so entries removed
 from the spec drop out), scores every task (bootstrap intervals over patients and seeds, seed spread),
-compares every entry with the task's best on the same patients (paired bootstrap), ranks the
-entries across tasks, and renders the page and its CSV (:mod:`oncoslide.bench.leaderboard`).
+compares every entry with the task's best (paired bootstrap), ranks the entries across tasks, and
+renders the page and its CSV (:mod:`oncoslide.bench.leaderboard`). Within a task, estimates,
+intervals, ranks and comparisons all use the test patients common to every entry of the task
+(:func:`oncoslide.bench.stats.common_rows`); each entry's own and used patient counts are shown.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from oncoslide.bench.leaderboard import LeaderboardData, render_leaderboard
 from oncoslide.bench.stats import (
     TaskInfo,
     TaskScores,
+    common_rows,
     entry_name,
     fold_metric_summary,
     paired_comparison,
@@ -39,7 +42,8 @@ class Leaderboard:
     """The computed leaderboard: its tables and where the page and CSV were written."""
 
     data: LeaderboardData
-    comparisons: pd.DataFrame  # task, entry, best, diff, lower, upper, p_value, n_patients
+    # task, entry, best, diff, lower, upper, p_value, n_patients (the common patients)
+    comparisons: pd.DataFrame
     scores: list[TaskScores]
     html_path: Path
     csv_path: Path
@@ -80,7 +84,9 @@ def build_leaderboard(
         info = TaskInfo(t["task"], t["kind"], tuple(t.get("classes") or ()))
         scores = task_scores(preds, info, n_boot=n_boot, seed=seed)
         all_scores.append(scores)
-        comparisons += _versus_best(preds, info, scores, n_boot=n_boot, seed=seed)
+        comparisons += _versus_best(
+            common_rows(preds, info), info, scores, n_boot=n_boot, seed=seed
+        )
         table = scores.table.assign(kind=t["kind"])
         rows.append(table)
         predictions.append(preds)
@@ -99,7 +105,7 @@ def build_leaderboard(
     )
     score_table = _with_comparisons(score_table, comparison_table)
     ranking = rank_entries(all_scores)
-    notes = _notes(spec, tasks, plan, done, folder)
+    notes = _notes(spec, tasks, plan, done, folder) + _no_common_notes(all_scores)
     data = LeaderboardData(
         title=f"oncoslide benchmark · {spec.get('name', folder.name)}",
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -118,8 +124,10 @@ def build_leaderboard(
 def _versus_best(
     preds: pd.DataFrame, info: TaskInfo, scores: TaskScores, *, n_boot: int, seed: int
 ) -> list[dict[str, object]]:
-    """Every entry against the task's best entry, on the patients both have: ``diff`` is the
-    entry's metric minus the best entry's (so <= 0), with its paired-bootstrap interval."""
+    """Every entry against the task's best entry: ``diff`` is the entry's metric minus the best
+    entry's (so <= 0), with its paired-bootstrap interval. ``preds`` holds the rows at the
+    patients common to every entry of the task (:func:`common_rows`), so ``diff`` is the
+    difference of the two entries' estimates in the scores table."""
     table = scores.table.dropna(subset=["estimate"])
     if len(table) < 2:
         return []
@@ -204,10 +212,28 @@ def _notes(
     if (folder / "failures.csv").exists():
         notes.append("some cells failed in the last run: see failures.csv")
     notes.append(
+        "within a task every entry is scored, ranked and compared on the test patients common "
+        "to all its entries (per seed): 'Patients' counts an entry's own test patients, "
+        "'Used' the common ones"
+    )
+    notes.append(
         "intervals: 95% bootstrap over patients (and over seeds, when there are several) of "
         "the per-fold metric averaged over folds and seeds; 'Δ vs best': the entry minus the "
         "task's best entry on the same patients, with a paired-bootstrap p-value"
     )
+    return notes
+
+
+def _no_common_notes(scores: list[TaskScores]) -> list[str]:
+    """A note for every task whose entries have no test patient in common (none is ranked)."""
+    notes = []
+    for s in scores:
+        table = s.table
+        if len(table) > 1 and (table["n_used"] == 0).all():
+            notes.append(
+                f"task {table['task'].iloc[0]!r}: its entries have no test patient in common, "
+                "so none of them is scored or ranked there (see the task's section)"
+            )
     return notes
 
 

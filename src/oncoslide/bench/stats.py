@@ -9,6 +9,14 @@ entry, seed and fold of the task. The replicate recomputes each (seed, fold) met
 patients' multiplicities as weights, which equals the metric on the data with the rows of a
 patient duplicated as many times as it was drawn.
 
+Entries of one task may be scored on different test patients: an encoder's exclusion list removes
+the patients it saw in pre-training from its test parts, an unusable feature file drops a patient
+from one feature set, a failed cell drops a whole test fold. Comparing such entries on their own
+patients would compare them on different (easier or harder) patients, so within a task every
+entry is ranked, compared and given its interval on the patients *common to all entries* of the
+task: the (seed, patient) pairs that every entry scored (:func:`common_rows`). Each entry's own
+number of test patients is reported next to the number used.
+
 With several training seeds the bootstrap has a second level: each replicate also draws the
 seeds with replacement (again shared by every entry of the task) and averages the cells of a
 seed as often as it was drawn, so the interval carries the variability of training across
@@ -46,6 +54,7 @@ __all__ = [
     "TaskInfo",
     "TaskScores",
     "bootstrap_counts",
+    "common_rows",
     "entry_name",
     "fold_metric_summary",
     "paired_comparison",
@@ -438,6 +447,57 @@ def _prepare(preds: pd.DataFrame, task: TaskInfo) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- common patients
+
+_ENTRY_KEYS = ["feature_set", "model"]
+_PAIR_KEYS = ["seed", "patient_id"]
+
+
+def _common_mask(frame: pd.DataFrame) -> NDArray[np.bool_]:
+    """Rows of a prepared frame whose (seed, patient) every entry of the task scored.
+
+    A patient appears at most once per entry and seed (checked by :func:`_prepare`), so a pair
+    is common when it has as many rows as the task has entries.
+    """
+    n_entries = frame.groupby(_ENTRY_KEYS).ngroups
+    rows = frame.groupby(_PAIR_KEYS)["patient_id"].transform("size")
+    return (rows == n_entries).to_numpy()
+
+
+def _no_common_notes(frame: pd.DataFrame) -> dict[Entry, str]:
+    """Why no (seed, patient) is common to every entry, said for each entry."""
+    pairs = {
+        (str(fs), str(model)): set(zip(part["seed"], part["patient_id"], strict=True))
+        for (fs, model), part in frame.groupby(_ENTRY_KEYS, sort=True)
+    }
+    notes = {}
+    for key, mine in pairs.items():
+        disjoint = [entry_name(*k) for k, theirs in pairs.items() if k != key and not mine & theirs]
+        reason = (
+            f"it shares none (same seed and patient) with {', '.join(disjoint)}"
+            if disjoint
+            else f"no (seed, patient) is scored by all {len(pairs)} entries"
+        )
+        notes[key] = f"no test patient in common with the other entries of the task: {reason}"
+    return notes
+
+
+def common_rows(preds: pd.DataFrame, task: TaskInfo) -> pd.DataFrame:
+    """The task's rows of a prediction frame at the patients common to all its entries.
+
+    A row is kept when every entry (feature set x model) of the task scored the same patient in
+    the same seed; the statistics of :func:`task_scores` use exactly these rows, and passing them
+    to :func:`paired_comparison` compares two entries on the same patients. The columns are those
+    of ``preds``; the result is empty when no (seed, patient) is common to every entry.
+
+    Raises:
+        BenchInputError: the frame breaks the contract (all problems listed).
+    """
+    frame = _prepare(preds, task)
+    rows = preds.loc[preds["task"].astype(str) == task.name]
+    return rows.loc[_common_mask(frame)].reset_index(drop=True)
+
+
 # --------------------------------------------------------------------------- per-entry evaluation
 
 
@@ -507,7 +567,7 @@ class _EntryEval:
     folds: IntArray
     points: FloatArray
     replicates: FloatArray  # (n_boot, n_cells)
-    n_patients: int
+    n_patients: int  # distinct patients evaluated
 
     @property
     def estimate(self) -> float:
@@ -583,11 +643,16 @@ class TaskScores:
 
     Attributes:
         table: one row per entry: task, metric, feature_set, model, protocol, estimate, lower,
-            upper, n_boot_ok, n_patients, n_seeds, n_folds, n_cells, seed_sd. ``n_seeds`` and
+            upper, n_boot_ok, n_patients, n_used, n_seeds, n_folds, n_cells, seed_sd, note.
+            Every column describes the entry on the task's common patients (see
+            :func:`task_scores`) except ``n_patients``. ``n_seeds`` and
             ``n_folds`` count the distinct seeds and fold ids among the (seed, fold) cells whose
             metric is defined, ``n_cells`` those cells (the estimate averages over them);
-            ``n_patients`` counts the entry's distinct patients; ``seed_sd`` is the sd (ddof 1)
-            of the per-seed means over folds (NaN with one seed).
+            ``n_patients`` counts the entry's own distinct test patients, ``n_used`` those it is
+            scored on: the patients common to all entries of the task (equal for every entry);
+            ``seed_sd`` is the sd (ddof 1) of the per-seed means over folds (NaN with one seed);
+            ``note`` is empty, or says why the entry has no estimate (no test patient in common
+            with the other entries).
         replicates: (feature_set, model) -> the n_boot replicate means (NaN where skipped); the
             replicate index is shared by all entries of the task (same patient draws).
         per_seed: one row per (entry, seed): task, feature_set, model, seed, estimate (mean over
@@ -610,10 +675,12 @@ _TABLE_COLUMNS = [
     "upper",
     "n_boot_ok",
     "n_patients",
+    "n_used",
     "n_seeds",
     "n_folds",
     "n_cells",
     "seed_sd",
+    "note",
 ]
 
 
@@ -624,6 +691,8 @@ def _entry_row(
     result: _EntryEval,
     replicate_means: FloatArray,
     alpha: float,
+    n_patients: int,
+    note: str,
 ) -> dict[str, Any]:
     lower, upper, n_ok = _percentiles(replicate_means, alpha)
     seed_means = list(_seed_means(result).values())
@@ -637,11 +706,13 @@ def _entry_row(
         "lower": lower,
         "upper": upper,
         "n_boot_ok": n_ok,
-        "n_patients": result.n_patients,
+        "n_patients": n_patients,
+        "n_used": result.n_patients,
         "n_seeds": len(seed_means),
         "n_folds": int(np.unique(result.folds).size),
         "n_cells": int(result.points.size),
         "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else float("nan"),
+        "note": note,
     }
 
 
@@ -655,10 +726,16 @@ def task_scores(
 ) -> TaskScores:
     """Estimate and patient-level bootstrap interval of every entry of one task.
 
+    Every entry is scored on the patients common to all entries of the task: the (seed,
+    patient) pairs every entry scored (:func:`common_rows`), so that entries scored on different
+    patients (exclusion lists, unusable feature files, failed cells) are compared on the same
+    ones. When no pair is common to every entry, no entry gets an estimate and each row's
+    ``note`` says which entries share no patient.
+
     The estimate is the mean over (seed, fold) of the primary metric computed within each
-    (seed, fold). Each replicate draws the union of the task's patients with replacement; that
-    draw is shared by every entry, seed and fold, and every (seed, fold) metric is recomputed
-    with the drawn multiplicities as weights and averaged. With several seeds the replicate
+    (seed, fold). Each replicate draws the common patients with replacement; that draw is
+    shared by every entry, seed and fold, and every (seed, fold) metric is recomputed with the
+    drawn multiplicities as weights and averaged. With several seeds the replicate
     also draws the seeds with replacement and weights each (seed, fold) by its seed's count
     (:class:`SeedDraws`). The interval is the percentile interval of those averages over the
     replicates in which every counted (seed, fold) metric is defined (``n_boot_ok`` of them). A (seed, fold) whose metric is undefined on its full data
@@ -677,15 +754,26 @@ def task_scores(
     """
     _check_options(n_boot, alpha, seed)
     frame = _prepare(preds, task)
-    patients = pd.Index(np.sort(frame["patient_id"].unique()))
-    counts = bootstrap_counts(len(patients), n_boot, seed)
-    seed_draws = SeedDraws.draw(frame["seed"], n_boot, seed)
+    common = _common_mask(frame)
+    used = frame.loc[common]
+    notes = {} if common.any() else _no_common_notes(frame)
+    patients = pd.Index(np.sort(used["patient_id"].unique()))
+    counts = (
+        bootstrap_counts(len(patients), n_boot, seed)
+        if len(patients)
+        else np.zeros((n_boot, 0), dtype=np.int64)
+    )
+    seed_draws = SeedDraws.draw(used["seed"], n_boot, seed)
     rows, replicates, seed_rows = [], {}, []
-    for (fs, model), entry in frame.groupby(["feature_set", "model"], sort=True):
+    for (fs, model), entry in frame.groupby(_ENTRY_KEYS, sort=True):
         key = (str(fs), str(model))
-        result = _evaluate_entry(entry, task, counts, patients)
+        result = _evaluate_entry(entry.loc[common[entry.index]], task, counts, patients)
         means = result.replicate_means(seed_draws)
-        rows.append(_entry_row(task, key, str(entry["protocol"].iloc[0]), result, means, alpha))
+        protocol = str(entry["protocol"].iloc[0])
+        n_own = int(entry["patient_id"].nunique())
+        rows.append(
+            _entry_row(task, key, protocol, result, means, alpha, n_own, notes.get(key, ""))
+        )
         replicates[key] = means
         for s, mean in _seed_means(result).items():
             n_folds = int((result.seeds == s).sum())
@@ -705,6 +793,8 @@ def task_scores(
 @dataclass(frozen=True)
 class PairedComparison:
     """Entry ``a`` minus entry ``b`` on the patients both have, with a paired bootstrap.
+
+    ``n_patients`` counts the distinct patients of the (seed, patient) pairs both entries scored.
 
     ``diff`` is the difference of the entries' per-(seed, fold) metrics averaged; ``lower`` and
     ``upper`` the percentile interval of the replicate differences; ``p_value`` the two-sided
@@ -751,9 +841,12 @@ def paired_comparison(
 ) -> PairedComparison:
     """Paired patient-level bootstrap comparison of two entries of one task.
 
-    Both entries are restricted to the patients they share; each replicate draws those patients
-    (and, with several seeds, the seeds) with replacement once and scores both entries with the
-    same multiplicities, so the variation common to both cancels out of the difference.
+    Both entries are restricted to the patients they share, seed by seed (a patient one entry
+    lacks in one seed is left out of that seed only); each replicate draws those patients (and,
+    with several seeds, the seeds) with replacement once and scores both entries with the same
+    multiplicities, so the variation common to both cancels out of the difference. To compare
+    two entries on the patients common to *every* entry of the task, as the leaderboard does,
+    pass :func:`common_rows` of the frame.
 
     Args:
         preds: a prediction frame (contract); rows of other tasks are ignored.
@@ -772,16 +865,17 @@ def paired_comparison(
     unknown = [entry_name(*k) for k, part in ((key_a, part_a), (key_b, part_b)) if part.empty]
     if unknown:
         raise BenchInputError([f"no predictions for entry {name!r}" for name in unknown], source)
-    common = np.intersect1d(part_a["patient_id"].unique(), part_b["patient_id"].unique())
-    if not common.size:
+    pairs_a = pd.MultiIndex.from_frame(part_a[_PAIR_KEYS])
+    pairs_b = pd.MultiIndex.from_frame(part_b[_PAIR_KEYS])
+    part_a, part_b = part_a.loc[pairs_a.isin(pairs_b)], part_b.loc[pairs_b.isin(pairs_a)]
+    if part_a.empty:
         names = f"{entry_name(*key_a)!r} and {entry_name(*key_b)!r}"
-        raise BenchInputError([f"entries {names} share no patient"], source)
-    patients = pd.Index(common)  # intersect1d returns them sorted
+        raise BenchInputError([f"entries {names} share no patient (in the same seed)"], source)
+    patients = pd.Index(np.sort(part_a["patient_id"].unique()))
     counts = bootstrap_counts(len(patients), n_boot, seed)
-    seed_draws = SeedDraws.draw(pd.concat([part_a["seed"], part_b["seed"]]), n_boot, seed)
+    seed_draws = SeedDraws.draw(part_a["seed"], n_boot, seed)
     result_a, result_b = (
-        _evaluate_entry(part.loc[part["patient_id"].isin(patients)], task, counts, patients)
-        for part in (part_a, part_b)
+        _evaluate_entry(part, task, counts, patients) for part in (part_a, part_b)
     )
     diffs = result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws)
     diffs = diffs[np.isfinite(diffs)]
@@ -794,7 +888,7 @@ def paired_comparison(
         lower=lower,
         upper=upper,
         p_value=_bootstrap_p_value(diffs),
-        n_patients=int(common.size),
+        n_patients=len(patients),
         estimate_a=result_a.estimate,
         estimate_b=result_b.estimate,
         n_boot_ok=n_ok,

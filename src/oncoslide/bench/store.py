@@ -25,8 +25,14 @@ Tables (schema version 1, kept in ``meta``):
 ``predictions`` (one row per cell and test patient)
     ``cell_key`` TEXT, ``patient_id`` TEXT, ``time`` REAL, ``event`` REAL (NULL for
     classification), ``label`` TEXT (NULL for survival), ``outputs_json`` TEXT: a JSON object of
-    the model outputs, ``{"risk": r}`` for survival or ``{"prob_<class>": p, ...}`` for
-    classification (NaN written as null); PRIMARY KEY (cell_key, patient_id).
+    the model outputs, ``{"risk": r, "risk_threshold": t}`` for survival or
+    ``{"prob_<class>": p, ...}`` for classification (NaN written as null); PRIMARY KEY
+    (cell_key, patient_id). ``risk_threshold`` is the median predicted risk of the cell's
+    training part (the high / low risk groups of the Kaplan-Meier curves split there): one
+    finite value, the same on every row of the cell. Cells written before it existed lack the
+    key (their ``outputs_json`` in ``cells`` is ``["risk"]``); they still load, with
+    ``risk_threshold`` NaN (or no such column when no cell read has one), so the schema version
+    is unchanged.
 
 Readers give back the tidy metric rows and the prediction frame of the benchmark contract
 (``docs/contracts.md``): :meth:`ResultStore.metrics`, :meth:`ResultStore.predictions`.
@@ -58,6 +64,7 @@ __all__ = [
     "ID_COLUMNS",
     "METRIC_COLUMNS",
     "PATIENT_COLUMNS",
+    "RISK_THRESHOLD",
     "SCHEMA_VERSION",
     "STORE_FILENAME",
     "CellRecord",
@@ -70,6 +77,8 @@ SCHEMA_VERSION = 1
 STORE_FILENAME = "results.sqlite"
 
 ID_COLUMNS = ("cell_key", "task", "feature_set", "model", "protocol", "seed", "fold")
+# a survival cell's risk-group threshold, stored with each prediction as an output
+RISK_THRESHOLD = "risk_threshold"
 PATIENT_COLUMNS = ("patient_id", "time", "event", "label")
 METRIC_COLUMNS = (*ID_COLUMNS, "metric", "value")
 CELL_COLUMNS = (*ID_COLUMNS, "seconds", "finished_at", "config", "info")
@@ -166,8 +175,10 @@ class CellRecord:
 
     ``predictions`` has one row per test patient with columns ``patient_id`` (str), ``time``,
     ``event`` (floats; NaN for classification), ``label`` (str; None for survival) and the
-    outputs: ``risk`` for survival, or ``prob_<class>`` for every class. ``metrics`` values may
-    be NaN. ``config`` and ``info`` must be JSON-able (numpy scalars and paths are converted).
+    outputs: ``risk`` and optionally ``risk_threshold`` (the training part's median risk, one
+    finite value for the whole cell) for survival, or ``prob_<class>`` for every class.
+    ``metrics`` values may be NaN. ``config`` and ``info`` must be JSON-able (numpy scalars and
+    paths are converted).
     """
 
     cell_key: str
@@ -244,6 +255,11 @@ def _output_columns(frame: pd.DataFrame, problems: list[str]) -> list[str]:
         problems.append(f"predictions have duplicated columns {duplicated!r}")
         return []
     unknown = [c for c in frame.columns if c not in known and c not in outputs]
+    if RISK_THRESHOLD in unknown:
+        unknown.remove(RISK_THRESHOLD)
+        if "risk" not in outputs:
+            problems.append(f"'{RISK_THRESHOLD}' belongs to survival predictions (with 'risk')")
+        _check_threshold(frame[RISK_THRESHOLD], problems)
     if unknown:
         problems.append(f"predictions have unknown columns {unknown!r}")
     if not outputs:
@@ -252,7 +268,19 @@ def _output_columns(frame: pd.DataFrame, problems: list[str]) -> list[str]:
         problems.append("predictions mix a survival 'risk' with class probabilities")
     elif any(len(c) == 5 for c in outputs):
         problems.append("an output column is named 'prob_' without a class")
+    if "risk" in outputs and RISK_THRESHOLD in frame.columns:
+        outputs.append(RISK_THRESHOLD)
     return outputs
+
+
+def _check_threshold(values: pd.Series, problems: list[str]) -> None:
+    """A cell's risk threshold: one finite number, the same on every row."""
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    if len(numeric) and (not np.isfinite(numeric).all() or (numeric != numeric[0]).any()):
+        problems.append(
+            f"'{RISK_THRESHOLD}' must be one finite value for the whole cell (the training "
+            "part's median risk)"
+        )
 
 
 def _float_column(frame: pd.DataFrame, name: str, problems: list[str]) -> np.ndarray | None:
@@ -284,7 +312,7 @@ def _check_patients(frame: pd.DataFrame, problems: list[str]) -> tuple[list[Any]
 def _check_outputs(outputs: list[str], values: np.ndarray, problems: list[str]) -> None:
     if np.isinf(values).any():
         problems.append("predictions outputs contain infinite values")
-    if outputs and outputs[0] != "risk" and len(values):
+    if outputs and "risk" not in outputs and len(values):
         finite = values[~np.isnan(values).any(axis=1)]
         if ((finite < 0) | (finite > 1)).any():
             problems.append("class probabilities outside [0, 1]")
@@ -655,9 +683,10 @@ class ResultStore:
 
     def predictions(self, task: str | None = None) -> pd.DataFrame:
         """The prediction frame: one row per (cell, test patient), the id columns, patient_id,
-        time, event, label, then the output columns (``risk`` first, then ``prob_<class>``
-        sorted); an output a row's cell does not have (e.g. ``risk`` of a classification cell
-        when reading every task) is NaN."""
+        time, event, label, then the output columns (``risk``, ``risk_threshold``, then
+        ``prob_<class>`` sorted); an output a row's cell does not have (e.g. ``risk`` of a
+        classification cell when reading every task, or ``risk_threshold`` of a cell written
+        before it existed) is NaN, and an output no cell read has is absent."""
         where, params = ("WHERE c.task = ?", [task]) if task is not None else ("", [])
         with self._sqlite_errors("cannot read predictions") as conn, _snapshot(conn):
             cells = conn.execute(
@@ -667,7 +696,7 @@ class ResultStore:
             ).fetchall()
             names = sorted(
                 {name for *_, text in cells for name in json.loads(text)},
-                key=lambda name: (name != "risk", name),
+                key=lambda name: (name != "risk", name != RISK_THRESHOLD, name),
             )
             # SQLite's JSON functions read the outputs far faster than json.loads per row; a
             # JSON path cannot quote a name holding '"', so such (odd) names are parsed here

@@ -3,9 +3,24 @@
 Cross-validated predictions come in groups (one per fold, or per (seed, fold)), each scored by
 its own model. Risk scores of different models live on different scales, so pooling them into
 one ranking would measure something no model does. Here the point estimate is the mean over
-groups of the metric computed within each group, and each bootstrap replicate resamples
-patients with replacement *within* every group, recomputes every group's metric and averages.
-The interval is the (alpha/2, 1 - alpha/2) percentile interval of those averages.
+groups of the metric computed within each group; each bootstrap replicate resamples patients,
+recomputes every group's metric on its resampled patients and averages. The interval is the
+(alpha/2, 1 - alpha/2) percentile interval of those averages.
+
+How a replicate resamples depends on whether the groups name their patients
+(``GroupData.patients``):
+
+* **Named patients: one draw of patients shared by every group.** Each replicate draws the
+  patients of all groups together with replacement, as a multinomial count per patient (the
+  benchmark's draws, :func:`oncoslide.bench.stats.bootstrap_counts`, so equal patients and seeds
+  give equal draws there and here), and every group takes its own drawn patients as often as they
+  were drawn. This is the right unit for repeated cross-validation, where each patient is a test
+  patient once per seed: the seeds' groups see the same draw, so R repetitions of the same
+  predictions give the one-repetition interval instead of one about sqrt(R) times narrower, as
+  independent draws per group would (they treat the repetitions as new patients).
+* **Unnamed rows: independent draws within every group.** Each group resamples its own rows
+  with replacement (its size fixed), independently of the other groups; right when the groups
+  hold different patients (the folds of a single cross-validation, or separate cohorts).
 
 A metric sees one group at a time through a small, generic interface::
 
@@ -42,11 +57,15 @@ class GroupData:
         context: fixed objects the metric needs but that are not resampled, e.g.
             ``{"survival_train": y_train, "times": grid}``.
         name: a label for messages, e.g. ``"seed0/fold3"``.
+        patients: optional patient ids, one per row (unique within the group; compared as
+            text). When every group names its patients the bootstrap draws patients once per
+            replicate for all groups together (see the module docstring).
     """
 
     arrays: Mapping[str, Any]
     context: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    patients: Sequence[Any] | np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arrays = {key: np.asarray(value) for key, value in dict(self.arrays).items()}
@@ -60,6 +79,17 @@ class GroupData:
             )
         object.__setattr__(self, "arrays", arrays)
         object.__setattr__(self, "context", dict(self.context))
+        if self.patients is not None:
+            ids = np.asarray([str(p) for p in np.asarray(self.patients).ravel()])
+            n = next(iter(lengths.values()))
+            if ids.size != n or np.ndim(self.patients) != 1:
+                raise MetricInputError(f"{label}: {ids.size} patient ids for {n} rows")
+            unique, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                raise MetricInputError(
+                    f"{label}: patient ids must be unique, repeated: {list(unique[counts > 1][:5])}"
+                )
+            object.__setattr__(self, "patients", ids)
 
     @property
     def n(self) -> int:
@@ -119,22 +149,27 @@ def grouped_bootstrap_ci(
     seed: int = 0,
     skip_errors: tuple[type[BaseException], ...] = (),
 ) -> BootstrapCI:
-    """Mean-over-groups metric with a within-group percentile bootstrap interval.
+    """Mean-over-groups metric with a patient-level percentile bootstrap interval.
 
     Args:
-        groups: one :class:`GroupData` per model (fold or (seed, fold)).
+        groups: one :class:`GroupData` per model (fold or (seed, fold)). Either every group
+            names its patients (one patient draw per replicate, shared by all groups: a group
+            takes each of its drawn patients as often as drawn) or none does (independent
+            within-group draws).
         metric_fn: ``(data, context) -> float``; NaN (or a non-finite value) means undefined.
         n_boot: number of bootstrap replicates.
         alpha: 1 - confidence level (0.05 gives a 95% interval).
-        seed: seed of the resampling; equal seeds give identical results. Every group draws
-            from its own child stream, so a group's resamples do not depend on the others.
+        seed: seed of the resampling; equal seeds give identical results. With named patients
+            the seed drives the one shared patient draw; otherwise every group draws from its
+            own child stream, so a group's resamples do not depend on the others.
         skip_errors: exception types from ``metric_fn`` treated as "undefined" (NaN), e.g.
             ``(CensoringSupportError, TimeGridError)``; any other exception propagates.
 
     Returns:
         :class:`BootstrapCI`. Replicates in which some group's metric is undefined are skipped,
-        since averaging over a different set of groups would change the estimand. If no
-        replicate (or no group) is usable the interval (and estimate) is NaN.
+        since averaging over a different set of groups would change the estimand; so are
+        replicates in which a group draws none of its patients. If no replicate (or no group)
+        is usable the interval (and estimate) is NaN.
     """
     _check_options(n_boot, alpha)
     if len(groups) == 0:
@@ -142,13 +177,34 @@ def grouped_bootstrap_ci(
     for g in groups:
         if not isinstance(g, GroupData):
             raise MetricInputError(f"bootstrap: groups must be GroupData, got {type(g).__name__}")
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(groups))]
+    named = [g.patients is not None for g in groups]
+    if any(named) and not all(named):
+        unnamed = [g.name or str(k) for k, g in enumerate(groups) if g.patients is None]
+        raise MetricInputError(
+            "bootstrap: either every group names its patients or none does; "
+            f"no patient ids for group(s) {unnamed[:5]}"
+        )
     point = np.array([_evaluate(metric_fn, g, g.arrays, skip_errors) for g in groups])
     used = [k for k in range(len(groups)) if np.isfinite(point[k])]
     if not used:
         return BootstrapCI(float("nan"), float("nan"), float("nan"), 0, n_boot, 0)
 
     replicates = np.empty((n_boot, len(used)))
+    if all(named):
+        counts = _shared_patient_counts(groups, n_boot, seed)
+        for col, k in enumerate(used):
+            group, rows = groups[k], np.arange(groups[k].n)
+            for b in range(n_boot):
+                # each drawn patient of the group as often as it was drawn
+                idx = np.repeat(rows, counts[k][b])
+                replicates[b, col] = (
+                    _evaluate(metric_fn, group, group.take(idx), skip_errors)
+                    if idx.size
+                    else float("nan")
+                )
+        return _summarise(float(point[used].mean()), replicates, alpha, n_boot, len(used))
+
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(groups))]
     for col, k in enumerate(used):
         group = groups[k]
         # All resamples of a group at once: one (n_boot, n) index matrix.
@@ -156,6 +212,22 @@ def grouped_bootstrap_ci(
         for b in range(n_boot):
             replicates[b, col] = _evaluate(metric_fn, group, group.take(draws[b]), skip_errors)
     return _summarise(float(point[used].mean()), replicates, alpha, n_boot, len(used))
+
+
+def _shared_patient_counts(groups: Sequence[GroupData], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Per group, the (n_boot, n) multiplicities of its rows' patients in one shared draw.
+
+    The draw resamples the union of all groups' patients (sorted ids), as the benchmark's
+    statistics do, so a patient tested in several groups (several seeds) has the same
+    multiplicity in all of them.
+    """
+    # imported here: oncoslide.bench.stats itself imports oncoslide.evaluation
+    from oncoslide.bench.stats import bootstrap_counts
+
+    ids = [np.asarray(g.patients) for g in groups]
+    patients = np.unique(np.concatenate(ids))
+    counts = bootstrap_counts(patients.size, n_boot, seed)
+    return [counts[:, np.searchsorted(patients, group_ids)] for group_ids in ids]
 
 
 def _summarise(

@@ -26,6 +26,8 @@ GROUPS = ("high", "low")
 _GROUP_COLOURS = {"high": "#c0392b", "low": "#2471a3"}
 _ENTRY_COLUMNS = ("task", "feature_set", "model")
 _RISK_COLUMNS = ("patient_id", "fold", "time", "event", "risk")
+# the median predicted risk of the fold's training part, written with the predictions
+THRESHOLD_COLUMN = "risk_threshold"
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -62,20 +64,50 @@ def _risk_frame_problems(preds: pd.DataFrame) -> list[str]:
     if len(duplicated):
         shown = ", ".join(map(str, duplicated.unique()[:5]))
         problems.append(f"patients appear more than once: {shown}")
+    if THRESHOLD_COLUMN in preds.columns:
+        problems += _threshold_problems(preds)
+    return problems
+
+
+def _threshold_problems(preds: pd.DataFrame) -> list[str]:
+    """A training threshold must be one finite value per fold (or missing for the whole fold)."""
+    threshold = pd.to_numeric(preds[THRESHOLD_COLUMN], errors="coerce")
+    problems = []
+    if np.isinf(threshold.to_numpy(dtype=float)).any():
+        problems.append(f"{THRESHOLD_COLUMN} has infinite values")
+    bad = []
+    for fold, values in threshold.groupby(preds["fold"], sort=True):
+        present = values.dropna()
+        if len(present) and (len(present) < len(values) or present.nunique() > 1):
+            bad.append(str(fold))
+    if bad:
+        problems.append(
+            f"{THRESHOLD_COLUMN} must be one value for every patient of a fold (or missing for "
+            f"all of them): not so in fold {', '.join(bad)}"
+        )
     return problems
 
 
 def risk_groups(preds: pd.DataFrame) -> pd.DataFrame:
     """Split the test patients of one entry and one seed into "high" and "low" risk groups.
 
-    Each patient is compared with the median risk of its own test fold: the groups use no
-    information from other folds (each fold's model has its own risk scale, and a global median
-    would leak the other folds' predictions). A risk above the fold median is "high"; a risk at or
-    below it (ties included) is "low".
+    Each patient is compared with a threshold of its own fold, fixed without its test part: the
+    fold's ``risk_threshold`` column, the median predicted risk of that fold's *training* part
+    (written by the training code and the benchmark's protocols, one value per fold). A risk
+    above the threshold is "high"; a risk at or below it (ties included) is "low". Thresholds are
+    per fold because each fold's model has its own risk scale.
 
-    Returns a frame with columns patient_id, fold, time, event, risk, group, in the input order.
-    Raises :class:`ConfigError` listing every problem when the frame is not a single-entry,
-    single-seed survival prediction frame.
+    Fallback, for predictions written before ``risk_threshold`` existed (the column absent, or
+    missing for a whole fold): that fold is split at the median risk of its own *test* patients,
+    as older versions did. That median is computed from the test part itself, so those groups
+    are always balanced and look somewhat better separated than groups split at a threshold
+    fixed in advance; ``threshold_source`` says which rule each patient got.
+
+    Returns a frame with columns patient_id, fold, time, event, risk, group, threshold (the value
+    the patient's risk was compared with) and threshold_source (``"train"`` or ``"test"``), in
+    the input order. Raises :class:`ConfigError` listing every problem when the frame is not a
+    single-entry, single-seed survival prediction frame, or its thresholds are not one finite
+    value per fold.
     """
     problems = _risk_frame_problems(preds)
     if problems:
@@ -85,7 +117,15 @@ def risk_groups(preds: pd.DataFrame) -> pd.DataFrame:
     out["event"] = out["event"].astype(float)
     out["risk"] = out["risk"].astype(float)
     fold_median = out.groupby("fold")["risk"].transform("median")
-    out["group"] = np.where(out["risk"] > fold_median, "high", "low")
+    if THRESHOLD_COLUMN in preds.columns:
+        trained = pd.to_numeric(preds[THRESHOLD_COLUMN], errors="coerce").to_numpy(dtype=float)
+    else:
+        trained = np.full(len(out), np.nan)
+    from_training = np.isfinite(trained)
+    threshold = np.where(from_training, trained, fold_median.to_numpy(dtype=float))
+    out["group"] = np.where(out["risk"].to_numpy() > threshold, "high", "low")
+    out["threshold"] = threshold
+    out["threshold_source"] = np.where(from_training, "train", "test")
     return out
 
 

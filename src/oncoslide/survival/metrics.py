@@ -6,9 +6,25 @@ for the conventions (tie handling, truncation, the evaluation grid) and the few 
 deviations (undefined metrics are NaN instead of an exception; inverse-probability-of-censoring
 weights are only demanded at the times a formula actually uses).
 
-Survival targets are structured arrays ``(event, time)`` as produced by
-:func:`oncoslide.survival.make_survival`; any two-field structured array with the event first
-(scikit-survival's layout) works too.
+Survival targets are structured arrays as produced by :func:`oncoslide.survival.make_survival`
+or scikit-survival. Their two fields are found by NAME, never by position
+(:func:`oncoslide.survival.target.survival_fields`: ``event``/``status``/``fstat``/``cens``/...
+for the indicator, ``time``/``futime``/``duration``/... for the time, else the one boolean field
+is the indicator), so ``("time", "event")`` reads like ``("event", "time")``. Event codes must be
+exactly 0/1 or bool (True/1 = event) and every time finite and >= 0 (0 is allowed); a metric
+collects every problem of its inputs and raises one :class:`MetricInputError` listing them.
+
+Empty and all-censored inputs (one rule for every metric): a test set without events, n = 0
+included, is a sample on which the metrics are undefined, not malformed input. No metric raises
+for it alone: Harrell's and Uno's C are NaN with zero pair counts, the td-AUC is NaN at every
+time and its mean NaN, the Brier score is NaN at every time and the IBS NaN (scikit-survival
+raises for such test sets), and :func:`survival_metrics` returns NaN for all of them. No censoring
+weight is then needed, so even an empty training set is accepted. :func:`kaplan_meier` returns
+S = 1 at the observed times (empty arrays for n = 0); :func:`evaluation_times`, which places its
+grid at event-time quantiles, raises :class:`TimeGridError` (no events) in both cases. An empty
+training set leaves the censoring survival G unknown at every time: a metric that needs a weight
+raises :class:`CensoringSupportError`. An all-censored training set is ordinary (G is its
+empirical censoring survival, reaching 0 at its last time).
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from oncoslide._checks import as_events, as_vector
 from oncoslide.errors import ConfigError
-from oncoslide.survival.target import split_survival
+from oncoslide.survival.target import read_survival
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -92,9 +108,12 @@ def _raise_if(
         raise error(f"{where}: invalid input:\n{lines}")
 
 
-def _vector(x: ArrayLike, name: str, problems: list[str]) -> FloatArray:
-    """A finite 1-D float64 array; empty when unusable (problems recorded)."""
-    arr = as_vector(x, name, problems)
+def _vector(
+    x: ArrayLike, name: str, problems: list[str], *, nonnegative: bool = False
+) -> FloatArray:
+    """A finite 1-D float64 array (>= 0 with ``nonnegative``); empty when unusable (problems
+    recorded)."""
+    arr = as_vector(x, name, problems, nonnegative=nonnegative)
     return np.empty(0) if arr is None else arr
 
 
@@ -105,19 +124,10 @@ def _events(x: ArrayLike, name: str, problems: list[str]) -> BoolArray:
 
 
 def _target(y: Any, name: str, problems: list[str]) -> tuple[BoolArray, FloatArray]:
-    """Split a structured survival array into (event, time), recording problems."""
-    arr = np.asarray(y)
-    if arr.dtype.names is None or len(arr.dtype.names) != 2 or arr.ndim != 1:
-        problems.append(f"{name} must be a 1-D structured array with an event and a time field")
-        return np.empty(0, dtype=bool), np.empty(0)
-    try:
-        event, time = split_survival(arr)
-    except (ConfigError, TypeError, ValueError) as exc:
-        problems.append(f"{name}: {exc}")
-        return np.empty(0, dtype=bool), np.empty(0)
-    if not np.isfinite(time).all():
-        problems.append(f"{name} has non-finite times")
-    return event, time
+    """Read a structured survival target into (event, time) by field name, recording every
+    problem (unreadable fields, event codes other than 0/1, non-finite or negative times)."""
+    result = read_survival(y, name, problems)
+    return (np.empty(0, dtype=bool), np.empty(0)) if result is None else result
 
 
 def _check_tol(tied_tol: float, problems: list[str]) -> None:
@@ -133,7 +143,7 @@ def _check_length(n_expected: int, arr: np.ndarray, name: str, problems: list[st
 def _grid(times: ArrayLike, problems: list[str], *, increasing: bool) -> FloatArray:
     """Validate evaluation times; sort and de-duplicate them unless ``increasing`` is demanded."""
     own: list[str] = []
-    arr = _vector(np.atleast_1d(times), "times", own)
+    arr = _vector(np.atleast_1d(times), "times", own, nonnegative=True)
     if not own and arr.size == 0:
         own.append("times must not be empty")
     # Columns of a 2-D estimate belong to times positionally: never reorder them silently.
@@ -181,14 +191,17 @@ def kaplan_meier(
     Returns:
         ``(unique_times, survival)``: the right-continuous step function takes the value
         ``survival[k]`` on ``[unique_times[k], unique_times[k + 1])`` and 1 before the first time.
+        Without events it is 1 at every observed time; with no observation both arrays are
+        empty (nothing is known).
+
+    Raises:
+        MetricInputError: mismatched lengths, non-finite or negative times, bad event codes.
     """
     problems: list[str] = []
-    t = _vector(time, "time", problems)
+    t = _vector(time, "time", problems, nonnegative=True)
     e = _events(event, "event", problems)
     if not problems and t.size != e.size:
         problems.append(f"time has {t.size} values but event has {e.size}")
-    if not problems and t.size == 0:
-        problems.append("at least one observation is needed")
     _raise_if(problems, "kaplan_meier")
     uniq, n_events, n_censored, at_risk = _counts(t, e)
     if reverse:
@@ -206,17 +219,20 @@ class _StepFunction:
     def __init__(self, times: FloatArray, values: FloatArray, what: str) -> None:
         self.times, self.values, self.what = times, values, what
 
-    @property
-    def last_time(self) -> float:
-        return float(self.times[-1])
-
     def __call__(self, t: FloatArray) -> FloatArray:
         t = np.asarray(t, dtype=np.float64)
+        if self.times.size == 0:  # fitted on nothing: unknown everywhere
+            if t.size:
+                raise CensoringSupportError(
+                    f"{self.what} is unknown: there are no training targets, but it is needed "
+                    f"at {np.unique(t).tolist()[:5]}"
+                )
+            return np.ones(0)
         beyond = t > self.times[-1]
         # Past the last observed time the curve is known only if it already reached 0.
         if beyond.any() and self.values[-1] > 0:
             raise CensoringSupportError(
-                f"{self.what} is unknown after the last training time {self.last_time}, but it "
+                f"{self.what} is unknown after the last training time {self.times[-1]}, but it "
                 f"is needed at {np.unique(t[beyond]).tolist()[:5]}; evaluate at earlier times "
                 "(e.g. pass tau, or use evaluation_times())"
             )
@@ -338,16 +354,43 @@ def _pair_counts_tree(
     rank[risk_order] = np.arange(n)
     ranks_in_time_order = rank[order]
 
-    # rank < lo  <=>  risk < x - tol ;  rank < hi  <=>  risk <= x + tol
+    # rank < lo  <=>  risk - x < -tol (concordant) ;  rank < hi  <=>  risk - x <= tol, with
+    # the differences rounded exactly as the dense path (and scikit-survival) round them.
     x = risk[events]
-    lo = np.searchsorted(risk_sorted, x - tied_tol, side="left")
-    hi = np.searchsorted(risk_sorted, x + tied_tol, side="right")
+    lo = _count_true_prefix(risk_sorted, x, lambda r, xq: r - xq < -tied_tol)
+    hi = _count_true_prefix(risk_sorted, x, lambda r, xq: r - xq <= tied_tol)
     before = _prefix_less(
         ranks_in_time_order, np.concatenate((start, start)), np.concatenate((lo, hi))
     )
     below = lo - before[: events.size]
     at_most = hi - before[events.size :]
     return events, comparable, below, at_most - below, tied_time
+
+
+def _count_true_prefix(
+    sorted_values: FloatArray,
+    queries: FloatArray,
+    predicate: Callable[[FloatArray, FloatArray], BoolArray],
+) -> IntArray:
+    """For each query q: how many ``sorted_values`` v satisfy ``predicate(v, q)``.
+
+    ``predicate`` must be true on a prefix of the sorted values (monotone in v, as
+    ``v - q < c`` is: rounding is monotone). A vectorised bisection, so the count follows the
+    predicate as the floating-point hardware evaluates it: a searchsorted on a shifted threshold
+    (``v < q - c``) rounds ``q - c`` instead of ``v - q`` and disagrees with the dense path
+    within an ulp of the tolerance.
+    """
+    lo = np.zeros(queries.size, dtype=np.intp)
+    hi = np.full(queries.size, sorted_values.size, dtype=np.intp)
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        probe = np.minimum(mid, sorted_values.size - 1)
+        true = predicate(sorted_values[probe], queries)
+        lo = np.where(active & true, mid + 1, lo)
+        hi = np.where(active & ~true, mid, hi)
 
 
 def _concordance(
@@ -385,14 +428,15 @@ def concordance_index_censored(
 
     Returns:
         :class:`ConcordanceResult`; ``cindex`` is NaN (with zero counts where applicable) when
-        there is no comparable pair, e.g. no events.
+        there is no comparable pair, e.g. no events or no samples.
 
     Raises:
-        MetricInputError: mismatched lengths, non-finite values, bad event codes or tolerance.
+        MetricInputError: mismatched lengths, non-finite values, negative times, bad event codes
+            or tolerance.
     """
     problems: list[str] = []
     e = _events(event, "event", problems)
-    t = _vector(time, "time", problems)
+    t = _vector(time, "time", problems, nonnegative=True)
     r = _vector(risk, "risk", problems)
     _check_tol(tied_tol, problems)
     if not problems and not (e.size == t.size == r.size):
@@ -412,17 +456,17 @@ def concordance_index_ipcw(
 
     G is the Kaplan-Meier censoring survival fitted on ``survival_train``. With ``tau``, only
     pairs whose event happens strictly before ``tau`` carry weight (the others still appear in
-    the counts, as in scikit-survival), and G is only needed before ``tau``.
+    the counts, as in scikit-survival), and G is only needed before ``tau``. A test set without
+    events (or without samples) gives NaN with zero counts and needs no weight at all.
 
     Raises:
         MetricInputError: malformed inputs.
-        CensoringSupportError: G is zero, or unknown (beyond the training follow-up), at the time
-            of a weighted event; choose ``tau`` inside the training follow-up.
+        CensoringSupportError: G is zero, or unknown (beyond the training follow-up, or no
+            training targets), at the time of a weighted event; choose ``tau`` inside the
+            training follow-up.
     """
     problems: list[str] = []
     e_train, t_train = _target(survival_train, "survival_train", problems)
-    if t_train.size == 0 and not problems:
-        problems.append("survival_train is empty")
     n_known = len(problems)
     event, time = _target(survival_test, "survival_test", problems)
     r = _vector(risk, "risk", problems)
@@ -492,20 +536,17 @@ def cumulative_dynamic_auc(
     Returns:
         ``(auc, mean_auc)``: AUC per time (NaN where there is no case or no control), and their
         mean weighted by the test Kaplan-Meier decrements -dS(t), divided by 1 - S(t_last).
+        A test set without events (n = 0 included) has no case: NaN everywhere.
 
     Raises:
         MetricInputError: malformed inputs.
-        TimeGridError: a time outside [min test time, max test time).
+        TimeGridError: a time outside [min test time, max test time) (not checked for n = 0).
         CensoringSupportError: G zero or unknown at an event time <= max(times).
     """
     problems: list[str] = []
     e_train, t_train = _target(survival_train, "survival_train", problems)
-    if t_train.size == 0 and not problems:
-        problems.append("survival_train is empty")
     n_known = len(problems)
     event, time = _target(survival_test, "survival_test", problems)
-    if time.size == 0 and len(problems) == n_known:
-        problems.append("survival_test is empty")
     test_ok = len(problems) == n_known
     _check_tol(tied_tol, problems)
     r = np.asarray(risk, dtype=np.float64) if _is_numeric(risk) else None
@@ -523,7 +564,10 @@ def cumulative_dynamic_auc(
         problems.append(f"risk has {r.shape[1]} columns but there are {grid.size} times")
     _raise_if(problems, "cumulative_dynamic_auc")
     assert r is not None  # for the type checker: problems were raised above otherwise
-    _check_follow_up(grid, time, "cumulative_dynamic_auc")
+    if time.size:
+        _check_follow_up(grid, time, "cumulative_dynamic_auc")
+    if not event.any():  # no case at any time (n = 0 included): undefined, no weight needed
+        return np.full(grid.size, np.nan), float("nan")
 
     # Only events that can be cases (t_i <= last time) need a censoring weight.
     cens = _censoring_survival(e_train, t_train)
@@ -571,27 +615,35 @@ def brier_score(
         times: strictly increasing evaluation times, (T,), inside [min, max) of the test times.
 
     Returns:
-        ``(times, scores)``.
+        ``(times, scores)``. A test set without events (n = 0 included) scores NaN at every
+        time, like the other metrics (scikit-survival refuses such test sets).
 
     Raises:
         MetricInputError: malformed inputs (also probabilities outside [0, 1]).
-        TimeGridError: a time outside the test follow-up.
-        CensoringSupportError: G unknown (beyond the training follow-up) at a needed time.
+        TimeGridError: a time outside the test follow-up (not checked for n = 0).
+        CensoringSupportError: G unknown (beyond the training follow-up, or no training
+            targets) at a needed time.
     """
     problems: list[str] = []
     e_train, t_train = _target(survival_train, "survival_train", problems)
+    n_known = len(problems)
     event, time = _target(survival_test, "survival_test", problems)
+    n_test = time.size if len(problems) == n_known else None
     grid = _grid(times, problems, increasing=True)
-    est = _probabilities(estimate, grid.size, time.size, problems)
-    if not problems and (t_train.size == 0 or time.size == 0):
-        problems.append("survival_train and survival_test must not be empty")
+    est = _probabilities(estimate, grid.size, n_test, problems)
     _raise_if(problems, "brier_score")
-    _check_follow_up(grid, time, "brier_score")
+    if time.size:
+        _check_follow_up(grid, time, "brier_score")
+    if not event.any():
+        return grid, np.full(grid.size, np.nan)
     return grid, _brier(e_train, t_train, event, time, est, grid)
 
 
-def _probabilities(estimate: ArrayLike, n_times: int, n: int, problems: list[str]) -> FloatArray:
-    """Validate predicted survival probabilities as an (n, n_times) array."""
+def _probabilities(
+    estimate: ArrayLike, n_times: int, n: int | None, problems: list[str]
+) -> FloatArray:
+    """Validate predicted survival probabilities as an (n, n_times) array (``n`` None: the test
+    target is unusable, its length unknown)."""
     if not _is_numeric(estimate):
         problems.append("estimate must be numeric")
         return np.empty((0, 0))
@@ -601,7 +653,7 @@ def _probabilities(estimate: ArrayLike, n_times: int, n: int, problems: list[str
     if est.ndim != 2:
         problems.append(f"estimate must be (n_samples, n_times), got shape {est.shape}")
         return est
-    if n and est.shape[0] != n:
+    if n is not None and est.shape[0] != n:
         problems.append(f"estimate has {est.shape[0]} rows but the test target has {n}")
     if n_times and est.shape[1] != n_times:
         problems.append(f"estimate has {est.shape[1]} columns but there are {n_times} times")
@@ -642,6 +694,8 @@ def integrated_brier_score(
 ) -> float:
     """Integrated Brier score: trapezoid integral of BS(t) over ``times`` divided by their span.
 
+    NaN when the test set has no events (n = 0 included), as :func:`brier_score`.
+
     Raises:
         TimeGridError: fewer than two times, or times outside the test follow-up.
         (and the errors of :func:`brier_score`)
@@ -669,16 +723,16 @@ def evaluation_times(
 
     Raises:
         MetricInputError: malformed inputs or quantiles outside [0, 1].
-        TimeGridError: no test events, or fewer than two valid times remain.
+        TimeGridError: no test events (n = 0 included), or fewer than two valid times remain
+            (e.g. with an empty training set, whose censoring survival is unknown everywhere).
     """
     problems: list[str] = []
     e_train, t_train = _target(survival_train, "survival_train", problems)
     event, time = _target(survival_test, "survival_test", problems)
+    n_known = len(problems)
     q = _vector(np.atleast_1d(np.asarray(quantiles, dtype=object)), "quantiles", problems)
-    if not problems and (q.size == 0 or (q < 0).any() or (q > 1).any()):
+    if len(problems) == n_known and (q.size == 0 or (q < 0).any() or (q > 1).any()):
         problems.append("quantiles must be a non-empty sequence of values in [0, 1]")
-    if not problems and (t_train.size == 0 or time.size == 0):
-        problems.append("survival_train and survival_test must not be empty")
     _raise_if(problems, "evaluation_times")
     if not event.any():
         raise TimeGridError("evaluation_times: the test set has no events")
@@ -721,17 +775,19 @@ def survival_metrics(
         tau: truncation of Uno's C; default the last time of the grid.
 
     Returns:
-        A dict of floats. A metric that is undefined on this sample (no events, no comparable
-        pair, no valid grid, censoring weights that do not exist) is NaN instead of an error.
+        A dict of floats. A metric that is undefined on this sample (no events, n = 0 included,
+        no comparable pair, no valid grid, censoring weights that do not exist) is NaN instead
+        of an error.
 
     Raises:
-        MetricInputError: malformed inputs (lengths, non-finite values, shapes).
+        MetricInputError: malformed inputs (lengths, non-finite or negative values, shapes).
     """
+    problems: list[str] = []
+    _target(survival_train, "survival_train", problems)
+    event, time = _target(survival_test, "survival_test", problems)
     if surv_fn is not None and not callable(surv_fn) and times is None:
-        raise MetricInputError(
-            "survival_metrics: a precomputed survival array needs the times its columns belong to"
-        )
-    event, time = _test_target(survival_test)
+        problems.append("a precomputed survival array needs the times its columns belong to")
+    _raise_if(problems, "survival_metrics")
     out = {"c_index": concordance_index_censored(event, time, risk).cindex}
     grid: FloatArray | None
     try:
@@ -755,13 +811,6 @@ def survival_metrics(
             float("nan") if grid is None else _ibs(survival_train, survival_test, surv_fn, grid)
         )
     return out
-
-
-def _test_target(survival_test: np.ndarray) -> tuple[BoolArray, FloatArray]:
-    problems: list[str] = []
-    event, time = _target(survival_test, "survival_test", problems)
-    _raise_if(problems, "survival_metrics")
-    return event, time
 
 
 def _or_nan(compute: Callable[[], float]) -> float:

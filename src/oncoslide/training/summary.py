@@ -1,8 +1,20 @@
 """A run's summary: mean of each metric over (seed, fold) with a 95% bootstrap interval.
 
-Each (seed, fold) is scored by its own model, so the bootstrap resamples test patients within
-every (seed, fold) and averages the per-fold metrics (``grouped_bootstrap_ci``); risk scores of
-different models are never pooled into one ranking.
+Each (seed, fold) is scored by its own model, so a replicate recomputes the metric within every
+(seed, fold) and averages (``grouped_bootstrap_ci``); risk scores of different models are never
+pooled into one ranking. The unit of resampling is the *patient*: a replicate draws the run's
+test patients once, with replacement, and that draw is shared by every seed and fold; each
+(seed, fold) is scored on the drawn patients of its test part, a patient drawn k times counting
+k times (the benchmark's patient draws, ``oncoslide.bench.stats.bootstrap_counts``). With
+repeated cross-validation (``--repeats R``) every patient is a test patient once per seed, and
+the shared draw keeps the R repetitions from counting as R times the patients: repeating the
+same predictions R times gives the interval of one repetition, not one about sqrt(R) narrower.
+The interval covers the sampling of test patients, not the variability of training across
+seeds (the ``std`` column shows the spread over (seed, fold)).
+
+The patients of a fold come from its ``predictions.parquet`` (``patient_id``, rows in the order
+of the arrays of its ``eval.npz``, both written from the fold's test patients in one order), or
+from a ``patient_id`` array in ``eval.npz`` where there is one.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from oncoslide.errors import ConfigError
 from oncoslide.evaluation.bootstrap import GroupData, grouped_bootstrap_ci
 from oncoslide.evaluation.classification import balanced_accuracy, roc_auc
 from oncoslide.survival.metrics import (
@@ -25,6 +38,7 @@ from oncoslide.survival.metrics import (
     integrated_brier_score,
 )
 from oncoslide.survival.target import make_survival
+from oncoslide.training.run_folder import RunFolder
 from oncoslide.training.tasks import TaskSpec
 
 Metric = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], float]
@@ -77,6 +91,21 @@ METRIC_FUNCTIONS: dict[str, Metric] = {
 }
 
 
+def _patient_ids(fdir: Path, payload: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """The test patients of a fold, in the row order of its eval.npz arrays."""
+    if "patient_id" in payload:
+        ids, source = payload["patient_id"], "eval.npz patient_id"
+    else:
+        frame = pd.read_parquet(fdir / "predictions.parquet", columns=["patient_id"])
+        ids, source = frame["patient_id"].to_numpy(), "predictions.parquet"
+    if len(ids) != n:
+        raise ConfigError(
+            f"fold folder {fdir}: {source} has {len(ids)} test patients but eval.npz has {n}; "
+            "the fold's files do not belong together (rerun the fold)"
+        )
+    return np.asarray([str(p) for p in ids])
+
+
 def _groups(fold_dirs: Sequence[tuple[int, int, Path]], task: TaskSpec) -> list[GroupData]:
     groups = []
     for seed, fold, fdir in fold_dirs:
@@ -98,17 +127,24 @@ def _groups(fold_dirs: Sequence[tuple[int, int, Path]], task: TaskSpec) -> list[
         else:
             arrays = {"label": payload["label"], "probs": payload["probs"]}
             context = {"classes": list(range(payload["probs"].shape[1]))}
-        groups.append(GroupData(arrays, context, name=name))
+        n = len(next(iter(arrays.values())))
+        groups.append(
+            GroupData(arrays, context, name=name, patients=_patient_ids(fdir, payload, n))
+        )
     return groups
 
 
 def summarise_run(
     out: Path, task: TaskSpec, seeds: Sequence[int], folds: Sequence[int], *, n_boot: int, seed: int
 ) -> pd.DataFrame:
-    """One row per metric: mean over folds/seeds, std over folds, bootstrap 95% CI."""
-    from oncoslide.training.cv import fold_dir
+    """One row per metric: mean over folds/seeds, std over folds, bootstrap 95% CI.
 
-    fold_dirs = [(int(s), int(k), fold_dir(out, int(s), int(k))) for s in seeds for k in folds]
+    The interval resamples patients, one draw per replicate shared by every seed and fold (see
+    the module docstring); ``n_boot`` is the number of replicates used (at most ``EXPENSIVE``
+    for the IPCW metrics, fewer where replicates were undefined and skipped).
+    """
+    run = RunFolder(out)
+    fold_dirs = [(int(s), int(k), run.fold(int(s), int(k)).path) for s in seeds for k in folds]
     groups = _groups(fold_dirs, task)
     per_fold = pd.concat(
         [pd.read_csv(fdir / "metrics.csv") for _, _, fdir in fold_dirs], ignore_index=True
