@@ -191,3 +191,93 @@ def test_models_command_lists_the_registry() -> None:
     assert result.exit_code == 0
     for name in ("abmil", "abmil_plain", "mean", "max", "transmil"):
         assert name in result.output
+
+
+def test_train_options_come_from_the_config_model() -> None:
+    """Every TrainConfig field has its --option (or its documented special form)."""
+    from oncoslide.training.config import TrainConfig
+
+    help_text = " ".join(_oncoslide("train", "--help").stdout.split())
+    special = {
+        "model_kwargs": "--model-arg",
+        "aux_weights": "--aux-weight",
+        "freeze": "--freeze",
+        "progress": "--no-progress",
+        "cache_dtype": "--cache-float16",
+    }
+    for name in TrainConfig.model_fields:
+        flag = special.get(name, "--" + name.replace("_", "-"))
+        assert flag in help_text, flag
+    for alias in ("--loss", "--bins", "--patience", "-t", "-m"):  # earlier releases' names
+        assert alias in help_text
+
+
+def test_fit_all_predict_and_init_from_the_command_line(tiny_cohort: Path, tmp_path: Path) -> None:
+    common = [
+        "--cohort", str(tiny_cohort / "cohort.csv"), "--features", str(tiny_cohort / "features"),
+    ]  # fmt: skip
+    fit = runner.invoke(
+        app,
+        ["train", *common, "--out", str(tmp_path / "model"), "--fit-all", "--epochs", "1",
+         "--model-arg", "hidden_dim=32", "--no-progress"],
+    )  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    assert "oncoslide predict" in " ".join(fit.output.split())
+    import json
+
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["model"]["kwargs"] == {"hidden_dim": 32} and meta["model"]["embed_dim"] == 32
+    pred = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "model"),
+            *common,
+            "--out",
+            str(tmp_path / "p"),
+            "--no-progress",
+        ],
+    )
+    assert pred.exit_code == 0, pred.output
+    assert "Harrell's C on this cohort" in pred.output
+    assert (tmp_path / "p" / "predictions.parquet").is_file()
+    tuned = runner.invoke(
+        app,
+        ["train", *common, "--out", str(tmp_path / "tuned"), "--task", "msi", "--folds", "2",
+         "--epochs", "1", "--init", str(tmp_path / "model"), "--freeze", "encoder",
+         "--model-arg", "hidden_dim=32", "--no-progress"],
+    )  # fmt: skip
+    assert tuned.exit_code == 0, tuned.output
+    run_pred = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "tuned"),
+            *common,
+            "--out",
+            str(tmp_path / "q"),
+            "--no-progress",
+        ],
+    )
+    assert run_pred.exit_code == 2 and "--fold" in run_pred.output
+    run_pred = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "tuned"),
+            *common,
+            "--fold",
+            "1",
+            "--out",
+            str(tmp_path / "q"),
+            "--no-progress",
+        ],
+    )
+    assert run_pred.exit_code == 0, run_pred.output
+    assert "AUC on this cohort" in run_pred.output
+    bad = _oncoslide(
+        "train", *common, "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "model"),
+        "--freeze", "decoder", "--model-arg", "hidden_dim=32", "--epochs", "1", "--no-progress",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "decoder" in bad.stderr and "encoder" in bad.stderr

@@ -100,3 +100,15 @@ def test_model_registry_is_wired() -> None:
     assert MODELS.metadata("transmil")["has_attention"] is True
     with pytest.raises(UnknownNameError, match="known: abmil"):
         create_model("clam", in_dim=8, n_outputs=2)
+
+
+def test_unregister_removes_an_entry() -> None:
+    from oncoslide.registry import Registry
+
+    reg: Registry[object] = Registry("thing")
+    reg.register("a", note=1)(dict)
+    reg.unregister("a")
+    assert "a" not in reg and reg.list() == []
+    with pytest.raises(UnknownNameError):
+        reg.unregister("a")
+    reg.register("a")(dict)  # the name is free again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -187,64 +188,100 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data.get("config", data) if "run_key" in data else data
 
 
-@app.command()
-@_friendly
-def train(
-    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
-    features: Path = typer.Option(..., "--features", "-f", help="folder of per-slide features"),
-    out: Path = typer.Option(..., "--out", "-o", help="run folder"),
-    task: str | None = typer.Option(None, "--task", "-t", help="'survival' or a label column"),
-    model: str | None = typer.Option(None, "--model", "-m", help="see `oncoslide models`"),
-    folds: int | None = typer.Option(None, "--folds"),
-    seed: int | None = typer.Option(None, "--seed"),
-    repeats: int | None = typer.Option(None, "--repeats", help="repeated CV over seeds"),
-    epochs: int | None = typer.Option(None, "--epochs"),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="bags per step"),
-    lr: float | None = typer.Option(None, "--lr"),
-    loss: str | None = typer.Option(None, "--loss", help="survival loss: nll or cox"),
-    bins: int | None = typer.Option(None, "--bins", help="discrete-time bins"),
-    max_patches: int | None = typer.Option(
-        None, "--max-patches", help="patches per bag in training"
-    ),
-    val_fraction: float | None = typer.Option(None, "--val-fraction"),
-    site_preserving: bool | None = typer.Option(None, "--site-preserving/--no-site-preserving"),
-    checkpoint: str | None = typer.Option(
-        None, "--checkpoint", help="best (on validation) or last"
-    ),
-    patience: int | None = typer.Option(None, "--patience", help="early-stopping patience"),
-    accelerator: str | None = typer.Option(None, "--accelerator", help="auto, cpu or gpu"),
-    cache_gb: float | None = typer.Option(None, "--cache-gb", help="feature cache limit"),
-    cache_float16: bool | None = typer.Option(
-        None, "--cache-float16/--cache-stored", help="hold features as float16 in memory"
-    ),
-    config: Path | None = typer.Option(None, "--config", help="YAML/JSON file of settings"),
-    splits: Path | None = typer.Option(None, "--splits", help="reuse a splits.csv"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace another run in --out"),
-    skip_bad_features: bool = typer.Option(
-        False,
-        "--skip-bad-features",
-        help="leave out slides whose feature file is missing, unreadable or empty (listed)",
-    ),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+# Options of `train` that are not TrainConfig fields, and aliases kept from earlier releases.
+_TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
+    "task": ("-t",),
+    "model": ("-m",),
+    "survival_loss": ("--loss",),
+    "n_bins": ("--bins",),
+    "early_stopping_patience": ("--patience",),
+    "batch_size": (),
+}
+# TrainConfig fields given another way on the command line
+_TRAIN_SPECIAL = {"model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype"}
+
+
+def _config_option(name: str, field: Any) -> inspect.Parameter:
+    """A typer option for one TrainConfig field (type, help and default from the model)."""
+    import types
+    import typing
+
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        help_text = (field.description or "") + f" [{' | '.join(map(str, choices))}]"
+        annotation = str
+    else:
+        help_text = field.description or ""
+    flag = "--" + name.replace("_", "-")
+    decls: tuple[str, ...] = (flag, *_TRAIN_ALIASES.get(name, ()))
+    if annotation is bool:
+        decls = (f"{flag}/--no-{name.replace('_', '-')}",)
+    option = typer.Option(None, *decls, help=help_text.strip() or None, show_default=False)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation | None
+    )
+
+
+def _parse_assignments(items: list[str], what: str) -> dict[str, Any]:
+    """``key=value`` items (values read as YAML) into a mapping; every bad item reported."""
+    from oncoslide.errors import ConfigError
+    from oncoslide.simulate import parse_assignments
+
+    try:
+        return parse_assignments(items)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--set", what)) from None
+
+
+def _train(
+    *,
+    cohort: Path,
+    features: Path,
+    out: Path,
+    config: Path | None,
+    splits: Path | None,
+    overwrite: bool,
+    skip_bad_features: bool,
+    fit_all: bool,
+    omics: Path | None,
+    gene_groups: Path | None,
+    mutations: Path | None,
+    model_arg: list[str],
+    aux_weight: list[str],
+    freeze: list[str],
+    cache_float16: bool | None,
+    progress: bool,
+    **fields: Any,
 ) -> None:
-    """Cross-validate a MIL model (patient-level folds, validation carved from training)."""
+    """Cross-validate a MIL model (patient-level folds, validation carved from training), or
+    with --fit-all train one model on every patient and write it as a model folder."""
     from oncoslide.cohort.splits import load_splits
     from oncoslide.training.config import make_config
 
     settings = _read_config_file(config) if config else {}
-    flags = {
-        "task": task, "model": model, "folds": folds, "seed": seed, "repeats": repeats,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "survival_loss": loss,
-        "n_bins": bins, "max_patches": max_patches, "val_fraction": val_fraction,
-        "site_preserving": site_preserving, "checkpoint": checkpoint,
-        "early_stopping_patience": patience, "accelerator": accelerator, "cache_gb": cache_gb,
-        "cache_dtype": None if cache_float16 is None else ("float16" if cache_float16 else "stored"),
-    }  # fmt: skip
-    settings.update({k: v for k, v in flags.items() if v is not None})
+    settings.update({k: v for k, v in fields.items() if v is not None})
+    if model_arg:
+        settings["model_kwargs"] = {
+            **settings.get("model_kwargs", {}),
+            **_parse_assignments(model_arg, "--model-arg"),
+        }
+    if aux_weight:
+        settings["aux_weights"] = {
+            **settings.get("aux_weights", {}),
+            **_parse_assignments(aux_weight, "--aux-weight"),
+        }
+    if freeze:
+        settings["freeze"] = list(freeze)
+    if cache_float16 is not None:
+        settings["cache_dtype"] = "float16" if cache_float16 else "stored"
     settings["progress"] = progress
     if "task" not in settings:
         settings["task"] = "survival"
     cfg = make_config(**settings)
+    side = _side_inputs(omics, gene_groups, mutations)
     started = time.perf_counter()
     c = _load_cohort(
         cohort,
@@ -258,11 +295,87 @@ def train(
     )
     if c.drop_note:
         console.print(f"[yellow]note:[/] {c.drop_note}")
+    if fit_all:
+        from oncoslide.training.fit_all import fit_all as run_fit_all
+
+        if splits is not None:
+            from oncoslide.errors import ConfigError
+
+            raise ConfigError("--fit-all trains on every patient: it takes no --splits")
+        result = run_fit_all(c, cfg, out, overwrite=overwrite, console=console, side=side)
+        _print_fit_all(result, time.perf_counter() - started)
+        return
     given = load_splits(splits) if splits else None
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 
-    result = cross_validate(c, cfg, out, splits=given, overwrite=overwrite, console=console)
-    print_run_summary(result, time.perf_counter() - started)
+    run = cross_validate(c, cfg, out, splits=given, overwrite=overwrite, console=console, side=side)
+    print_run_summary(run, time.perf_counter() - started)
+
+
+def _side_inputs(
+    omics: Path | None, gene_groups: Path | None, mutations: Path | None
+) -> dict[str, Any]:
+    """Side-input tables named on the command line (every problem of each listed)."""
+    from oncoslide.cohort.omics import load_omics
+    from oncoslide.errors import ConfigError
+
+    if gene_groups is not None and omics is None:
+        raise ConfigError("--gene-groups describes the --omics table: give --omics too")
+    side: dict[str, Any] = {}
+    if omics is not None:
+        side["omics"] = load_omics(omics, gene_groups)
+    if mutations is not None:
+        side["mutations"] = load_omics(mutations)
+    return side
+
+
+def _train_signature() -> inspect.Signature:
+    from oncoslide.training.config import TrainConfig
+
+    P = inspect.Parameter
+    kw = P.KEYWORD_ONLY
+    fixed = [
+        P("cohort", kw, annotation=Path, default=typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)")),
+        P("features", kw, annotation=Path, default=typer.Option(..., "--features", "-f", help="folder of per-slide features")),
+        P("out", kw, annotation=Path, default=typer.Option(..., "--out", "-o", help="run folder (a model folder with --fit-all)")),
+        P("fit_all", kw, annotation=bool, default=typer.Option(False, "--fit-all", help="train one model on every patient (no test part) and write a model folder")),
+        P("omics", kw, annotation=Path | None, default=typer.Option(None, "--omics", help="expression table keyed by patient_id, for models that use it")),
+        P("gene_groups", kw, annotation=Path | None, default=typer.Option(None, "--gene-groups", help="gene groups of --omics: JSON, CSV or GMT")),
+        P("mutations", kw, annotation=Path | None, default=typer.Option(None, "--mutations", help="0/1 mutation table keyed by patient_id")),
+        P("model_arg", kw, annotation=list[str], default=typer.Option([], "--model-arg", help="model keyword, e.g. --model-arg hidden_dim=256 (repeatable)")),
+        P("aux_weight", kw, annotation=list[str], default=typer.Option([], "--aux-weight", help="weight of a model's auxiliary loss, e.g. --aux-weight recon=0.3")),
+        P("freeze", kw, annotation=list[str], default=typer.Option([], "--freeze", help="parameter group kept fixed with --init: encoder, projection, aggregator, head (repeatable)")),
+        P("cache_float16", kw, annotation=bool | None, default=typer.Option(None, "--cache-float16/--cache-stored", help="hold features as float16 in memory")),
+        P("config", kw, annotation=Path | None, default=typer.Option(None, "--config", help="YAML/JSON file of settings")),
+        P("splits", kw, annotation=Path | None, default=typer.Option(None, "--splits", help="reuse a splits.csv")),
+        P("overwrite", kw, annotation=bool, default=typer.Option(False, "--overwrite", help="replace another run in --out")),
+        P("skip_bad_features", kw, annotation=bool, default=typer.Option(False, "--skip-bad-features", help="leave out slides whose feature file is missing, unreadable or empty (listed)")),
+        P("progress", kw, annotation=bool, default=typer.Option(True, "--progress/--no-progress")),
+    ]  # fmt: skip
+    generated = [
+        _config_option(name, field)
+        for name, field in TrainConfig.model_fields.items()
+        if name not in _TRAIN_SPECIAL
+    ]
+    return inspect.Signature(fixed + generated)
+
+
+_train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+app.command("train")(_friendly(_train))
+
+
+def _print_fit_all(result: Any, seconds: float) -> None:
+    trained = result.model
+    parts = result.splits["part"].value_counts().to_dict()
+    console.print(
+        f"[green]trained[/] {trained.name} · {trained.task.name} ({trained.task.kind}) on "
+        f"{parts.get('train', 0)} patients, validation {parts.get('val', 0)}"
+        + (" (already trained: nothing to do)" if result.resumed else f" in {seconds:.0f} s")
+    )
+    console.print(
+        f"  model folder {result.out_dir} (model.json, weights.pt, patients.csv, history.csv); "
+        f"apply it with `oncoslide predict {result.out_dir} --cohort ... --features ...`"
+    )
 
 
 def print_run_summary(result: Any, seconds: float | None = None) -> None:
@@ -289,6 +402,104 @@ def print_run_summary(result: Any, seconds: float | None = None) -> None:
     console.print(
         f"[green]done[/]{tail}: {result.out_dir}/ (metrics.csv, predictions.parquet, splits.csv, summary.csv, config.json)"
     )
+
+
+# --------------------------------------------------------------------------------- predict
+
+
+@app.command()
+@_friendly
+def predict(
+    model: Path = typer.Argument(..., help="a model folder, or a run folder with --fold"),
+    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
+    features: Path = typer.Option(..., "--features", "-f", help="folder of per-slide features"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for predictions and embeddings"),
+    seed: int | None = typer.Option(None, "--seed", help="run folder: the seed (default: first)"),
+    fold: int | None = typer.Option(None, "--fold", help="run folder: the fold's model"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="bags per forward pass"),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings"),
+    skip_bad_features: bool = typer.Option(False, "--skip-bad-features"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
+    from oncoslide.errors import ConfigError
+    from oncoslide.training.model_folder import is_model_folder, load_model_folder
+    from oncoslide.training.predict import predict_cohort
+    from oncoslide.training.run_folder import RunFolder
+
+    folder = model
+    if not is_model_folder(model):
+        run = RunFolder(model)
+        run.check()
+        if fold is None:
+            raise ConfigError(f"{model} is a run folder: name the fold's model with --fold K")
+        config, _ = run.read()
+        folder = run.fold(config.seed if seed is None else seed, fold).model_dir
+        if not is_model_folder(folder):
+            raise ConfigError(f"{model} has no model for seed {seed} fold {fold} ({folder})")
+    elif seed is not None or fold is not None:
+        raise ConfigError("--seed and --fold name a fold of a run folder, not of a model folder")
+    trained = load_model_folder(folder)
+    task = trained.task
+    columns = _table_columns(cohort)
+    has_targets = (
+        {task.time_col, task.event_col} <= columns if task.is_survival else task.name in columns
+    )
+    c = _load_cohort(
+        cohort,
+        features,
+        show_progress=progress,
+        time_col=task.time_col,
+        event_col=task.event_col,
+        label_cols=(task.name,) if has_targets and not task.is_survival else (),
+        bad_features="drop" if skip_bad_features else "error",
+    )
+    result = predict_cohort(trained, c, out, batch_size=batch_size, embeddings=embeddings)
+    console.print(
+        f"[green]predicted[/] {len(result.predictions)} patients with {trained.name} "
+        f"({task.name}) -> {out}/predictions.parquet"
+    )
+    if embeddings:
+        console.print(
+            f"  embeddings ({trained.model.embed_dim}-d): {result.patient_embeddings_dir}, "
+            f"{result.slide_embeddings_dir} (slide-level feature files: a benchmark "
+            "`level: slide` feature set reads them)"
+        )
+    if has_targets:
+        _print_scores(result.predictions, task)
+
+
+def _table_columns(path: Path) -> set[str]:
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(path).names)
+        return set(pd.read_csv(path, nrows=0, sep="\t" if path.suffix == ".tsv" else ",").columns)
+    except Exception:  # the cohort loader reports unreadable tables with every other problem
+        return set()
+
+
+def _print_scores(preds: Any, task: Any) -> None:
+    """The cohort's metric when it has targets (Harrell's C, or the AUC)."""
+    import numpy as np
+
+    from oncoslide.evaluation.classification import roc_auc
+    from oncoslide.survival.metrics import concordance_index_censored
+
+    if task.is_survival:
+        ok = preds["time"].notna() & preds["event"].notna()
+        c = concordance_index_censored(
+            preds.loc[ok, "event"].astype(bool), preds.loc[ok, "time"], preds.loc[ok, "risk"]
+        ).cindex
+        console.print(f"  Harrell's C on this cohort: {c:.3f} ({int(ok.sum())} patients)")
+        return
+    ok = preds["label"].notna()
+    probs = np.column_stack([preds.loc[ok, f"prob_{k}"] for k in task.classes])
+    auc = roc_auc(preds.loc[ok, "label"].astype(str), probs, classes=list(task.classes))
+    console.print(f"  AUC on this cohort: {auc:.3f} ({int(ok.sum())} patients)")
 
 
 # --------------------------------------------------------------------------------- extract

@@ -52,6 +52,11 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (plugins and tests that register temporary entries)."""
+        self.get(name)  # raises for unknown names
+        del self._factories[name], self._metadata[name]
+
     def get(self, name: str) -> Callable[..., T]:
         """The factory registered under ``name``."""
         try:

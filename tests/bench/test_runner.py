@@ -345,3 +345,74 @@ def test_unusable_feature_files_leave_their_patients_out_of_that_feature_set(
     with pytest.raises(CohortValidationError) as info:
         resolve_bench(spec_from_dict(raw))
     assert all(sid in str(info.value) for sid in broken["slide_id"])
+
+
+def test_survival_cells_store_the_median_risk_of_their_training_part(
+    bench_data: Path, small_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linear cells: the threshold is the median of the fitted Cox model's risks on the
+    training part, recomputed here from embeddings read with h5py; mil cells pass on the one
+    ``train_fold`` computed. Both survive the store."""
+    import h5py
+
+    from oncoslide.bench.store import ResultStore
+    from oncoslide.survival import coxnet
+
+    fitted: list[Any] = []
+    fit_select_alpha = coxnet.fit_select_alpha
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = fit_select_alpha(*args, **kwargs)
+        fitted.append(out[0])
+        return out
+
+    monkeypatch.setattr(coxnet, "fit_select_alpha", spy)
+    raw = small_spec(bench_data)
+    raw["feature_sets"] = raw["feature_sets"][:1]
+    raw["tasks"] = [t for t in raw["tasks"] if t["kind"] == "survival"]
+    bench = resolve_bench(spec_from_dict(raw))
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
+
+    def embedding(patient: str) -> np.ndarray:  # the mean of every patch of the patient
+        slides = table.loc[table["patient_id"] == patient, "slide_id"]
+        parts = []
+        for slide in slides:
+            with h5py.File(bench_data / "features" / f"{slide}.h5", "r") as f:
+                parts.append(np.asarray(f["features"], dtype=np.float32))
+        return np.concatenate(parts).mean(axis=0).astype(np.float64)
+
+    splits = bench.tasks["os"].splits
+    runner = CellRunner(bench)
+    records, gaps = [], []
+    try:
+        for cell in plan_cells(bench):
+            if cell.protocol == "mil" and cell.fold != 0:
+                continue  # one mil cell is enough
+            rec = runner.run(cell)
+            records.append(rec)
+            threshold = rec.predictions["risk_threshold"].to_numpy()
+            assert np.isfinite(threshold).all() and (threshold == threshold[0]).all()
+            if cell.protocol == "mil":
+                continue
+            part = splits.query("seed == @cell.seed and fold == @cell.fold")
+            train = part.loc[part["part"] == "train", "patient_id"].tolist()
+            val = part.loc[part["part"] == "val", "patient_id"].tolist()
+            model = fitted[-1]
+            train_risk = model.predict(np.stack([embedding(p) for p in train]))
+            assert threshold[0] == pytest.approx(np.median(train_risk), rel=1e-5, abs=1e-8)
+            # not the median of the test fold, nor of train + validation (may coincide by chance)
+            fit_risk = model.predict(np.stack([embedding(p) for p in train + val]))
+            gaps.append(
+                [abs(threshold[0] - np.median(r)) for r in (rec.predictions["risk"], fit_risk)]
+            )
+    finally:
+        runner.close()
+    assert len(gaps) == 3 and (np.array(gaps) > 1e-6).any(axis=0).all()
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        for rec in records:
+            store.record_cell(rec)
+        back = store.predictions(task="os").set_index(["cell_key", "patient_id"]).sort_index()
+    for rec in records:
+        want = rec.predictions.set_index("patient_id")["risk_threshold"].sort_index()
+        got = back.loc[rec.cell_key, "risk_threshold"].sort_index()
+        np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,10 @@ def test_last_checkpoint_without_validation_part(tiny_cohort: Path, tmp_path: Pa
     cfg = make_config(task="survival", val_fraction=0.0, checkpoint="last", **FAST)
     result = cross_validate(cohort, cfg, tmp_path / "run")
     assert set(result.splits["part"]) == {"train", "test"}
-    assert (tmp_path / "run" / "folds" / "seed0-fold0" / "checkpoints" / "last.ckpt").is_file()
+    fold = tmp_path / "run" / "folds" / "seed0-fold0"
+    info = json.loads((fold / "model" / "model.json").read_text())["info"]
+    assert info["n_val"] == 0 and info["chosen_epoch"] == info["epochs_run"] - 1  # the last epoch
+    assert not (fold / "checkpoints").exists()  # the model folder replaces Lightning's checkpoint
     with pytest.raises(ConfigError, match="needs a validation part"):
         make_config(task="survival", val_fraction=0.0, checkpoint="best")
 
@@ -210,3 +214,25 @@ def test_site_preserving_run_keeps_sites_out_of_training(tiny_cohort: Path, tmp_
         test_sites = set(site.loc[parts["test"]])
         assert not test_sites & set(site.loc[parts["train"] + parts["val"]])
         assert not set(site.loc[parts["val"]]) & set(site.loc[parts["train"]])
+
+
+def test_a_resumed_run_re_audits_its_splits(tiny_cohort: Path, tmp_path: Path) -> None:
+    """An edited splits.csv that mixes sites is refused when the run resumes."""
+    from oncoslide.errors import SplitLeakageError
+
+    cohort = _cohort(tiny_cohort)
+    cfg = make_config(task="survival", site_preserving=True, val_fraction=0.5, **FAST)
+    result = cross_validate(cohort, cfg, tmp_path / "run")
+    splits = result.splits.copy()
+    site = cohort.patients["site"]
+    # move one validation patient of fold 0 into training, where its site does not belong
+    parts = fold_parts(splits, 0, 0)
+    val_sites = site.loc[parts["val"]]
+    moved = next(p for p in parts["val"] if (val_sites == site[p]).sum() >= 2)
+    row = (splits["seed"] == 0) & (splits["fold"] == 0) & (splits["patient_id"] == moved)
+    splits.loc[row, "part"] = "train"
+    assert site[moved] not in set(site.loc[parts["train"]])  # the tampering mixes sites
+    splits.to_csv(tmp_path / "run" / "splits.csv", index=False)
+    (tmp_path / "run" / "folds" / "seed0-fold0" / "done.json").unlink()  # force a resume
+    with pytest.raises(SplitLeakageError, match="training and validation"):
+        cross_validate(cohort, cfg, tmp_path / "run")

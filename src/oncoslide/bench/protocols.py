@@ -15,6 +15,11 @@ Protocols (fixed per benchmark, never tuned on a test part):
   model (l1_ratio 0.5) whose penalty is chosen on the validation part, then refitted on
   train + validation.
 
+Survival cells of both protocols write ``risk_threshold`` with their predictions: the median
+predicted risk of the fold's training part (without the validation part), which splits the test
+patients into high / low risk groups (:func:`oncoslide.report.plots.risk_groups`) with no
+information from the test part.
+
 Patients on the feature set's exclusion list still train when their split says so, but are
 never predicted or scored as test patients.
 """
@@ -41,7 +46,7 @@ from oncoslide.cohort.splits import fold_parts
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
-from oncoslide.training.config import EXECUTION_ONLY_FIELDS
+from oncoslide.training.side_inputs import declared_side_inputs
 from oncoslide.training.tasks import label_str
 
 CELL_VERSION = 1
@@ -74,9 +79,10 @@ def cell_config(
     model_part: dict[str, Any] = model.model_dump(mode="json")
     if model.protocol == "mil":
         train = _train_config(bench, task, model, seed, len(task.folds))
-        model_part["train"] = train.model_dump(
-            mode="json", exclude={*EXECUTION_ONLY_FIELDS, "n_boot"}
-        )
+        # settings added since the first release join the key only when set (see TrainConfig)
+        model_part["train"] = {
+            k: v for k, v in train.keyed_settings(mode="json").items() if k != "n_boot"
+        }
         for unused in ("pooling", "C", "l1_ratio", "n_alphas"):
             model_part.pop(unused, None)
     else:
@@ -95,9 +101,16 @@ def cell_config(
         feature_set["level"] = fs.level
     if fs.missing:
         feature_set["missing"] = _digest(fs.missing)
+    task_part = task.spec.model_dump(mode="json")
+    # side tables are part of a cell's data only for models that read them (and, added since
+    # the first release, they leave the keys of other cells as they were)
+    uses = declared_side_inputs(model.registry_name) if model.protocol == "mil" else {}
+    for name, used in (("omics", "omics"), ("gene_groups", "omics"), ("mutations", "mutations")):
+        if task_part.get(name) is None or used not in uses:
+            task_part.pop(name, None)
     return {
         "version": CELL_VERSION,
-        "task": {**task.spec.model_dump(mode="json"), "splits": task.split_digest()},
+        "task": {**task_part, "splits": task.split_digest()},
         "feature_set": feature_set,
         "model": model_part,
         "seed": int(seed),
@@ -176,6 +189,8 @@ class CellRunner:
     ) -> None:
         self.bench = bench
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        # kept fold models (keep_models) go beside the work folder: OUT/models/<cell key>/
+        self.models_dir = self.work_dir.parent / "models" if self.work_dir is not None else None
         self.cache = FeatureCache(max_bytes=int(cache_gb * 2**30))
         self.num_threads = num_threads
         self._embeddings: dict[tuple[str, str], dict[str, np.ndarray]] = {}
@@ -252,6 +267,7 @@ class CellRunner:
         from oncoslide.training.cv import train_fold
 
         config = _train_config(self.bench, task, model, cell.seed, len(task.folds))
+        declared = declared_side_inputs(config.model)
         base = self.work_dir
         if base is not None:
             base.mkdir(parents=True, exist_ok=True)
@@ -266,7 +282,11 @@ class CellRunner:
                 Path(tmp),
                 self.cache,
                 exclude_from_test=fs.excluded,
+                # a model gets the task's side tables it declares (a missing one is an error)
+                side={k: v for k, v in task.side.items() if k in declared},
             )
+        if self.bench.spec.keep_models and self.models_dir is not None:
+            outcome.save_model(self.models_dir / cell.key, config)
         frame = outcome.prediction_frame(cohort, task.target)
         preds = _contract_frame(frame, task)
         metrics = {m: float(outcome.metrics[m]) for m in task.target.metric_names}
@@ -339,9 +359,8 @@ class CellRunner:
                 n_alphas=model.n_alphas,
             )
             risk = np.asarray(cox.predict(x_test), dtype=np.float64)
-            breslow = BreslowEstimator().fit(
-                cox.predict(np.concatenate([x_train, x_val])), y_fit["time"], y_fit["event"]
-            )
+            fit_risk = np.asarray(cox.predict(np.concatenate([x_train, x_val])), dtype=np.float64)
+            breslow = BreslowEstimator().fit(fit_risk, y_fit["time"], y_fit["event"])
             out = survival_metrics(
                 y_fit, y_test, risk, surv_fn=lambda t: breslow.survival_function(risk, t)
             )
@@ -350,6 +369,8 @@ class CellRunner:
             frame["event"] = y_test["event"].astype(float)
             frame["label"] = None
             frame["risk"] = risk
+            # the risk-group threshold: fixed on the training part (as the mil protocol does)
+            frame["risk_threshold"] = float(np.median(fit_risk[: len(train_ids)]))
             coef = cox.coef_ if cox.coef_ is not None else np.zeros(0)
             info.update(alpha=float(alpha), nonzero=int(np.count_nonzero(coef)))
         else:
@@ -389,13 +410,16 @@ class CellRunner:
 
 
 def _contract_frame(frame: pd.DataFrame, task: BenchTask) -> pd.DataFrame:
-    """A fold's prediction frame in the store's contract (ids, targets, then outputs)."""
+    """A fold's prediction frame in the store's contract (ids, targets, then outputs; survival
+    keeps the training part's median risk, ``risk_threshold``, when the fold computed it)."""
     out = pd.DataFrame({"patient_id": frame["patient_id"].astype(str)})
     if task.target.is_survival:
         out["time"] = frame["time"].astype(float)
         out["event"] = frame["event"].astype(float)
         out["label"] = None
         out["risk"] = frame["risk"].astype(float)
+        if "risk_threshold" in frame.columns:
+            out["risk_threshold"] = frame["risk_threshold"].astype(float)
     else:
         out["time"] = np.nan
         out["event"] = np.nan

@@ -24,14 +24,21 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from oncoslide._io import read_table_file
 from oncoslide.bench.spec import BenchSpec, FeatureSetSpec, SplitSpec, TaskSpecEntry
+from oncoslide.cohort.omics import Omics, load_omics
 from oncoslide.cohort.splits import audit_splits, make_splits, survival_strata
 from oncoslide.cohort.table import GROUP_COLUMNS, Cohort, load_cohort
-from oncoslide.errors import ConfigError, FeatureFileError, SplitLeakageError
+from oncoslide.errors import (
+    ConfigError,
+    FeatureFileError,
+    OmicsValidationError,
+    SplitLeakageError,
+)
 from oncoslide.features.slide_embeddings import (
     SlideEmbeddingError,
     SlideEmbeddings,
     load_slide_embeddings,
 )
+from oncoslide.models import MODELS
 from oncoslide.survival.target import make_survival
 from oncoslide.training.tasks import TaskSpec, label_str
 
@@ -68,6 +75,7 @@ class BenchTask:
     splits: pd.DataFrame
     n_events: int | None
     left_out: int  # patients kept by the filter but lacking a target value
+    side: dict[str, Omics] = field(default_factory=dict)  # omics, mutations
 
     @property
     def name(self) -> str:
@@ -178,7 +186,8 @@ def resolve_bench(
     for t in spec.tasks:
         task = _resolve_task(spec, t, reference, problems)
         if task is not None:
-            tasks[t.name] = task
+            tasks[t.name] = dataclasses.replace(task, side=_side_tables(spec, t, problems))
+    problems += _side_input_problems(spec, tasks)
     if problems:
         raise ConfigError(_problem_text(f"benchmark {spec.name}", problems))
     notes = [
@@ -188,6 +197,42 @@ def resolve_bench(
     ]
     notes += [fs.missing_note for fs in feature_sets.values() if fs.missing_note]
     return ResolvedBench(spec, feature_sets, tasks, tuple(notes), reference)
+
+
+def _side_input_problems(spec: BenchSpec, tasks: dict[str, BenchTask]) -> list[str]:
+    """A mil model that declares a side input needs it in every task it runs on."""
+    from oncoslide.training.side_inputs import declared_side_inputs
+
+    problems = []
+    for m in spec.models:
+        if m.protocol != "mil" or m.registry_name not in MODELS:
+            continue  # unknown names are reported where the models are checked
+        for name in declared_side_inputs(m.registry_name):
+            lacking = [t.name for t in tasks.values() if name not in t.side]
+            if lacking:
+                problems.append(
+                    f"model {m.name} uses the side input {name!r}, which tasks "
+                    f"{', '.join(lacking)} do not name (add `{name}: TABLE` to those tasks)"
+                )
+    return problems
+
+
+def _side_tables(spec: BenchSpec, t: TaskSpecEntry, problems: list[str]) -> dict[str, Omics]:
+    """The task's omics and mutation tables (for models that declare them as side inputs)."""
+    tables: dict[str, Omics] = {}
+    for name, path, groups in (
+        ("omics", t.omics, t.gene_groups),
+        ("mutations", t.mutations, None),
+    ):
+        if path is None:
+            continue
+        try:
+            tables[name] = load_omics(
+                spec.path(path), None if groups is None else spec.path(groups)
+            )
+        except OmicsValidationError as exc:
+            problems.append(f"task {t.name}: {name}: {exc}")
+    return tables
 
 
 # ------------------------------------------------------------------------------ columns

@@ -112,6 +112,11 @@ class TaskSpecEntry(_Strict):
     split: SplitSpec = Field(default_factory=lambda: SplitSpec.model_validate({}))
     min_events_per_fold: int = Field(2, ge=1, description="survival: events per test part")
     min_per_class_per_fold: int = Field(1, ge=1, description="classification: per test part")
+    omics: Path | None = Field(
+        None, description="expression table keyed by patient_id, for models that use omics"
+    )
+    gene_groups: Path | None = Field(None, description="gene groups of omics: JSON, CSV or GMT")
+    mutations: Path | None = Field(None, description="0/1 mutation table keyed by patient_id")
 
     @model_validator(mode="after")
     def _target(self) -> TaskSpecEntry:
@@ -124,6 +129,12 @@ class TaskSpecEntry(_Strict):
     @property
     def target_columns(self) -> tuple[str, ...]:
         return (self.time, self.event) if self.kind == "survival" else (str(self.target),)
+
+    @model_validator(mode="after")
+    def _groups_need_omics(self) -> TaskSpecEntry:
+        if self.gene_groups is not None and self.omics is None:
+            raise ValueError("gene_groups describes the omics table: give omics too")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -169,6 +180,11 @@ class BenchSpec(_Strict):
         default_factory=dict, description="TrainConfig overrides for every mil model"
     )
     n_boot: int = Field(1000, ge=100)
+    keep_models: bool = Field(
+        False,
+        description="keep every mil cell's model folder in OUT/models/<cell key>/ (for "
+        "heatmaps, predict and transfer)",
+    )
     bad_features: Literal["drop", "error"] = Field(
         "drop",
         description="patch feature files that are missing, unreadable or empty: drop those "

@@ -1,8 +1,10 @@
 """Omics tables (expression or pathway scores per patient) and their gene groups.
 
 The table has one row per patient (``patient_id``) and one numeric column per gene or score. Gene
-groups (pathways, signatures) come as JSON ``{"group": ["GENE1", "GENE2"]}`` or as a CSV with
-columns ``gene`` and ``group`` (one row per membership; a gene may belong to several groups).
+groups (pathways, signatures) come as JSON ``{"group": ["GENE1", "GENE2"]}``, as a CSV (or TSV)
+with columns ``gene`` and ``group`` (one row per membership; a gene may belong to several
+groups), or as a GMT file (MSigDB's format: one group per line, tab-separated name, description,
+then its genes).
 
 No scaling happens here: scalers are fitted on the training part of each fold, never on the
 whole cohort, or test patients would leak into training.
@@ -215,10 +217,14 @@ def _read_group_file(path: Path, problems: list[str]) -> dict[str, list[str]] | 
                 problems.append(f"{where}: expected a JSON object {{group: [genes]}}")
                 return None
             return data
+        if suffix == ".gmt":
+            return _read_gmt(path, where, problems)
         if suffix in (".csv", ".tsv"):
             df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str)
         else:
-            problems.append(f"{where}: unsupported format {path.suffix!r}; use .json or .csv")
+            problems.append(
+                f"{where}: unsupported format {path.suffix!r}; use .json, .csv, .tsv or .gmt"
+            )
             return None
     except (OSError, ValueError) as exc:
         problems.append(f"{where}: cannot read it ({type(exc).__name__}: {exc})")
@@ -232,6 +238,26 @@ def _read_group_file(path: Path, problems: list[str]) -> dict[str, list[str]] | 
     grouped: dict[str, list[str]] = {}
     for gene, group in zip(df["gene"], df["group"], strict=True):
         grouped.setdefault(group.strip(), []).append(gene)
+    return grouped
+
+
+def _read_gmt(path: Path, where: str, problems: list[str]) -> dict[str, list[str]] | None:
+    """GMT: ``name<TAB>description<TAB>gene<TAB>gene...`` per line; blank lines are skipped."""
+    grouped: dict[str, list[str]] = {}
+    bad = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) < 3 or not fields[0].strip():
+            bad.append(number)
+            continue
+        genes = [g.strip() for g in fields[2:] if g.strip()]
+        grouped.setdefault(fields[0].strip(), []).extend(genes)
+    if bad:
+        problems.append(
+            f"{where}: line(s) {_examples(bad)} are not 'name<TAB>description<TAB>genes...'"
+        )
     return grouped
 
 

@@ -3,7 +3,8 @@
 A split table has one row per (patient, seed, fold): columns ``patient_id, seed, fold, part`` with
 ``part`` in {train, val, test}. For every seed the test folds partition the patients; for every
 (seed, fold) each patient sits in exactly one part. ``audit_splits`` enforces both, so a split that
-leaks a patient into two parts never reaches training.
+leaks a patient into two parts never reaches training; given the patients' sites it also enforces
+site-preserving splits, where the test, training and validation parts of a fold share no site.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def audit_splits(
 
     Checks, for every seed: each (fold, patient) appears once, each patient is in exactly one test
     fold, every fold holds the same patient set; with ``patient_ids``, that set is exactly those
-    patients; with ``sites``, no site appears in the test part and the train/val part of a fold.
+    patients; with ``sites`` (site-preserving splits), no site appears in the test part and the
+    train/val part of a fold, nor in both the training and the validation part of a fold.
     Raises ``SplitLeakageError`` listing every violation found.
     """
     missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
@@ -230,12 +232,18 @@ def audit_splits(
                 problems.append(f"seed {seed} fold {fold}: has no test patients")
             if sites is not None:
                 site_of = in_fold["patient_id"].map(sites)
-                test_sites = set(site_of[in_fold["part"] == "test"])
-                fit_sites = set(site_of[in_fold["part"] != "test"])
-                shared = test_sites & fit_sites
+                part_sites = {p: set(site_of[in_fold["part"] == p]) for p in PARTS}
+                shared = part_sites["test"] & (part_sites["train"] | part_sites["val"])
                 if shared:
                     problems.append(
                         f"seed {seed} fold {fold}: sites in both test and training parts: "
+                        f"{sorted(shared)[:5]}"
+                    )
+                # validation chooses the checkpoint: it must not share a site with training
+                shared = part_sites["train"] & part_sites["val"]
+                if shared:
+                    problems.append(
+                        f"seed {seed} fold {fold}: sites in both training and validation parts: "
                         f"{sorted(shared)[:5]}"
                     )
     if problems:
@@ -274,3 +282,52 @@ def fold_parts(splits: pd.DataFrame, seed: int, fold: int) -> dict[str, list[str
     if sel.empty:
         raise ConfigError(f"no split rows for seed {seed} fold {fold}")
     return {part: sorted(sel.loc[sel["part"] == part, "patient_id"].astype(str)) for part in PARTS}
+
+
+def carve_validation(
+    patient_ids: Sequence[str],
+    *,
+    strata: Sequence[object] | np.ndarray | None = None,
+    sites: Sequence[object] | np.ndarray | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A train / validation split of every patient, with no test part (``--fit-all``).
+
+    The validation part is carved as cross-validation carves it from a fold's non-test
+    patients: about ``val_fraction`` of them, stratified, and made of whole sites when
+    ``sites`` are given (site-disjoint from training). Columns as in a split table, with
+    ``seed`` = ``seed`` and ``fold`` = 0; ``val_fraction`` = 0 puts everyone in training.
+    """
+    ids = np.asarray([str(p) for p in patient_ids])
+    if len(set(ids)) != len(ids):
+        raise ConfigError("patient ids given to carve_validation must be unique")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    strata_arr = None if strata is None else np.asarray([str(s) for s in strata])
+    sites_arr = None if sites is None else np.asarray([str(s) for s in sites])
+    part = np.full(len(ids), "train", dtype=object)
+    if val_fraction > 0:
+        n_splits = min(max(2, round(1 / val_fraction)), len(ids))
+        if sites_arr is not None:
+            n_sites = len(np.unique(sites_arr))
+            if n_sites < 2:
+                raise ConfigError(
+                    "a single site cannot be split into site-disjoint training and validation"
+                )
+            n_splits = min(n_splits, n_sites)
+        if n_splits < 2:
+            raise ConfigError(f"{len(ids)} patient(s) cannot be split into training and validation")
+        # the stream of cross-validation's carve of fold 0, so both choose alike
+        sub_fold = _kfold_assign(len(ids), n_splits, strata_arr, sites_arr, int(seed) * 7919 + 1)
+        part[sub_fold == 0] = "val"
+    splits = pd.DataFrame({"patient_id": ids, "seed": int(seed), "fold": 0, "part": part})
+    splits["part"] = splits["part"].astype(str)
+    if sites_arr is not None:
+        site_of = dict(zip(ids, sites_arr, strict=True))
+        shared = {site_of[p] for p in ids[part == "val"]} & {
+            site_of[p] for p in ids[part == "train"]
+        }
+        if shared:  # cannot happen with grouped folds; a guard against future edits
+            raise SplitLeakageError(f"sites in both training and validation: {sorted(shared)[:5]}")
+    return splits

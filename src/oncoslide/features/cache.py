@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +104,13 @@ class FeatureCache:
         self._bytes = 0
         self._peak_bytes = 0
         self._reads = self._hits = self._misses = self._evictions = self._bytes_read = 0
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (for another process, e.g. a multi-process training worker) it becomes an
+        empty cache with the same limits: the cached arrays and the prefetch thread stay here.
+        A custom reader is not carried over (the worker reads files itself)."""
+        dtype = None if self.dtype is None else str(self.dtype)
+        return (_fresh_cache, (self.max_bytes, dtype, self._stamp_mpp))
 
     # ----------------------------------------------------------------------------------------
     # public API
@@ -330,3 +338,7 @@ class FeatureCache:
 
 def _key(path: Path) -> str:
     return str(path.resolve())
+
+
+def _fresh_cache(max_bytes: int | None, dtype: str | None, stamp_mpp: float | None) -> FeatureCache:
+    return FeatureCache(max_bytes, dtype, stamp_mpp=stamp_mpp)

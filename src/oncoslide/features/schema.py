@@ -114,3 +114,65 @@ def write_feature_file(
             for key, value in grid.as_attrs().items():
                 cset.attrs[key] = value
     return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureContract:
+    """What a trained model expects of its patch features: the encoder, its weights, the
+    dimension and the patch grid's size and resolution. ``None`` where the files did not say."""
+
+    encoder: str | None
+    weights_fingerprint: str | None
+    feature_dim: int
+    patch_size: int | None = None
+    target_mpp: float | None = None
+
+    @classmethod
+    def of(cls, slide: SlideFeatures) -> FeatureContract:
+        grid = slide.grid
+        return cls(
+            encoder=slide.encoder,
+            weights_fingerprint=slide.weights_fingerprint,
+            feature_dim=slide.dim,
+            patch_size=None if grid is None else grid.patch_size,
+            target_mpp=None if grid is None else float(grid.target_mpp),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FeatureContract:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})  # type: ignore[arg-type]
+
+    def mismatches(self, other: FeatureContract) -> list[str]:
+        """Every way features described by ``other`` differ from this contract (both named).
+
+        Unknown values (None on either side) are not compared; the dimension always is.
+        """
+        problems = []
+        if self.feature_dim != other.feature_dim:
+            problems.append(
+                f"feature dimension: the model expects {self.feature_dim}, "
+                f"the features have {other.feature_dim}"
+            )
+        for name, what in (
+            ("encoder", "encoder"),
+            ("weights_fingerprint", "encoder weights"),
+            ("patch_size", "patch size (px)"),
+            ("target_mpp", "resolution (µm/px)"),
+        ):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is None or theirs is None:
+                continue
+            same = (
+                abs(float(mine) - float(theirs)) <= 0.02 * float(mine)
+                if name == "target_mpp"
+                else mine == theirs
+            )
+            if not same:
+                problems.append(
+                    f"{what}: the model was trained on {mine}, the features are {theirs}"
+                )
+        return problems

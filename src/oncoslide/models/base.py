@@ -4,13 +4,26 @@ Every model maps a padded batch of bags to a :class:`MILOutput`::
 
     model(features (B, N, D) float, mask (B, N) bool, coords (B, N, 2) | None) -> MILOutput
 
+What a model needs beyond that it declares in its registry metadata, and the training path
+passes it as keywords:
+
+- ``side_inputs={"omics": "train"}``: per-patient tables (``"train"``: seen in training steps
+  only, never for validation or test patients; ``"always"``: also at prediction time). The model
+  gets ``side={"omics": (B, G) float, "omics_present": (B,) bool}`` in training steps, and
+  ``side=None`` where the input is not given (it must then predict from the slides alone).
+- ``uses_slide_index=True``: ``slide_index=(B, N) long`` (-1 on padding), for models that must
+  know which of a patient's slides (separate coordinate frames) a patch comes from.
+- ``aux_losses={"name": default_weight}``: extra loss terms the model returns in
+  :attr:`MILOutput.aux_losses`; the training step adds them with these weights (or the run's
+  ``aux_weights``), while validation and checkpoint choice use the task loss or metric only.
+
 Padded positions (``mask`` False) never influence any output. The heavy per-patch projection
 runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-multiply time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +44,14 @@ class MILOutput:
         embedding: (B, E) the bag representation fed to the head.
         attention: (B, N) per-patch weights, non-negative, summing to 1 over each bag's valid
             patches and exactly 0 on padding; None for models without attention.
+        aux_losses: named scalar loss terms beyond the task loss (training only; see the
+            module docstring).
     """
 
     logits: Tensor
     embedding: Tensor
     attention: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MILModel(nn.Module):
@@ -77,6 +93,51 @@ class MILModel(nn.Module):
     def embed_dim(self) -> int:
         """Width E of :attr:`MILOutput.embedding`."""
         return self.hidden_dim
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameter names, for freezing in fine-tuning transfer.
+
+        ``encoder`` is everything but the head (the slide embedding), ``head`` the output layer,
+        ``projection`` the per-patch projection, ``aggregator`` what lies between; and every
+        top-level submodule by its own name.
+        """
+        names = [n for n, _ in self.named_parameters()]
+
+        def under(prefix: str) -> list[str]:
+            return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+
+        groups = {
+            "encoder": [n for n in names if n not in under("head")],
+            "head": under("head"),
+            "projection": under("proj"),
+            "aggregator": [n for n in names if n not in under("head") + under("proj")],
+        }
+        for child, _ in self.named_children():
+            groups.setdefault(child, under(child))
+        for n in names:  # parameters held directly (e.g. a CLS token)
+            if "." not in n:
+                groups.setdefault(n, [n])
+        return {k: v for k, v in groups.items() if v}
+
+    def freeze(self, groups: list[str] | tuple[str, ...]) -> int:
+        """Keep the parameters of the named groups fixed; returns how many values are frozen.
+
+        Raises ``ConfigError`` for unknown group names, listing the known ones.
+        """
+        known = self.parameter_groups()
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise ConfigError(
+                f"{type(self).__name__} has no parameter group(s) {unknown}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        frozen = {n for g in groups for n in known[g]}
+        count = 0
+        for name, param in self.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+                count += param.numel()
+        return count
 
     def check_inputs(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> None:
         """Raise a ``ConfigError`` listing every shape/dtype problem of a model call."""

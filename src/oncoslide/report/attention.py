@@ -3,8 +3,10 @@
 A heatmap is only honest when the model did not train on the patient, so by default the model
 is the one of the fold in which the patient was a *test* patient (out-of-fold attention). The
 model is rebuilt from a ``oncoslide train`` run folder: its ``config.json``, ``splits.csv`` and
-the fold's chosen checkpoint; the fold's preprocessing (time bins, class weights) is refitted on
-that fold's training part exactly as training did, so the prediction shown equals the run's.
+the fold's self-describing model folder, which holds the chosen weights and everything fitted
+on the fold's training part (time bins, class weights), so the prediction shown equals the
+run's. Runs written before model folders existed fall back to the fold's Lightning checkpoint,
+with the preprocessing refitted on the fold's training part exactly as training did.
 
 Attention weights sum to 1 over a patient's patches, so their scale depends on the bag size;
 the maps show each patch's percentile among the patient's patches (as CLAM does), and the
@@ -13,7 +15,6 @@ table keeps both.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import PatchGrid
 from oncoslide.models import MODELS, MILModel, create_model
 from oncoslide.training.config import TrainConfig
-from oncoslide.training.cv import fold_dir
+from oncoslide.training.model_folder import is_model_folder, load_model_folder
+from oncoslide.training.run_folder import FoldFolder, RunFolder
 from oncoslide.training.tasks import FoldTask, TaskSpec, fit_fold_task, resolve_task
 
 #: Slide file suffixes searched in ``slides_dir`` for a background image.
@@ -54,7 +56,7 @@ class FoldModel:
     fold_task: FoldTask
     seed: int
     fold: int
-    checkpoint: Path
+    checkpoint: Path  # the fold's model folder (or, for older runs, its Lightning checkpoint)
     test_ids: frozenset[str]  # the fold's test part: the only out-of-fold patients
 
 
@@ -111,21 +113,11 @@ def held_out_fold(splits: pd.DataFrame, patient_id: str, seed: int) -> int:
 
 def read_run(run_dir: str | Path) -> tuple[TrainConfig, pd.DataFrame]:
     """The settings and splits of an ``oncoslide train`` run folder."""
-    run_dir = Path(run_dir)
-    missing = [n for n in ("config.json", "splits.csv") if not (run_dir / n).exists()]
-    if missing:
-        raise ConfigError(
-            f"{run_dir} is not an `oncoslide train` run folder: "
-            + "; ".join(f"{n} is missing" for n in missing)
-        )
-    payload = json.loads((run_dir / "config.json").read_text())
-    config = TrainConfig.model_validate(payload["config"])
-    splits = pd.read_csv(run_dir / "splits.csv", dtype={"patient_id": str})
-    return config, splits
+    return RunFolder(run_dir).read()
 
 
 def load_fold_model(run_dir: str | Path, cohort: Cohort, *, seed: int, fold: int) -> FoldModel:
-    """Rebuild the model of one (seed, fold) of a run, with its chosen checkpoint.
+    """Rebuild the model of one (seed, fold) of a run, with its chosen weights.
 
     Raises:
         ConfigError: not a run folder, the fold did not finish, the model has no attention, or
@@ -145,17 +137,47 @@ def _fold_model(
             f"model {config.model!r} has no attention to draw; attention models: "
             f"{', '.join(with_attention)}"
         )
-    fdir = fold_dir(run, seed, fold)
-    checkpoint = next(
-        (p for p in (fdir / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")) if p.exists()),
-        None,
-    )
-    if not (fdir / "done.json").exists() or checkpoint is None:
-        raise ConfigError(f"seed {seed} fold {fold} of {run} has not finished (no checkpoint)")
+    folder = RunFolder(run).fold(seed, fold)
+    if not folder.is_done:
+        raise ConfigError(f"seed {seed} fold {fold} of {run} has not finished")
     if cohort.feature_dim is None:
         raise ConfigError("load the cohort with its feature files (check_features=True)")
-    task = resolve_task(cohort, config)
     parts = fold_parts(splits, seed, fold)
+    if is_model_folder(folder.model_dir):
+        trained = load_model_folder(folder.model_dir)
+        if trained.model.in_dim != cohort.feature_dim:
+            raise ConfigError(
+                f"the model of seed {seed} fold {fold} expects {trained.model.in_dim}-d "
+                f"features; this cohort's are {cohort.feature_dim}-d"
+            )
+        return FoldModel(
+            trained.model,
+            config,
+            trained.task,
+            trained.fold_task,
+            seed,
+            fold,
+            folder.model_dir,
+            frozenset(parts["test"]),
+        )
+    return _legacy_fold_model(folder, config, cohort, parts, seed, fold)
+
+
+def _legacy_fold_model(
+    folder: FoldFolder,
+    config: TrainConfig,
+    cohort: Cohort,
+    parts: dict[str, list[str]],
+    seed: int,
+    fold: int,
+) -> FoldModel:
+    """Runs written before fold model folders existed: a Lightning checkpoint, and the fold's
+    preprocessing refitted on its training part exactly as training did."""
+    checkpoint = folder.checkpoint
+    if checkpoint is None:
+        raise ConfigError(f"seed {seed} fold {fold} of {folder.path} has no model")
+    assert cohort.feature_dim is not None
+    task = resolve_task(cohort, config)
     fold_task = fit_fold_task(task, config, cohort, parts["train"])
     model = create_model(
         config.model,

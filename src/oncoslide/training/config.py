@@ -10,11 +10,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from oncoslide.errors import ConfigError
 
-# Fields that change how a run is executed or displayed but never its numbers: they are left
-# out of the run key, so a resumed run may change them.
+# Fields that change how a run is executed or displayed but never its numbers (multi-process
+# training gives the one-process result up to floating-point rounding): they are left out of the
+# run key, so a resumed run may change them.
 EXECUTION_ONLY_FIELDS = frozenset(
-    {"progress", "cache_gb", "num_threads", "accelerator", "prefetch"}
+    {
+        "progress",
+        "cache_gb",
+        "num_threads",
+        "accelerator",
+        "prefetch",
+        "devices",
+        "num_nodes",
+        "strategy",
+    }
 )
+# The fields of the first release: always part of the run key. Fields added since join the key
+# only when set away from their default, so adding a setting never changes the keys of stored
+# runs and benchmark cells (a test keeps this list and the keys honest).
+KEYED_V1_FIELDS = frozenset(
+    {
+        "task", "model", "model_kwargs", "time_col", "event_col", "survival_loss", "n_bins",
+        "nll_alpha", "cox_ties", "class_weights", "folds", "seed", "repeats", "val_fraction",
+        "site_preserving", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+        "max_patches", "early_stopping_patience", "monitor", "checkpoint", "grad_clip", "n_boot",
+        "cache_dtype",
+    }
+)  # fmt: skip
 
 
 class TrainConfig(BaseModel):
@@ -37,8 +59,14 @@ class TrainConfig(BaseModel):
         "cox", description="Cox partial likelihood over each minibatch, or discrete-time NLL"
     )
     n_bins: int = Field(
-        4, ge=1, description="discrete-time bins (quantiles of training event times)"
+        4, ge=1, description="discrete-time bins (quantiles of training event times, or fixed)"
     )
+    bin_scheme: Literal["quantile", "fixed"] = Field(
+        "quantile",
+        description="time bins: quantiles of the training part's event times, or n_bins bins "
+        "of bin_width days (the last open-ended), as CROPKT's 32 one-year bins",
+    )
+    bin_width: float = Field(365.0, gt=0, description="days per bin of the fixed scheme")
     nll_alpha: float = Field(0.0, ge=0.0, le=1.0)
     cox_ties: Literal["efron", "breslow"] = "efron"
 
@@ -55,6 +83,15 @@ class TrainConfig(BaseModel):
     # optimisation
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1, description="patient bags per optimisation step")
+    accumulate_grad_batches: int = Field(
+        1, ge=1, description="batches whose gradients add up before each optimiser step"
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="training order: a seeded shuffle, or draws balanced over time bin x "
+        "censoring (survival) or class (classification)",
+    )
+    optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
@@ -65,6 +102,20 @@ class TrainConfig(BaseModel):
     monitor: Literal["loss", "metric"] = "loss"
     checkpoint: Literal["best", "last"] = "best"
     grad_clip: float | None = Field(None, gt=0)
+    aux_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="weights of a model's auxiliary loss terms (default: the model's own)",
+    )
+
+    # transfer
+    init: str | None = Field(
+        None, description="start from the weights of this model folder (fine-tuning transfer)"
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter groups kept fixed: encoder (all but the head), projection, "
+        "aggregator, head, or a top-level module name",
+    )
 
     # evaluation
     n_boot: int = Field(1000, ge=0, description="bootstrap replicates for confidence intervals")
@@ -78,6 +129,11 @@ class TrainConfig(BaseModel):
     prefetch: bool = True
     num_threads: int | None = Field(None, ge=1)
     progress: bool = True
+    devices: int = Field(1, ge=1, description="processes (one per GPU, or CPU processes)")
+    num_nodes: int = Field(1, ge=1, description="machines (Lightning multi-node)")
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
+        "auto", description="multi-process strategy for devices > 1 (ddp by default)"
+    )
 
     @field_validator("task")
     @classmethod
@@ -93,6 +149,14 @@ class TrainConfig(BaseModel):
                 "checkpoint='best' needs a validation part (val_fraction > 0); "
                 "use checkpoint='last' to train on a fixed schedule"
             )
+        world = self.devices * self.num_nodes
+        if self.accumulate_grad_batches % world:
+            raise ValueError(
+                f"{world} training processes need accumulate_grad_batches to be a multiple of "
+                f"{world} (now {self.accumulate_grad_batches}): an optimiser step consumes that "
+                "many batches of batch_size bags wherever they run, so the result does not "
+                "depend on the number of processes"
+            )
         return self
 
     @property
@@ -103,10 +167,19 @@ class TrainConfig(BaseModel):
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.repeats)]
 
+    def keyed_settings(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """The settings that can change the results (see KEYED_V1_FIELDS)."""
+        payload = self.model_dump(mode=mode, exclude=set(EXECUTION_ONLY_FIELDS))
+        return {
+            k: v
+            for k, v in payload.items()
+            if k in KEYED_V1_FIELDS
+            or v != type(self).model_fields[k].get_default(call_default_factory=True)
+        }
+
     def run_key(self) -> str:
         """A short hash of every field that can change the results."""
-        payload = self.model_dump(exclude=set(EXECUTION_ONLY_FIELDS))
-        blob = json.dumps(payload, sort_keys=True, default=str)
+        blob = json.dumps(self.keyed_settings(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -10,14 +10,12 @@ stopped. The run's tables (splits, predictions, metrics, summary) are assembled 
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,8 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-import oncoslide
 from oncoslide._io import write_json, write_table
+from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import (
     audit_splits,
     fold_parts,
@@ -41,17 +39,23 @@ from oncoslide.cohort.splits import (
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
-from oncoslide.models import create_model
+from oncoslide.features.schema import FeatureContract
+from oncoslide.models import MODELS, MILModel, create_model
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import (
     BackgroundBatches,
     BagDataset,
+    BalancedSampler,
     EpochShuffleSampler,
+    ShardedBatches,
     collate_bags,
     length_sorted_order,
 )
+from oncoslide.training.model_folder import initialise_from, save_model_folder, versions
 from oncoslide.training.module import MILModule
 from oncoslide.training.progress import FoldProgress, make_progress, quiet_lightning
+from oncoslide.training.run_folder import FoldFolder, RunFolder
+from oncoslide.training.side_inputs import check_side_inputs, part_side_arrays
 from oncoslide.training.summary import summarise_run
 from oncoslide.training.tasks import FoldTask, TaskSpec, fit_fold_task, resolve_task, task_patients
 
@@ -71,10 +75,6 @@ class CVResult:
     cache_stats: dict[str, float] = field(default_factory=dict)
 
 
-def fold_dir(out_dir: Path, seed: int, fold: int) -> Path:
-    return out_dir / "folds" / f"seed{seed}-fold{fold}"
-
-
 def cross_validate(
     cohort: Cohort,
     config: TrainConfig,
@@ -84,6 +84,7 @@ def cross_validate(
     overwrite: bool = False,
     console: Console | None = None,
     cache: FeatureCache | None = None,
+    side: Mapping[str, Omics] | None = None,
 ) -> CVResult:
     """Run (or resume) cross-validation and write the run folder.
 
@@ -94,6 +95,7 @@ def cross_validate(
             refused unless ``overwrite``.
         splits: optional precomputed split table (audited against the task's patients).
         cache: a feature cache to share with other runs in the same process.
+        side: per-patient tables the model declares (e.g. ``{"omics": load_omics(...)}``).
     """
     out = Path(out_dir)
     console = console or Console(quiet=not config.progress)
@@ -101,6 +103,7 @@ def cross_validate(
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
     # a wrong model name or keyword fails here, before any folder is written
     create_model(config.model, in_dim=cohort.feature_dim, n_outputs=1, **config.model_kwargs)
+    check_side_inputs(config.model, side or {})
     task = resolve_task(cohort, config)
     patients = task_patients(cohort, task)
     notes = []
@@ -114,9 +117,10 @@ def cross_validate(
             f"{len(patients)} patients with targets are too few for {config.folds} folds"
         )
 
-    _prepare_out_dir(out, config, overwrite)
+    run = RunFolder(out)
+    run.prepare(config.run_key(), overwrite)
     splits = _resolve_splits(out, cohort, task, config, patients, splits)
-    write_json(out / "config.json", _resolved_config(cohort, config, task, notes))
+    run.write_payload(_resolved_config(cohort, config, task, notes, side))
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -136,8 +140,8 @@ def cross_validate(
             )
             for seed in seeds:
                 for fold in folds:
-                    fdir = fold_dir(out, int(seed), int(fold))
-                    if not (fdir / "done.json").exists():
+                    fdir = run.fold(int(seed), int(fold))
+                    if not fdir.is_done:
                         _run_fold(
                             cohort,
                             task,
@@ -148,6 +152,7 @@ def cross_validate(
                             fdir,
                             cache,
                             progress,
+                            side,
                         )
                     progress.advance(overall)
     finally:
@@ -155,36 +160,13 @@ def cross_validate(
         if own_cache:
             cache.close()
 
-    predictions, metrics = _collect(out, seeds, folds)
+    predictions, metrics = run.collect(seeds, folds)
     summary = summarise_run(out, task, seeds, folds, n_boot=config.n_boot, seed=config.seed)
-    write_table(out / "predictions.parquet", predictions)
-    write_table(out / "metrics.csv", metrics)
-    write_table(out / "summary.csv", summary)
+    run.write_tables(predictions, metrics, summary)
     return CVResult(out, config, task, splits, predictions, metrics, summary, notes, stats)
 
 
 # ---------------------------------------------------------------------------- run folder
-
-
-def _prepare_out_dir(out: Path, config: TrainConfig, overwrite: bool) -> None:
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        previous = json.loads(cfg_path.read_text()).get("run_key")
-        if previous != config.run_key():
-            if not overwrite:
-                raise ConfigError(
-                    f"{out} holds another run (run key {previous}, this one {config.run_key()}); "
-                    "choose a new --out or pass --overwrite"
-                )
-        elif not overwrite:
-            return  # same run: resume
-        for name in ("folds", "splits.csv", "predictions.parquet", "metrics.csv", "summary.csv"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _resolve_splits(
@@ -210,7 +192,13 @@ def _resolve_splits(
             sites=None if sites is None else dict(zip(patients, sites, strict=True)),
         )
     elif path.exists():
+        # a resumed run re-audits its saved splits, sites included: the file may have changed
         splits = load_splits(path, patient_ids=patients)
+        audit_splits(
+            splits,
+            patient_ids=patients,
+            sites=None if sites is None else dict(zip(patients, sites, strict=True)),
+        )
     else:
         if task.is_survival:
             y = cohort.survival(patients)
@@ -230,7 +218,11 @@ def _resolve_splits(
 
 
 def _resolved_config(
-    cohort: Cohort, config: TrainConfig, task: TaskSpec, notes: list[str]
+    cohort: Cohort,
+    config: TrainConfig,
+    task: TaskSpec,
+    notes: list[str],
+    side: Mapping[str, Omics] | None = None,
 ) -> dict[str, object]:
     return {
         "run_key": config.run_key(),
@@ -241,29 +233,36 @@ def _resolved_config(
             "slides": len(cohort.slides),
             "feature_dim": cohort.feature_dim,
         },
-        "notes": notes,
-        "versions": {
-            "oncoslide": oncoslide.__version__,
-            "torch": torch.__version__,
-            "lightning": pl.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
+        "side_inputs": {
+            name: {"patients": len(table), "columns": len(table.genes)}
+            for name, table in (side or {}).items()
         },
+        "notes": notes,
+        "versions": versions(),
     }
 
 
 # ---------------------------------------------------------------------------- one fold
 
 
-def _loader(ds: BagDataset, config: TrainConfig, order: Sequence[int] | None = None) -> DataLoader:
+def _loader(
+    ds: BagDataset,
+    config: TrainConfig,
+    order: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> DataLoader:
     return DataLoader(
         ds,
-        batch_size=config.batch_size,
+        batch_size=batch_size or config.batch_size,
         sampler=list(order) if order is not None else None,
         collate_fn=collate_bags,
         num_workers=0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+# Bags per forward pass when predicting (see _predict).
+PREDICT_BATCH = 1
 
 
 @dataclass
@@ -280,6 +279,23 @@ class FoldOutcome:
     history: list[dict[str, float]]
     info: dict[str, float]
     excluded: list[str] = field(default_factory=list)
+    model: MILModel | None = None  # the chosen weights, on the CPU, in eval mode
+    contract: FeatureContract | None = None
+    parts: dict[str, list[str]] = field(default_factory=dict)
+
+    def save_model(self, path: Path, config: TrainConfig) -> Path:
+        """Write the fold's self-describing model folder (see training.model_folder)."""
+        if self.model is None or self.contract is None:
+            raise ConfigError("this fold outcome holds no model to save")
+        return save_model_folder(
+            path,
+            self.model,
+            self.fold_task,
+            config,
+            self.contract,
+            parts={k: self.parts[k] for k in ("train", "val") if k in self.parts},
+            info={"seed": self.seed, "fold": self.fold, **self.info},
+        )
 
     def prediction_frame(self, cohort: Cohort, task: TaskSpec) -> pd.DataFrame:
         """One row per evaluated test patient: ids, predictions, then the targets."""
@@ -302,12 +318,15 @@ def _run_fold(
     splits: pd.DataFrame,
     seed: int,
     fold: int,
-    fdir: Path,
+    fdir: FoldFolder,
     cache: FeatureCache,
     progress: Progress | None,
+    side: Mapping[str, Omics] | None,
 ) -> None:
-    outcome = train_fold(cohort, task, config, splits, seed, fold, fdir, cache, progress)
-    _write_fold(fdir, cohort, task, outcome)
+    outcome = train_fold(
+        cohort, task, config, splits, seed, fold, fdir.path, cache, progress, side=side
+    )
+    _write_fold(fdir, cohort, task, config, outcome)
 
 
 def train_fold(
@@ -322,14 +341,19 @@ def train_fold(
     progress: Progress | None = None,
     *,
     exclude_from_test: frozenset[str] = frozenset(),
+    side: Mapping[str, Omics] | None = None,
 ) -> FoldOutcome:
     """Train one fold and predict its test part once; writes only checkpoints in ``work_dir``.
 
     ``exclude_from_test`` patients (e.g. seen while pre-training an encoder) still train when
-    their split says so, but are neither predicted nor scored as test patients.
+    their split says so, but are neither predicted nor scored as test patients. ``side`` holds
+    the per-patient tables the model declares (see :mod:`oncoslide.training.side_inputs`):
+    training-only ones reach the training part's batches and no other.
     """
     assert cohort.feature_dim is not None  # checked by the callers
     fdir = work_dir
+    # a fold interrupted earlier may have left a checkpoint: it must not be mistaken for ours
+    shutil.rmtree(fdir / "checkpoints", ignore_errors=True)
     started = time.perf_counter()
     parts = fold_parts(splits, seed, fold)
     train_ids, val_ids = parts["train"], parts["val"]
@@ -338,13 +362,24 @@ def train_fold(
     fold_seed = seed * 1000 + fold
     pl.seed_everything(fold_seed, workers=True, verbose=False)
 
-    ftask = fit_fold_task(task, config, cohort, train_ids)
+    declared = check_side_inputs(config.model, side or {})
+    ftask = fit_fold_task(task, config, cohort, train_ids, side=side)
+    contract = FeatureContract.of(cache.get(cohort.slide_paths(train_ids[0])[0]))
     model = create_model(
         config.model,
         in_dim=cohort.feature_dim,
         n_outputs=ftask.n_outputs,
         **config.model_kwargs,
     )
+    meta = MODELS.metadata(config.model)
+    aux_weights = _aux_weights(config, meta)
+    transfer: dict[str, object] = {}
+    if config.init:
+        transfer = initialise_from(model, config.model, config.init, contract)
+    if config.freeze:
+        transfer["frozen"] = model.freeze(config.freeze)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     datasets = {
         name: BagDataset(
             cohort,
@@ -353,10 +388,16 @@ def train_fold(
             ftask.targets(cohort, ids),
             max_patches=config.max_patches if name == "train" else None,
             seed=fold_seed,
+            side=part_side_arrays(ftask.side_scalers, side or {}, declared, ids, name),
         )
-        for name, ids in (("train", train_ids), ("val", val_ids), ("test", test_ids))
+        for name, ids in _parts(train_ids, val_ids, test_ids)
     }
-    sampler = EpochShuffleSampler(datasets["train"], seed=fold_seed)
+    sampler: EpochShuffleSampler | BalancedSampler
+    if config.sampler == "balanced":
+        strata = ftask.sampler_strata(cohort, train_ids)
+        sampler = BalancedSampler(datasets["train"], strata, seed=fold_seed)
+    else:
+        sampler = EpochShuffleSampler(datasets["train"], seed=fold_seed)
     if config.prefetch:
         # the first epoch's order, then validation and test: reads overlap the first steps
         cache.prefetch(
@@ -364,11 +405,11 @@ def train_fold(
             + datasets["val"].slide_paths()
             + datasets["test"].slide_paths()
         )
+    world = config.devices * config.num_nodes  # a multiple of it divides the accumulation
     train_loader = BackgroundBatches(
         DataLoader(
             datasets["train"],
-            batch_size=config.batch_size,
-            sampler=sampler,
+            batch_sampler=ShardedBatches(sampler, config.batch_size),
             collate_fn=collate_bags,
             num_workers=0,
             pin_memory=torch.cuda.is_available(),
@@ -379,9 +420,18 @@ def train_fold(
         _loader(datasets["val"], config, length_sorted_order(datasets["val"])) if has_val else None
     )
 
-    module = MILModule(model, ftask, config, steps_per_epoch=len(train_loader))
+    module = MILModule(
+        model,
+        ftask,
+        config,
+        steps_per_epoch=len(train_loader),
+        aux_weights=aux_weights,
+        uses_slide_index=bool(meta.get("uses_slide_index", False)),
+        # worker processes hand their history back through this file
+        history_path=fdir / "history.json" if world > 1 else None,
+    )
     callbacks: list[pl.Callback] = []
-    if progress is not None:
+    if progress is not None and world == 1:
         total = config.epochs * len(train_loader)
         callbacks.append(FoldProgress(progress, f"  seed {seed} fold {fold}", total))
     monitor, mode = ("val_loss", "min") if config.monitor == "loss" else ("val_score", "max")
@@ -407,7 +457,9 @@ def train_fold(
     trainer = pl.Trainer(
         max_epochs=config.epochs,
         accelerator="gpu" if gpu else "cpu",
-        devices=1,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=_strategy(config, world),
         deterministic=True if not gpu else "warn",
         logger=False,
         enable_progress_bar=False,
@@ -416,6 +468,7 @@ def train_fold(
         num_sanity_val_steps=0,
         callbacks=callbacks,
         gradient_clip_val=config.grad_clip,
+        accumulate_grad_batches=config.accumulate_grad_batches // world,
         use_distributed_sampler=False,
         default_root_dir=fdir,
         limit_val_batches=1.0 if has_val else 0,
@@ -423,22 +476,43 @@ def train_fold(
     fit_started = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     fit_seconds = time.perf_counter() - fit_started
-    if checkpoint_cb is not None and checkpoint_cb.best_model_path:
-        state = torch.load(checkpoint_cb.best_model_path, map_location="cpu", weights_only=True)
+    epochs_run = trainer.current_epoch
+    if world > 1:
+        # the workers trained; their last weights are back in `module`, the rest is on disk
+        epochs_run = module.restore_history()
+        trainer = _single_process_trainer(gpu, fdir)
+    best = fdir / "checkpoints" / "best.ckpt"
+    if checkpoint_cb is not None and best.exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         chosen_epoch = _best_epoch(
             module.history, mode, "val_loss" if mode == "min" else "val_score"
         )
     else:
-        trainer.save_checkpoint(fdir / "checkpoints" / "last.ckpt", weights_only=True)
-        chosen_epoch = trainer.current_epoch - 1
+        chosen_epoch = epochs_run - 1
 
     # the test part is touched here, once
     test_logits = _predict(trainer, module, datasets["test"], config)
-    if task.is_survival and config.survival_loss == "cox":
-        train_logits = _predict(trainer, module, datasets["train"], config)
-        ftask.fit_breslow(train_logits, cohort.survival(train_ids))
-    metrics = ftask.metrics(test_logits, cohort, test_ids, fit_ids=train_ids + val_ids)
+    if task.is_survival:
+        # training risks as test risks are computed: full bags (no patch sampling), eval mode
+        full_train = BagDataset(
+            cohort,
+            train_ids,
+            cache,
+            datasets["train"].targets,
+            max_patches=None,
+            seed=fold_seed,
+            # as the test part is predicted: without training-only inputs
+            side=part_side_arrays(ftask.side_scalers, side or {}, declared, train_ids, "predict"),
+        )
+        train_logits = _predict(trainer, module, full_train, config)
+        ftask.fit_training_risks(train_logits, cohort.survival(train_ids))
+    metrics = (
+        ftask.metrics(test_logits, cohort, test_ids, fit_ids=train_ids + val_ids)
+        if test_ids
+        else {}
+    )
+    trained = cast(MILModel, module.model).cpu().eval()
     return FoldOutcome(
         seed=seed,
         fold=fold,
@@ -452,15 +526,61 @@ def train_fold(
             "seconds": time.perf_counter() - started,
             "fit_seconds": fit_seconds,
             "train_patches": module.train_patches,
-            "epochs_run": trainer.current_epoch,
+            "epochs_run": epochs_run,
+            "processes": world,
             "chosen_epoch": chosen_epoch,
             "n_train": len(train_ids),
             "n_val": len(val_ids),
             "n_test": len(test_ids),
             "n_excluded": len(excluded),
+            "n_parameters": n_params,
+            "trainable_share": n_trainable / max(1, n_params),
+            **{k: v for k, v in transfer.items() if isinstance(v, int | float)},
         },
         excluded=excluded,
+        model=trained,
+        contract=contract,
+        parts={"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)},
     )
+
+
+def _strategy(config: TrainConfig, world: int) -> str:
+    """One process: Lightning's default. Several: spawned workers (ddp_spawn) unless asked
+    otherwise; each worker reads its own feature files, the main process keeps the results."""
+    if world == 1:
+        return "auto"
+    return "ddp_spawn" if config.strategy == "auto" else config.strategy
+
+
+def _single_process_trainer(gpu: bool, work_dir: Path) -> pl.Trainer:
+    """Predictions after multi-process training run in the main process."""
+    return pl.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=work_dir,
+    )
+
+
+def _parts(
+    train: list[str], val: list[str], test: list[str]
+) -> tuple[tuple[Literal["train", "val", "test"], list[str]], ...]:
+    return (("train", train), ("val", val), ("test", test))
+
+
+def _aux_weights(config: TrainConfig, meta: Mapping[str, object]) -> dict[str, float]:
+    """The model's declared auxiliary losses with their weights (the run's override them)."""
+    declared = dict(cast(Mapping[str, float], meta.get("aux_losses", {})))
+    unknown = sorted(set(config.aux_weights) - set(declared))
+    if unknown:
+        raise ConfigError(
+            f"model {config.model!r} has no auxiliary loss {unknown}; it declares "
+            f"{', '.join(declared) or 'none'}"
+        )
+    return {k: float(v) for k, v in {**declared, **config.aux_weights}.items()}
 
 
 def _best_epoch(history: list[dict[str, float]], mode: str, key: str) -> int:
@@ -474,8 +594,15 @@ def _best_epoch(history: list[dict[str, float]], mode: str, key: str) -> int:
 def _predict(
     trainer: pl.Trainer, module: MILModule, ds: BagDataset, config: TrainConfig
 ) -> torch.Tensor:
-    """Logits of every patient of ``ds`` in dataset order (full bags, eval mode)."""
-    loader = _loader(ds, config, length_sorted_order(ds))
+    """Logits of every patient of ``ds`` in dataset order (full bags, eval mode).
+
+    One bag per forward pass: a patient's prediction then never depends on which other bags
+    shared its batch (matrix products of other sizes round differently), so a saved model
+    reproduces it exactly on any cohort (``oncoslide predict``).
+    """
+    if len(ds) == 0:
+        return torch.empty(0, module.fold_task.n_outputs)
+    loader = _loader(ds, config, length_sorted_order(ds), batch_size=PREDICT_BATCH)
     outputs = cast(list[dict[str, torch.Tensor]], trainer.predict(module, loader))
     index = torch.cat([o["index"] for o in outputs])
     logits = torch.cat([o["logits"] for o in outputs])
@@ -484,23 +611,34 @@ def _predict(
     return ordered
 
 
-def _write_fold(fdir: Path, cohort: Cohort, task: TaskSpec, outcome: FoldOutcome) -> None:
-    write_table(fdir / "predictions.parquet", outcome.prediction_frame(cohort, task))
+def _write_fold(
+    fdir: FoldFolder, cohort: Cohort, task: TaskSpec, config: TrainConfig, outcome: FoldOutcome
+) -> None:
+    outcome.save_model(fdir.model_dir, config)
+    # the model folder replaces Lightning's checkpoint (same weights, self-describing)
+    shutil.rmtree(fdir.checkpoints, ignore_errors=True)
+    write_table(fdir.predictions, outcome.prediction_frame(cohort, task))
     rows = [
         {"seed": outcome.seed, "fold": outcome.fold, "metric": m, "value": outcome.metrics[m]}
         for m in task.metric_names
     ]
-    write_table(fdir / "metrics.csv", pd.DataFrame(rows))
-    write_table(fdir / "history.csv", pd.DataFrame(outcome.history))
+    write_table(fdir.metrics, pd.DataFrame(rows))
+    write_table(fdir.history, pd.DataFrame(outcome.history))
     _write_eval(
-        fdir, cohort, task, outcome.fold_task, outcome.test_ids, outcome.fit_ids, outcome.logits
+        fdir.eval,
+        cohort,
+        task,
+        outcome.fold_task,
+        outcome.test_ids,
+        outcome.fit_ids,
+        outcome.logits,
     )
     # written last: its presence means the fold is complete
-    write_json(fdir / "done.json", {"seed": outcome.seed, "fold": outcome.fold, **outcome.info})
+    write_json(fdir.done, {"seed": outcome.seed, "fold": outcome.fold, **outcome.info})
 
 
 def _write_eval(
-    fdir: Path,
+    target: Path,
     cohort: Cohort,
     task: TaskSpec,
     ftask: FoldTask,
@@ -512,7 +650,8 @@ def _write_eval(
     from oncoslide._io import atomic_path
     from oncoslide.survival.metrics import TimeGridError, evaluation_times
 
-    payload: dict[str, np.ndarray] = {}
+    # the patients of the rows, so that the summary's bootstrap can draw patients across folds
+    payload: dict[str, np.ndarray] = {"patient_id": np.asarray(test_ids, dtype=str)}
     if task.is_survival:
         y_test, y_fit = cohort.survival(test_ids), cohort.survival(fit_ids)
         payload.update(
@@ -537,23 +676,6 @@ def _write_eval(
             label=ftask.label_index(cohort, test_ids),
             probs=class_probs(logits.double()).cpu().numpy(),
         )
-    with atomic_path(fdir / "eval.npz", suffix=".npz") as tmp:
+    with atomic_path(target, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **payload)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------------------- assembly
-
-
-def _collect(
-    out: Path, seeds: Sequence[int], folds: Sequence[int]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    preds, metrics = [], []
-    for seed in seeds:
-        for fold in folds:
-            fdir = fold_dir(out, int(seed), int(fold))
-            preds.append(pd.read_parquet(fdir / "predictions.parquet"))
-            metrics.append(pd.read_csv(fdir / "metrics.csv"))
-    predictions = pd.concat(preds, ignore_index=True).sort_values(["seed", "fold", "patient_id"])
-    metric_table = pd.concat(metrics, ignore_index=True)
-    return predictions.reset_index(drop=True), metric_table.reset_index(drop=True)

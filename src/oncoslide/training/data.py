@@ -49,6 +49,7 @@ class BagDataset(Dataset):
         *,
         max_patches: int | None = None,
         seed: int = 0,
+        side: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.cohort = cohort
         self.patient_ids = list(patient_ids)
@@ -57,7 +58,12 @@ class BagDataset(Dataset):
         self.max_patches = max_patches
         self.seed = seed
         self.epoch = 0
+        # per-patient side inputs of THIS part only: name -> ((n, G) values, (n,) present)
+        self.side = dict(side or {})
         n = len(self.patient_ids)
+        for name, (values, present) in self.side.items():
+            if len(values) != n or len(present) != n:
+                raise ValueError(f"side input {name} has {len(values)} rows for {n} patients")
         for name in ("time", "event", "bin_index", "label"):
             arr = getattr(targets, name)
             if arr is not None and len(arr) != n:
@@ -95,6 +101,9 @@ class BagDataset(Dataset):
             arr = getattr(self.targets, name)
             if arr is not None:
                 item[name] = arr[i]
+        for name, (values, present) in self.side.items():
+            item[f"side:{name}"] = values[i]
+            item[f"side_present:{name}"] = bool(present[i])
         return item
 
 
@@ -135,6 +144,11 @@ def collate_bags(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
     ):
         if name in items[0]:
             batch[name] = torch.tensor([it[name] for it in items], dtype=dtype)
+    for key in items[0]:
+        if key.startswith("side:"):
+            batch[key] = torch.from_numpy(np.stack([np.asarray(it[key]) for it in items]))
+        elif key.startswith("side_present:"):
+            batch[key] = torch.tensor([bool(it[key]) for it in items], dtype=torch.bool)
     return batch
 
 
@@ -158,6 +172,77 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+class BalancedSampler(Sampler[int]):
+    """Each epoch draws len(dataset) items with replacement, every stratum equally likely.
+
+    Strata are e.g. time bin x censoring (survival) or the class (classification), so rare
+    strata are seen as often as common ones. Seeded by (seed, epoch): reproducible.
+    """
+
+    def __init__(self, dataset: BagDataset, strata: np.ndarray, seed: int) -> None:
+        if len(strata) != len(dataset):
+            raise ValueError(f"{len(strata)} strata for {len(dataset)} items")
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+        _, codes, counts = np.unique(strata, return_inverse=True, return_counts=True)
+        weight = 1.0 / counts[codes]
+        self.p = weight / weight.sum()
+
+    def order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch, 11])
+        return [int(i) for i in rng.choice(len(self.p), size=len(self.p), p=self.p)]
+
+    def __iter__(self) -> Iterator[int]:
+        self.dataset.set_epoch(self.epoch)
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Batches of an epoch's order (from an epoch sampler), shared out over processes.
+
+    The epoch's order is cut into batches of ``batch_size``; with W processes (multi-process
+    training) process r takes batches r, r + W, r + 2W, ... So W processes that each accumulate
+    A / W batches per optimiser step see exactly the batches one process accumulating A of them
+    sees, and their averaged gradients are that process's gradient. When the batches do not
+    divide evenly, a process short of one repeats an earlier batch of the epoch (every process
+    must step together).
+    """
+
+    def __init__(self, sampler: EpochShuffleSampler | BalancedSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    @staticmethod
+    def world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _n_batches(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(iter(self.sampler))  # advances the epoch and tells the dataset
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rank, world = self.world()
+        mine = batches[rank::world]
+        while len(mine) < len(self):
+            mine.append(batches[len(mine) % len(batches)])
+        return iter(mine)
+
+    def __len__(self) -> int:
+        _, world = self.world()
+        return -(-self._n_batches() // world)
 
 
 def length_sorted_order(dataset: BagDataset) -> list[int]:

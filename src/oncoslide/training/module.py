@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from oncoslide._io import write_json
+from oncoslide.errors import ConfigError
 from oncoslide.models import MILOutput
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.tasks import FoldTask
@@ -17,23 +21,54 @@ from oncoslide.training.tasks import FoldTask
 TARGET_KEYS = ("time", "event", "bin_index", "label")
 
 
+def model_inputs(batch: dict[str, Tensor], uses_slide_index: bool) -> dict[str, Any]:
+    """The keywords a model gets beyond (features, mask, coords): side inputs where the batch
+    holds them (training-only inputs exist in training batches only), the slide index where the
+    model declares it uses it."""
+    kwargs: dict[str, Any] = {}
+    side = {k.split(":", 1)[1]: v for k, v in batch.items() if k.startswith("side:")}
+    if side:
+        for k, v in batch.items():
+            if k.startswith("side_present:"):
+                side[f"{k.split(':', 1)[1]}_present"] = v
+        kwargs["side"] = side
+    if uses_slide_index:
+        kwargs["slide_index"] = batch["slide_index"]
+    return kwargs
+
+
 class MILModule(pl.LightningModule):
     """Wraps a registry model with its fold task (loss, validation score) and optimiser.
 
     Validation is scored over the whole validation part at the end of each epoch (a Cox loss
     then compares every pair of the part, not only pairs inside a minibatch); the logged
-    ``val_loss`` and ``val_score`` drive early stopping and checkpoint choice. The test part
+    ``val_loss`` and ``val_score`` drive early stopping and checkpoint choice. They use the task
+    loss and metric only: a model's auxiliary losses (``MILOutput.aux_losses``) are added to the
+    training loss with their weights and logged per epoch as ``train_aux_<name>``. The test part
     never passes through this module's training or validation hooks.
     """
 
     def __init__(
-        self, model: nn.Module, fold_task: FoldTask, config: TrainConfig, steps_per_epoch: int
+        self,
+        model: nn.Module,
+        fold_task: FoldTask,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        *,
+        aux_weights: dict[str, float] | None = None,
+        uses_slide_index: bool = False,
+        history_path: Path | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.fold_task = fold_task
         self.config = config
-        self.steps_per_epoch = max(1, steps_per_epoch)
+        # optimiser steps per epoch (batches / gradient accumulation), for the schedule
+        self.steps_per_epoch = max(1, math.ceil(steps_per_epoch / config.accumulate_grad_batches))
+        self.aux_weights = dict(aux_weights or {})
+        self.uses_slide_index = uses_slide_index
+        self._aux_sums: dict[str, list[float]] = {}
+        self.history_path = history_path
         self._val_logits: list[Tensor] = []
         self._val_targets: list[dict[str, Tensor]] = []
         self.history: list[dict[str, float]] = []
@@ -41,23 +76,63 @@ class MILModule(pl.LightningModule):
         self.train_patches = 0  # patches through training steps, for throughput reports
 
     def forward(self, batch: dict[str, Tensor]) -> MILOutput:
-        return self.model(batch["features"], batch["mask"], batch.get("coords"))
+        return self.model(
+            batch["features"],
+            batch["mask"],
+            batch.get("coords"),
+            **model_inputs(batch, self.uses_slide_index),
+        )
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self(batch)
-        loss = self.fold_task.loss(out.logits, batch)
-        self._train_losses.append(float(loss.detach()))
+        task_loss = self.fold_task.loss(out.logits, batch)
+        loss = task_loss
+        for name, value in out.aux_losses.items():
+            if name not in self.aux_weights:
+                raise ConfigError(
+                    f"the model returned an auxiliary loss {name!r} it does not declare "
+                    f"(declared: {', '.join(self.aux_weights) or 'none'})"
+                )
+            loss = loss + self.aux_weights[name] * value
+            self._aux_sums.setdefault(name, []).append(float(value.detach()))
+        self._train_losses.append(float(task_loss.detach()))
         self.train_patches += int(batch["mask"].sum())
         return loss
 
     def on_train_epoch_end(self) -> None:
         mean = float(np.mean(self._train_losses)) if self._train_losses else math.nan
         self._train_losses.clear()
+        row = {"epoch": self.current_epoch, "train_loss": mean}
+        for name, values in self._aux_sums.items():
+            row[f"train_aux_{name}"] = float(np.mean(values))
+        self._aux_sums = {}
         if self.history and self.history[-1].get("epoch") == self.current_epoch:
-            self.history[-1]["train_loss"] = mean
+            self.history[-1].update(row)
         else:
-            self.history.append({"epoch": self.current_epoch, "train_loss": mean})
+            self.history.append(row)
+
+    def on_fit_end(self) -> None:
+        # multi-process training: the main process does not share this object's attributes
+        if self.history_path is not None and self.trainer.is_global_zero:
+            write_json(
+                self.history_path,
+                {
+                    "history": self.history,
+                    "train_patches": self.train_patches,
+                    "epochs_run": self.current_epoch,
+                },
+            )
+
+    def restore_history(self) -> int:
+        """After multi-process training, in the main process: the workers' history; returns
+        the number of epochs run."""
+        assert self.history_path is not None
+        saved = json.loads(self.history_path.read_text())
+        self.history = saved["history"]
+        self.train_patches = saved["train_patches"]
+        self.history_path.unlink()
+        return int(saved["epochs_run"])
 
     # -- validation -----------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -97,7 +172,8 @@ class MILModule(pl.LightningModule):
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
+        optimiser_class = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
+        optimizer = optimiser_class(
             params, lr=self.config.lr, weight_decay=self.config.weight_decay
         )
         total = self.config.epochs * self.steps_per_epoch

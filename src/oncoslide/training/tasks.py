@@ -6,9 +6,9 @@ the training part of a fold only; the test part is used once, for the final pred
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.classification import classification_metrics
@@ -26,6 +27,7 @@ from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
 from oncoslide.survival.metrics import concordance_index_censored, survival_metrics
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import BagTargets
+from oncoslide.training.side_inputs import SideScaler
 
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs")
 CLASSIFICATION_METRICS = ("auc", "balanced_accuracy")
@@ -52,6 +54,25 @@ class TaskSpec:
     @property
     def metric_names(self) -> tuple[str, ...]:
         return SURVIVAL_METRICS if self.is_survival else CLASSIFICATION_METRICS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "time_col": self.time_col,
+            "event_col": self.event_col,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        return cls(
+            name=str(data["name"]),
+            kind=data["kind"],
+            classes=tuple(str(c) for c in data.get("classes", ())),
+            time_col=str(data.get("time_col", "time")),
+            event_col=str(data.get("event_col", "event")),
+        )
 
 
 def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
@@ -111,6 +132,45 @@ class FoldTask:
     bins: TimeBins | None = None
     class_weight: Tensor | None = None
     breslow: BreslowEstimator | None = field(default=None, repr=False)
+    # the median predicted risk of the training part: high / low risk groups split here
+    risk_threshold: float | None = None
+    # per side input: the standardisation fitted on the training part
+    side_scalers: dict[str, SideScaler] = field(default_factory=dict)
+
+    # -- fitted state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything fitted on the training part, JSON-ready (saved with a trained model)."""
+        return {
+            "n_outputs": self.n_outputs,
+            "bins": None if self.bins is None else self.bins.to_dict(),
+            "class_weight": None if self.class_weight is None else self.class_weight.tolist(),
+            "risk_threshold": self.risk_threshold,
+            "breslow": None if self.breslow is None else self.breslow.to_dict(),
+            "side_scalers": {k: v.to_dict() for k, v in self.side_scalers.items()},
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, task: TaskSpec, config: TrainConfig, state: dict[str, Any]
+    ) -> FoldTask:
+        """A fold task as it was fitted, without its training data."""
+        weight = state.get("class_weight")
+        return cls(
+            task,
+            config,
+            n_outputs=int(state["n_outputs"]),
+            bins=None if state.get("bins") is None else TimeBins.from_dict(state["bins"]),
+            class_weight=None if weight is None else torch.tensor(weight, dtype=torch.float32),
+            breslow=(
+                None
+                if state.get("breslow") is None
+                else BreslowEstimator.from_dict(state["breslow"])
+            ),
+            risk_threshold=state.get("risk_threshold"),
+            side_scalers={
+                k: SideScaler.from_dict(v) for k, v in state.get("side_scalers", {}).items()
+            },
+        )
 
     # -- targets ----------------------------------------------------------------------------
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> BagTargets:
@@ -121,6 +181,20 @@ class FoldTask:
             bin_index = self.bins.transform(time) if self.bins is not None else None
             return BagTargets(time=time, event=event, bin_index=bin_index)
         return BagTargets(label=self.label_index(cohort, patient_ids))
+
+    def sampler_strata(self, cohort: Cohort, patient_ids: Sequence[str]) -> np.ndarray:
+        """Strata a balanced sampler equalises: time bin x event (survival), class otherwise.
+
+        Cox models have no bins of their own: quartiles of the training part's event times
+        serve (the part given here is the training part).
+        """
+        if not self.task.is_survival:
+            return self.label_index(cohort, patient_ids)
+        y = cohort.survival(list(patient_ids))
+        bins = self.bins
+        if bins is None:
+            bins = TimeBins.quantile(y["time"], y["event"], n_bins=4)
+        return bins.transform(y["time"]) * 2 + y["event"].astype(np.int64)
 
     def label_index(self, cohort: Cohort, patient_ids: Sequence[str]) -> np.ndarray:
         values = cohort.labels(self.task.name, list(patient_ids))
@@ -150,6 +224,8 @@ class FoldTask:
         """Columns written to predictions.parquet for these logits."""
         if self.task.is_survival:
             frame = pd.DataFrame({"risk": self.risk(logits)})
+            if self.risk_threshold is not None:
+                frame["risk_threshold"] = self.risk_threshold
             if self.bins is not None and self.config.survival_loss == "nll":
                 surv = discrete_survival(logits.double()).cpu().numpy()
                 for k in range(surv.shape[1]):
@@ -171,12 +247,14 @@ class FoldTask:
         bins = self.bins
         return lambda times: bins.survival_at(surv, times)
 
-    def fit_breslow(self, logits: Tensor, y_train: np.ndarray) -> None:
-        """Cox models: the baseline hazard from the training part's predicted risks."""
+    def fit_training_risks(self, logits: Tensor, y_train: np.ndarray) -> None:
+        """State fitted on the training part's predicted risks (full bags, eval mode, as the
+        test part is predicted): the risk-group threshold and, for Cox models, the Breslow
+        baseline hazard."""
+        risk = self.risk(logits)
+        self.risk_threshold = float(np.median(risk))
         if self.config.survival_loss == "cox":
-            self.breslow = BreslowEstimator().fit(
-                self.risk(logits), y_train["time"], y_train["event"]
-            )
+            self.breslow = BreslowEstimator().fit(risk, y_train["time"], y_train["event"])
 
     # -- metrics ------------------------------------------------------------------------------
     def metrics(
@@ -223,14 +301,34 @@ class FoldTask:
 
 
 def fit_fold_task(
+    task: TaskSpec,
+    config: TrainConfig,
+    cohort: Cohort,
+    train_ids: Sequence[str],
+    side: Mapping[str, Omics] | None = None,
+) -> FoldTask:
+    """Fit the fold's preprocessing on its training part only (the leakage fix of METHODS.md).
+
+    ``side`` tables get their standardisation fitted on the training patients that have them.
+    """
+    fold = _fit_targets(task, config, cohort, train_ids)
+    fold.side_scalers = {
+        name: SideScaler.fit(name, table, train_ids) for name, table in (side or {}).items()
+    }
+    return fold
+
+
+def _fit_targets(
     task: TaskSpec, config: TrainConfig, cohort: Cohort, train_ids: Sequence[str]
 ) -> FoldTask:
-    """Fit the fold's preprocessing on its training part only (the leakage fix of METHODS.md)."""
     if task.is_survival:
         if config.survival_loss == "cox":
             return FoldTask(task, config, n_outputs=1)
-        y = cohort.survival(list(train_ids))
-        bins = TimeBins.quantile(y["time"], y["event"], n_bins=config.n_bins)
+        if config.bin_scheme == "fixed":
+            bins = TimeBins.fixed(config.bin_width, config.n_bins)
+        else:
+            y = cohort.survival(list(train_ids))
+            bins = TimeBins.quantile(y["time"], y["event"], n_bins=config.n_bins)
         return FoldTask(task, config, n_outputs=len(bins.edges) - 1, bins=bins)
     fold = FoldTask(task, config, n_outputs=len(task.classes))
     if config.class_weights == "balanced":

@@ -1,0 +1,135 @@
+"""Train one model on every eligible patient and write it as a self-describing model folder.
+
+``oncoslide train ... --fit-all --out model/`` is the model a user applies to new cohorts
+(``oncoslide predict``), starts other trainings from (``--init``) or puts in a model zoo. There
+is no test part: the validation part is carved from the patients as in cross-validation
+(stratified, site-disjoint with ``site_preserving``), and early stopping and checkpoint choice
+use it. Its honest performance estimate is the cross-validation of the same configuration.
+
+The folder holds the model folder files (model.json, weights.pt, patients.csv; see
+:mod:`oncoslide.training.model_folder`) plus ``splits.csv`` (train / validation) and
+``history.csv``. Running the same command again on a finished folder does nothing; another
+configuration in the same folder is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from oncoslide._io import write_table
+from oncoslide.cohort.omics import Omics
+from oncoslide.cohort.splits import carve_validation, survival_strata
+from oncoslide.cohort.table import Cohort
+from oncoslide.errors import ConfigError
+from oncoslide.features.cache import FeatureCache
+from oncoslide.training.config import TrainConfig
+from oncoslide.training.model_folder import (
+    MODEL_FILE,
+    TrainedModel,
+    is_model_folder,
+    load_model_folder,
+)
+from oncoslide.training.progress import make_progress, quiet_lightning
+from oncoslide.training.tasks import resolve_task, task_patients
+
+
+@dataclass(frozen=True)
+class FitAllResult:
+    out_dir: Path
+    model: TrainedModel
+    splits: pd.DataFrame
+    history: pd.DataFrame
+    resumed: bool = False
+
+
+def fit_all(
+    cohort: Cohort,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    console: Console | None = None,
+    cache: FeatureCache | None = None,
+    side: Mapping[str, Omics] | None = None,
+) -> FitAllResult:
+    """Train on every patient with the task's targets; write the model folder ``out_dir``.
+
+    ``side`` holds the per-patient tables the model declares (e.g. ``{"omics": ...}``).
+    """
+    from oncoslide.training.cv import train_fold
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if cohort.feature_dim is None:
+        raise ConfigError("the cohort was loaded without feature files; pass features_dir")
+    if is_model_folder(out):
+        previous = json.loads((out / MODEL_FILE).read_text()).get("run_key")
+        if previous == config.run_key() and not overwrite:
+            return FitAllResult(
+                out,
+                load_model_folder(out),
+                pd.read_csv(out / "splits.csv", dtype={"patient_id": str}),
+                pd.read_csv(out / "history.csv"),
+                resumed=True,
+            )
+        if not overwrite:
+            raise ConfigError(
+                f"{out} holds another model (run key {previous}, this one {config.run_key()}); "
+                "choose a new --out or pass --overwrite"
+            )
+    task = resolve_task(cohort, config)
+    patients = task_patients(cohort, task)
+    if len(patients) < 4:
+        raise ConfigError(f"{len(patients)} patients with targets are too few to train on")
+    sites = None
+    if config.site_preserving:
+        if "site" not in cohort.patients.columns:
+            raise ConfigError("site-preserving validation needs a 'site' column (or TCGA barcodes)")
+        sites = cohort.patients.loc[patients, "site"].astype(str).to_numpy()
+    if task.is_survival:
+        y = cohort.survival(patients)
+        strata = survival_strata(y["time"], y["event"])
+    else:
+        strata = cohort.labels(task.name, patients)
+    splits = carve_validation(
+        patients,
+        strata=strata,
+        sites=sites,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+    )
+    console = console or Console(quiet=not config.progress)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    own = cache is None
+    cache = cache or FeatureCache(
+        max_bytes=int(config.cache_gb * 2**30),
+        dtype=None if config.cache_dtype == "stored" else config.cache_dtype,
+    )
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    progress = make_progress(console, enabled=config.progress)
+    try:
+        with progress, quiet_lightning():
+            outcome = train_fold(
+                cohort, task, config, splits, config.seed, 0, work, cache, progress, side=side
+            )
+    finally:
+        if own:
+            cache.close()
+    history = pd.DataFrame(outcome.history)
+    write_table(out / "splits.csv", splits)
+    write_table(out / "history.csv", history)
+    outcome.info["fit_all"] = 1
+    outcome.save_model(out, config)
+    shutil.rmtree(work, ignore_errors=True)
+    return FitAllResult(out, load_model_folder(out), splits, history)

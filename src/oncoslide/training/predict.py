@@ -1,0 +1,217 @@
+"""Apply a trained model to any cohort: predictions, and patient and slide embeddings.
+
+``predict_cohort(trained, cohort, out)`` writes::
+
+    OUT/
+      predictions.parquet     patient_id, the model's outputs (risk, risk_threshold, surv_bin*,
+                              or prob_<class>), and the targets when the cohort has them
+      patient_embeddings/     <slide_id>.h5 per slide: the embedding of its patient's whole bag
+      slide_embeddings/       <slide_id>.h5 per slide: the embedding of the slide alone
+      prediction.json         the model, its feature contract, counts
+
+Both embedding folders are slide-level feature files (dataset ``features`` of shape (E,), as
+TRIDENT writes slide embeddings) that a benchmark ``level: slide`` feature set reads; with
+``patient_embeddings/`` every slide of a patient carries the same vector, so pooling a patient's
+slides gives back the patient embedding.
+
+The feature contract is checked first: features from another encoder, with other weights, of
+another dimension or patch grid are refused with a message naming both sides. Bags are
+predicted whole (no patch sampling), in eval mode, one bag per forward pass as training predicts
+its test part, so a fold model reproduces its run's test predictions exactly on the CPU
+whatever else the cohort holds (a larger ``batch_size`` is faster on GPUs and equal up to
+floating-point rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from oncoslide._io import atomic_path, write_json, write_table
+from oncoslide.cohort.table import Cohort
+from oncoslide.errors import ConfigError
+from oncoslide.features.cache import FeatureCache
+from oncoslide.features.schema import FeatureContract
+from oncoslide.training.cv import PREDICT_BATCH
+from oncoslide.training.data import BagDataset, BagTargets, collate_bags, length_sorted_order
+from oncoslide.training.model_folder import TrainedModel
+from oncoslide.training.tasks import label_str
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What :func:`predict_cohort` wrote, and the tables it holds."""
+
+    out_dir: Path
+    predictions: pd.DataFrame
+    patient_embeddings: pd.DataFrame  # index patient_id, one column per dimension
+    slide_embeddings: pd.DataFrame  # index slide_id
+
+    @property
+    def patient_embeddings_dir(self) -> Path:
+        return self.out_dir / "patient_embeddings"
+
+    @property
+    def slide_embeddings_dir(self) -> Path:
+        return self.out_dir / "slide_embeddings"
+
+
+def cohort_contract(cohort: Cohort, cache: FeatureCache) -> FeatureContract:
+    """The feature contract of a cohort's files, read from its first slide's file."""
+    if not cohort.patient_ids:
+        raise ConfigError("the cohort has no patients")
+    first = cohort.slide_paths(cohort.patient_ids[0])[0]
+    return FeatureContract.of(cache.get(first))
+
+
+def check_contract(trained: TrainedModel, cohort: Cohort, cache: FeatureCache) -> None:
+    """Refuse features the model was not trained on, naming both sides of every difference."""
+    problems = trained.contract.mismatches(cohort_contract(cohort, cache))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(
+            f"the model in {trained.path} does not fit these features "
+            f"({len(problems)} difference(s)):\n{lines}"
+        )
+
+
+def _run_batches(
+    trained: TrainedModel,
+    items: Callable[[int], dict[str, object]],
+    order: Sequence[int],
+    n: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and embeddings of n bags, computed in ``order`` in batches, returned in index order."""
+    n_out, dim = trained.model.n_outputs, trained.model.embed_dim
+    logits = torch.empty(n, n_out)
+    embeddings = torch.empty(n, dim)
+    model = trained.model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = collate_bags([items(i) for i in order[start : start + batch_size]])
+            out = model(batch["features"], batch["mask"], batch["coords"])
+            logits[batch["index"]] = out.logits.float()
+            embeddings[batch["index"]] = out.embedding.float()
+    return logits, embeddings
+
+
+def predict_cohort(
+    trained: TrainedModel,
+    cohort: Cohort,
+    out_dir: PathLike,
+    *,
+    cache: FeatureCache | None = None,
+    batch_size: int | None = None,
+    embeddings: bool = True,
+) -> Predictions:
+    """Predict every patient of ``cohort`` with ``trained`` and write the outputs (see above)."""
+    if cohort.feature_dim is None:
+        raise ConfigError("load the cohort with its feature files to predict")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    own = cache is None
+    cache = cache or FeatureCache()
+    try:
+        check_contract(trained, cohort, cache)
+        size = batch_size or PREDICT_BATCH
+        patients = cohort.patient_ids
+        ds = BagDataset(cohort, patients, cache, BagTargets(), max_patches=None)
+        logits, patient_emb = _run_batches(
+            trained, ds.__getitem__, length_sorted_order(ds), len(ds), size
+        )
+        frame = pd.concat(
+            [pd.DataFrame({"patient_id": patients}), trained.fold_task.prediction_frame(logits)],
+            axis=1,
+        )
+        frame = _with_targets(frame, trained, cohort)
+        slides = [(pid, sid, path) for pid in patients for sid, path in _slides(cohort, pid)]
+        slide_emb = torch.empty(0, trained.model.embed_dim)
+        if embeddings:
+            slide_emb = _slide_embeddings(trained, slides, cache, size)
+    finally:
+        if own:
+            cache.close()
+
+    patient_table = pd.DataFrame(patient_emb.numpy(), index=pd.Index(patients, name="patient_id"))
+    slide_table = pd.DataFrame(
+        slide_emb.numpy(),
+        index=pd.Index([s for _, s, _ in slides][: len(slide_emb)], name="slide_id"),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(out / "predictions.parquet", frame)
+    if embeddings:
+        row = {pid: i for i, pid in enumerate(patients)}
+        for k, (pid, sid, _) in enumerate(slides):
+            _write_vector(out / "patient_embeddings" / f"{sid}.h5", patient_emb[row[pid]], trained)
+            _write_vector(out / "slide_embeddings" / f"{sid}.h5", slide_emb[k], trained)
+    write_json(
+        out / "prediction.json",
+        {
+            "model": str(trained.path),
+            "model_name": trained.name,
+            "task": trained.task.to_dict(),
+            "features": trained.contract.to_dict(),
+            "patients": len(patients),
+            "slides": len(slides),
+            "embedding_dim": int(trained.model.embed_dim),
+        },
+    )
+    return Predictions(out, frame, patient_table, slide_table)
+
+
+def _slides(cohort: Cohort, patient_id: str) -> list[tuple[str, Path]]:
+    return list(zip(cohort.slide_ids(patient_id), cohort.slide_paths(patient_id), strict=True))
+
+
+def _slide_embeddings(
+    trained: TrainedModel,
+    slides: list[tuple[str, str, Path]],
+    cache: FeatureCache,
+    batch_size: int,
+) -> torch.Tensor:
+    """Each slide alone as a bag."""
+
+    def item(k: int) -> dict[str, object]:
+        sf = cache.get(slides[k][2])
+        return {
+            "index": k,
+            "features": sf.features,
+            "coords": sf.coords,
+            "slide_index": np.zeros(sf.n_patches, dtype=np.int64),
+        }
+
+    sizes = np.array([cache.get(path).n_patches for _, _, path in slides])
+    order = [int(i) for i in np.argsort(sizes, kind="stable")]
+    _, emb = _run_batches(trained, item, order, len(slides), batch_size)
+    return emb
+
+
+def _with_targets(frame: pd.DataFrame, trained: TrainedModel, cohort: Cohort) -> pd.DataFrame:
+    """Add the cohort's targets (where it has them) so the predictions can be scored."""
+    task = trained.task
+    p = cohort.patients.loc[frame["patient_id"]]
+    if task.is_survival:
+        if task.time_col in p.columns and task.event_col in p.columns:
+            frame["time"] = p[task.time_col].to_numpy()
+            frame["event"] = p[task.event_col].to_numpy()
+    elif task.name in p.columns:
+        frame["label"] = [None if pd.isna(v) else label_str(v) for v in p[task.name]]
+    return frame
+
+
+def _write_vector(target: Path, vector: torch.Tensor, trained: TrainedModel) -> None:
+    with atomic_path(target, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("features", data=vector.numpy().astype(np.float32))
+        dset.attrs["encoder"] = f"oncoslide:{trained.name}"
+        dset.attrs["model"] = str(trained.path)

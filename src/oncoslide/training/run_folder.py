@@ -1,0 +1,191 @@
+"""The layout of an ``oncoslide train`` run folder, written and read in this one place.
+
+::
+
+    RUN/
+      config.json            run key, resolved config, task, cohort, data, versions
+      splits.csv             patient_id, seed, fold, part (train / val / test)
+      predictions.parquet    one row per test patient per (seed, fold)
+      metrics.csv            tidy rows: seed, fold, metric, value
+      summary.csv            metric, mean, std, n_folds, 95% bootstrap interval
+      folds/seed<S>-fold<K>/
+        model/               the fold's self-describing model folder (model.json, weights.pt)
+        checkpoints/         Lightning's best.ckpt or last.ckpt
+        predictions.parquet, metrics.csv, history.csv, eval.npz
+        done.json            written last: the fold is complete
+
+A ``--fit-all`` model folder is the ``model/`` layout at the top of its folder, with the
+training history and the train / validation split beside it (see
+:mod:`oncoslide.training.model_folder`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from oncoslide._io import write_json, write_table
+from oncoslide.errors import ConfigError
+from oncoslide.training.config import TrainConfig
+
+# What a new run in a used folder replaces (with --overwrite).
+RUN_OUTPUTS = ("folds", "splits.csv", "predictions.parquet", "metrics.csv", "summary.csv")
+
+
+@dataclass(frozen=True)
+class FoldFolder:
+    """One (seed, fold) of a run."""
+
+    path: Path
+    seed: int
+    fold: int
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The chosen checkpoint (best on validation, else the last), None before training."""
+        for name in ("best.ckpt", "last.ckpt"):
+            if (self.checkpoints / name).exists():
+                return self.checkpoints / name
+        return None
+
+    @property
+    def done(self) -> Path:
+        return self.path / "done.json"
+
+    @property
+    def is_done(self) -> bool:
+        return self.done.exists()
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval.npz"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """An ``oncoslide train`` run folder (see the module docstring for its layout)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.path / "splits.csv"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.csv"
+
+    def fold(self, seed: int, fold: int) -> FoldFolder:
+        return FoldFolder(self.path / "folds" / f"seed{int(seed)}-fold{int(fold)}", seed, fold)
+
+    # -- reading --------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise ``ConfigError`` unless this is a run folder (config.json and splits.csv)."""
+        missing = [p.name for p in (self.config, self.splits) if not p.exists()]
+        if missing:
+            raise ConfigError(
+                f"{self.path} is not an `oncoslide train` run folder: "
+                + "; ".join(f"{n} is missing" for n in missing)
+            )
+
+    def read_payload(self) -> dict[str, Any]:
+        """The whole config.json (run key, config, task, cohort, versions)."""
+        try:
+            return json.loads(self.config.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {self.config}: {exc}") from None
+
+    def read(self) -> tuple[TrainConfig, pd.DataFrame]:
+        """The run's settings and splits."""
+        self.check()
+        config = TrainConfig.model_validate(self.read_payload()["config"])
+        splits = pd.read_csv(self.splits, dtype={"patient_id": str})
+        return config, splits
+
+    def collect(
+        self, seeds: Sequence[int], folds: Sequence[int]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Every fold's predictions and metric rows, concatenated."""
+        preds, metrics = [], []
+        for seed in seeds:
+            for fold in folds:
+                f = self.fold(int(seed), int(fold))
+                preds.append(pd.read_parquet(f.predictions))
+                metrics.append(pd.read_csv(f.metrics))
+        predictions = pd.concat(preds, ignore_index=True).sort_values(
+            ["seed", "fold", "patient_id"]
+        )
+        metric_table = pd.concat(metrics, ignore_index=True)
+        return predictions.reset_index(drop=True), metric_table.reset_index(drop=True)
+
+    # -- writing --------------------------------------------------------------------------
+    def prepare(self, run_key: str, overwrite: bool) -> None:
+        """Create the folder, resume the same run, or refuse (or replace) another one."""
+        if self.config.exists():
+            previous = self.read_payload().get("run_key")
+            if previous != run_key:
+                if not overwrite:
+                    raise ConfigError(
+                        f"{self.path} holds another run (run key {previous}, this one "
+                        f"{run_key}); choose a new --out or pass --overwrite"
+                    )
+            elif not overwrite:
+                return  # same run: resume
+            for name in RUN_OUTPUTS:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_payload(self, payload: dict[str, Any]) -> None:
+        write_json(self.config, payload)
+
+    def write_tables(
+        self, predictions: pd.DataFrame, metrics: pd.DataFrame, summary: pd.DataFrame
+    ) -> None:
+        write_table(self.predictions, predictions)
+        write_table(self.metrics, metrics)
+        write_table(self.summary, summary)
