@@ -34,7 +34,6 @@ from oncoslide.cohort.splits import (
     load_splits,
     make_splits,
     save_splits,
-    survival_strata,
 )
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
@@ -57,7 +56,14 @@ from oncoslide.training.progress import FoldProgress, make_progress, quiet_light
 from oncoslide.training.run_folder import FoldFolder, RunFolder
 from oncoslide.training.side_inputs import check_side_inputs, part_side_arrays
 from oncoslide.training.summary import summarise_run
-from oncoslide.training.tasks import FoldTask, TaskSpec, fit_fold_task, resolve_task, task_patients
+from oncoslide.training.tasks import (
+    FoldTask,
+    TaskSpec,
+    fit_fold_task,
+    resolve_task,
+    split_inputs,
+    task_patients,
+)
 
 
 @dataclass
@@ -178,11 +184,7 @@ def _resolve_splits(
     given: pd.DataFrame | None,
 ) -> pd.DataFrame:
     path = out / "splits.csv"
-    sites = None
-    if config.site_preserving:
-        if "site" not in cohort.patients.columns:
-            raise ConfigError("site-preserving splits need a 'site' column (or TCGA barcodes)")
-        sites = cohort.patients.loc[patients, "site"].astype(str).to_numpy()
+    strata, sites = split_inputs(cohort, task, patients, site_preserving=config.site_preserving)
     if given is not None:
         splits = given.loc[:, ["patient_id", "seed", "fold", "part"]].copy()
         splits["patient_id"] = splits["patient_id"].astype(str)
@@ -200,11 +202,6 @@ def _resolve_splits(
             sites=None if sites is None else dict(zip(patients, sites, strict=True)),
         )
     else:
-        if task.is_survival:
-            y = cohort.survival(patients)
-            strata = survival_strata(y["time"], y["event"])
-        else:
-            strata = cohort.labels(task.name, patients)
         splits = make_splits(
             patients,
             n_folds=config.folds,

@@ -152,17 +152,16 @@ def collate_bags(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A seeded shuffle that differs per epoch and tells the dataset which epoch it is."""
+class _EpochSampler(Sampler[int]):
+    """An epoch's order from ``order(epoch)``; iterating tells the dataset which epoch it is."""
 
     def __init__(self, dataset: BagDataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
 
-    def order(self, epoch: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, epoch, 7])
-        return [int(i) for i in rng.permutation(len(self.dataset))]
+    def order(self, epoch: int) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[int]:
         self.dataset.set_epoch(self.epoch)
@@ -174,7 +173,15 @@ class EpochShuffleSampler(Sampler[int]):
         return len(self.dataset)
 
 
-class BalancedSampler(Sampler[int]):
+class EpochShuffleSampler(_EpochSampler):
+    """A seeded shuffle that differs per epoch and tells the dataset which epoch it is."""
+
+    def order(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        return [int(i) for i in rng.permutation(len(self.dataset))]
+
+
+class BalancedSampler(_EpochSampler):
     """Each epoch draws len(dataset) items with replacement, every stratum equally likely.
 
     Strata are e.g. time bin x censoring (survival) or the class (classification), so rare
@@ -184,9 +191,7 @@ class BalancedSampler(Sampler[int]):
     def __init__(self, dataset: BagDataset, strata: np.ndarray, seed: int) -> None:
         if len(strata) != len(dataset):
             raise ValueError(f"{len(strata)} strata for {len(dataset)} items")
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(dataset, seed)
         _, codes, counts = np.unique(strata, return_inverse=True, return_counts=True)
         weight = 1.0 / counts[codes]
         self.p = weight / weight.sum()
@@ -194,15 +199,6 @@ class BalancedSampler(Sampler[int]):
     def order(self, epoch: int) -> list[int]:
         rng = np.random.default_rng([self.seed, epoch, 11])
         return [int(i) for i in rng.choice(len(self.p), size=len(self.p), p=self.p)]
-
-    def __iter__(self) -> Iterator[int]:
-        self.dataset.set_epoch(self.epoch)
-        order = self.order(self.epoch)
-        self.epoch += 1
-        return iter(order)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -216,7 +212,7 @@ class ShardedBatches(Sampler[list[int]]):
     must step together).
     """
 
-    def __init__(self, sampler: EpochShuffleSampler | BalancedSampler, batch_size: int) -> None:
+    def __init__(self, sampler: _EpochSampler, batch_size: int) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
 

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from oncoslide._io import write_table
 from oncoslide.cohort.omics import Omics
-from oncoslide.cohort.splits import carve_validation, survival_strata
+from oncoslide.cohort.splits import carve_validation
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
@@ -38,7 +38,7 @@ from oncoslide.training.model_folder import (
     load_model_folder,
 )
 from oncoslide.training.progress import make_progress, quiet_lightning
-from oncoslide.training.tasks import resolve_task, task_patients
+from oncoslide.training.tasks import resolve_task, split_inputs, task_patients
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,7 @@ def fit_all(
     patients = task_patients(cohort, task)
     if len(patients) < 4:
         raise ConfigError(f"{len(patients)} patients with targets are too few to train on")
-    sites = None
-    if config.site_preserving:
-        if "site" not in cohort.patients.columns:
-            raise ConfigError("site-preserving validation needs a 'site' column (or TCGA barcodes)")
-        sites = cohort.patients.loc[patients, "site"].astype(str).to_numpy()
-    if task.is_survival:
-        y = cohort.survival(patients)
-        strata = survival_strata(y["time"], y["event"])
-    else:
-        strata = cohort.labels(task.name, patients)
+    strata, sites = split_inputs(cohort, task, patients, site_preserving=config.site_preserving)
     splits = carve_validation(
         patients,
         strata=strata,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oncoslide.cohort.omics import Omics
+from oncoslide.cohort.splits import survival_strata
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.classification import classification_metrics
@@ -120,6 +121,22 @@ def label_str(value: object) -> str:
 def task_patients(cohort: Cohort, task: TaskSpec) -> list[str]:
     """Patients with every target value the task needs (others are left out and reported)."""
     return sorted(cohort.patients_with(*task.target_columns))
+
+
+def split_inputs(
+    cohort: Cohort, task: TaskSpec, patients: Sequence[str], *, site_preserving: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What splits balance and keep apart: strata (the label, or event x time quantile for
+    survival) and, for site-preserving splits, each patient's site."""
+    sites = None
+    if site_preserving:
+        if "site" not in cohort.patients.columns:
+            raise ConfigError("site-preserving splits need a 'site' column (or TCGA barcodes)")
+        sites = cohort.patients.loc[list(patients), "site"].astype(str).to_numpy()
+    if task.is_survival:
+        y = cohort.survival(list(patients))
+        return survival_strata(y["time"], y["event"]), sites
+    return np.asarray(cohort.labels(task.name, list(patients))), sites
 
 
 @dataclass
@@ -350,5 +367,6 @@ __all__ = [
     "fit_fold_task",
     "label_str",
     "resolve_task",
+    "split_inputs",
     "task_patients",
 ]
