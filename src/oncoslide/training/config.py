@@ -131,8 +131,10 @@ class TrainConfig(BaseModel):
     progress: bool = True
     devices: int = Field(1, ge=1, description="processes (one per GPU, or CPU processes)")
     num_nodes: int = Field(1, ge=1, description="machines (Lightning multi-node)")
-    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
-        "auto", description="multi-process strategy for devices > 1 (ddp by default)"
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto",
+        description="multi-process strategy for devices x num_nodes > 1: ddp (the default), with "
+        "spawned worker processes so that the command itself runs once",
     )
 
     @field_validator("task")

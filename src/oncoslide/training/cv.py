@@ -542,11 +542,10 @@ def train_fold(
 
 
 def _strategy(config: TrainConfig, world: int) -> str:
-    """One process: Lightning's default. Several: spawned workers (ddp_spawn) unless asked
-    otherwise; each worker reads its own feature files, the main process keeps the results."""
-    if world == 1:
-        return "auto"
-    return "ddp_spawn" if config.strategy == "auto" else config.strategy
+    """One process: Lightning's default. Several: DDP with spawned workers (Lightning's
+    ddp_spawn): the command runs once, each worker reads its own feature files and trains, and
+    the main process keeps the results and writes the outputs."""
+    return "auto" if world == 1 else "ddp_spawn"
 
 
 def _single_process_trainer(gpu: bool, work_dir: Path) -> pl.Trainer:
