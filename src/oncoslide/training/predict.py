@@ -144,10 +144,8 @@ def predict_cohort(
             cache.close()
 
     patient_table = pd.DataFrame(patient_emb.numpy(), index=pd.Index(patients, name="patient_id"))
-    slide_table = pd.DataFrame(
-        slide_emb.numpy(),
-        index=pd.Index([s for _, s, _ in slides][: len(slide_emb)], name="slide_id"),
-    )
+    slide_ids = [s for _, s, _ in slides] if embeddings else []
+    slide_table = pd.DataFrame(slide_emb.numpy(), index=pd.Index(slide_ids, name="slide_id"))
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / "predictions.parquet", frame)
     if embeddings:
