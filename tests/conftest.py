@@ -10,15 +10,26 @@ returns with pixels computed independently of it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
 
 from oncoslide.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scan_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Feature-file scans are cached in a session folder, never in the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ONCOSLIDE_CACHE_DIR", str(tmp_path_factory.mktemp("scan-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +48,61 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     simulate_cohort(out, config)
     write_permuted_cohort(out / "cohort.csv", out / "cohort_permuted.csv", seed=1)
+    return out
+
+
+def write_stamp_file(
+    path: Path,
+    feats: np.ndarray,
+    grid_xy: np.ndarray,
+    *,
+    tile_size_um: float = 128.0,
+    tile_size_px: int = 256,
+) -> Path:
+    """A feature file exactly as STAMP >= 2.1 writes it: ``feats`` (float16, STAMP stores
+    ``.half()``), float32 ``coords`` in micrometres (tile grid positions x ``tile_size_um``),
+    file attributes ``unit="um"``, ``tile_size_um``, ``tile_size_px`` and no slide resolution."""
+    with h5py.File(path, "w") as f:
+        f["coords"] = (np.asarray(grid_xy, dtype=np.float32) * tile_size_um).reshape(-1, 2)
+        f["feats"] = np.asarray(feats, dtype=np.float16)
+        f.attrs["stamp_version"] = "2.3.0"
+        f.attrs["extractor"] = "ctranspath"
+        f.attrs["unit"] = "um"
+        f.attrs["tile_size_um"] = tile_size_um
+        f.attrs["tile_size_px"] = tile_size_px
+        f.attrs["code_hash"] = "0123abcd"
+        f.attrs["feat_type"] = "tile"
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_stamp() -> Callable[..., Path]:
+    """:func:`write_stamp_file`, for test modules (conftest is not importable from them)."""
+    return write_stamp_file
+
+
+@pytest.fixture(scope="session")
+def stamp_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 patients with one STAMP slide each (128 µm tiles of 256 px on an 8 x 10 grid, which
+    fits inside the bundled SVS at its 0.499 µm/px); P00 also has an empty slide P00-S2.
+    Feature 0 carries the hazard. ``cohort.csv`` (survival) and ``features/``."""
+    out = tmp_path_factory.mktemp("stamp-cohort")
+    (out / "features").mkdir()
+    rng = np.random.default_rng(11)
+    cells = np.array([(x, y) for y in range(10) for x in range(8)])
+    rows = []
+    for i in range(12):
+        risk = rng.normal()
+        grid_xy = cells[np.sort(rng.choice(len(cells), 20, replace=False))]
+        feats = rng.normal(size=(20, 8))
+        feats[:, 0] += risk
+        sid = f"P{i:02d}-S1"
+        write_stamp_file(out / "features" / f"{sid}.h5", feats, grid_xy)
+        time = float(rng.exponential(np.exp(-risk)))
+        rows.append({"patient_id": f"P{i:02d}", "slide_id": sid, "time": time, "event": 1})
+    write_stamp_file(out / "features" / "P00-S2.h5", np.zeros((0, 8)), np.zeros((0, 2)))
+    rows.append({**rows[0], "slide_id": "P00-S2"})
+    pd.DataFrame(rows).to_csv(out / "cohort.csv", index=False)
     return out
 
 

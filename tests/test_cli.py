@@ -281,3 +281,52 @@ def test_fit_all_predict_and_init_from_the_command_line(tiny_cohort: Path, tmp_p
     )  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "decoder" in bad.stderr and "encoder" in bad.stderr
+
+
+class _Pickled:
+    """A Python object in a .pt feature file: refused, it is not tensors or arrays."""
+
+
+def test_validate_refuses_a_pt_file_with_python_code_and_says_how_to_resave(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    import torch
+
+    features = tmp_path / "features"
+    features.mkdir()
+    torch.save({"features": _Pickled()}, features / "s1.pt", pickle_module=pickle)
+    pd.DataFrame({"patient_id": ["p1"], "slide_id": ["s1"]}).to_csv(tmp_path / "c.csv")
+    proc = _oncoslide("validate", "--cohort", str(tmp_path / "c.csv"), "--features", str(features))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    err = " ".join(proc.stderr.split())
+    assert "s1: contains Python code" in err and "was not loaded, for safety" in err
+    assert "torch.save(features_tensor, path)" in err
+    assert "weights_only=False" not in err and "set to `False`" not in err
+
+
+def test_stamp_files_as_stamp_writes_them_validate_and_train(
+    stamp_cohort: Path, tmp_path: Path
+) -> None:
+    # STAMP records no slide resolution and nothing asks for one; P00's second slide is empty:
+    # the patient is kept with its other slide, and both commands name the empty slide.
+    common = ["--cohort", str(stamp_cohort / "cohort.csv")]
+    common += ["--features", str(stamp_cohort / "features")]
+    checked = runner.invoke(app, ["validate", *common])
+    assert checked.exit_code == 0, checked.output
+    assert "12 patients, 13 slides" in checked.output
+    assert "1 slide(s) have an empty feature file (no patches)" in checked.output
+    assert "P00-S2" in checked.output
+    trained = runner.invoke(
+        app,
+        [
+            "train", *common, "--model", "abmil", "--folds", "2", "--epochs", "1",
+            "--out", str(tmp_path / "run"), "--no-progress",
+        ],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert "empty feature file" in trained.output and "P00-S2" in trained.output
+    preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert sorted(preds["patient_id"]) == [f"P{i:02d}" for i in range(12)]

@@ -6,6 +6,7 @@ A crash at any point leaves either the old file or the new one, never a partial 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from oncoslide.errors import ConfigError
+from oncoslide.errors import ConfigError, WriteError, os_error_code
 
 
 def _read_umask() -> int:
@@ -29,21 +30,48 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# Failures of the writes into the temporary file that are about the disk, not about the data:
+# they become a WriteError naming the target. Other errors of the caller's code pass unchanged.
+_DISK_ERRNOS = frozenset(
+    code
+    for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EFBIG)
+    if code is not None
+)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it onto ``target``."""
+    """Yield a temporary path in the target's folder; on success rename it onto ``target``.
+
+    Raises ``WriteError`` (an ``OSError`` naming ``target``) when the folder or the temporary
+    file cannot be made, the disk fills up while writing, or the rename fails.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    tmp_path: Path | None = None
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent
+        )
+        os.close(fd)
+        tmp_path = Path(tmp)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
+    except OSError as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        raise WriteError(target, exc) from exc
+    try:
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if isinstance(exc, WriteError) or os_error_code(exc) not in _DISK_ERRNOS:
+                raise
+            raise WriteError(target, exc) from exc
+        try:
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            raise WriteError(target, exc) from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -96,6 +124,39 @@ def read_table_file(
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
         problems.append(f"cannot read the table ({type(exc).__name__}: {exc})")
         return None
+
+
+_SEPARATORS = {",": "','", "\t": "tabs", ";": "';'", "|": "'|'"}
+
+
+def separator_hint(path: str | os.PathLike[str]) -> str | None:
+    """A hint when a text table's header line splits on another separator than its suffix's.
+
+    A table saved with ';' (the spreadsheet default in many locales) is read as one column
+    named "a;b;c", which callers report as missing columns; this says why. None when the
+    header splits best on the separator that was used, or the file is not a text table.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return None
+    used = "\t" if suffix == ".tsv" else ","
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return None
+    counts = {sep: header.count(sep) for sep in _SEPARATORS}
+    best = max(counts, key=lambda sep: counts[sep])
+    if best == used or counts[best] <= counts[used]:
+        return None
+    fix = {",": "rename it to .csv", "\t": "rename it to .tsv"}.get(
+        best, "save it with commas (.csv) or tabs (.tsv)"
+    )
+    return (
+        f"the file seems to be separated by {_SEPARATORS[best]}; oncoslide reads "
+        f"comma-separated .csv and tab-separated .tsv files: {fix}"
+    )
 
 
 def read_mapping_file(

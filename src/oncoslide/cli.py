@@ -7,7 +7,7 @@ import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -31,20 +31,41 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly(fn: F) -> F:
-    """Turn the library's typed errors into a message on stderr and exit code 2."""
+    """Turn the library's typed errors, and failed file operations (a full disk, a file where a
+    folder should be), into a message on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_out_folder(kwargs.get("out"))
             return fn(*args, **kwargs)
         except OncoslideError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_INPUT) from None
+            _error(str(exc))
+        except OSError as exc:  # not a bug to show a traceback for: the file system said no
+            from oncoslide.errors import describe_os_error
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            _error(f"{where}{describe_os_error(exc)}")
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished folds are kept; rerun to resume")
+            err_console.print(
+                "[yellow]interrupted[/]: finished work (folds, cells, slides) is kept; rerun the same command to resume"
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error(message: str) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INPUT) from None
+
+
+def _check_out_folder(out: object) -> None:
+    """Every command's ``out`` is a folder: refuse a file there before any work is done."""
+    if isinstance(out, Path) and out.exists() and not out.is_dir():
+        from oncoslide.errors import ConfigError
+
+        raise ConfigError(f"output folder {out} is a file, not a folder: name another folder")
 
 
 # --------------------------------------------------------------------------------- simulate
@@ -168,6 +189,7 @@ def validate(
     )
     for note in c.notes:
         console.print(f"  note: {note}")
+    _print_empty_slides(c, "  note:")
     if omics is not None:
         from oncoslide.cohort.omics import load_omics
 
@@ -176,6 +198,15 @@ def validate(
             f"[green]ok[/] omics: {len(o.values)} patients x {len(o.genes)} genes, "
             f"{len(o.groups)} groups"
         )
+
+
+def _print_empty_slides(c: Any, prefix: str) -> None:
+    """Name the slides with no patch: accepted (the patient has others) but worth knowing."""
+    from oncoslide.cohort.bags import empty_slides_note
+
+    note = empty_slides_note(c)
+    if note:
+        console.print(f"{prefix} {note}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------- train
@@ -295,6 +326,7 @@ def _train(
     )
     if c.drop_note:
         console.print(f"[yellow]note:[/] {c.drop_note}")
+    _print_empty_slides(c, "[yellow]note:[/]")
     if fit_all:
         from oncoslide.training.fit_all import fit_all as run_fit_all
 
@@ -596,6 +628,9 @@ def heatmap(
         None, "--slides", help="folder of the slide files (default: the path recorded by extract)"
     ),
     max_side: int = typer.Option(2048, "--max-side", help="image size (longer side, px)"),
+    stamp_mpp: float | None = typer.Option(
+        None, help="level-0 µm/px of the slides, for STAMP files that do not record it"
+    ),
 ) -> None:
     """Draw a trained attention model's attention on a patient's slides (out-of-fold)."""
     from oncoslide.report.attention import attention_heatmaps, read_run
@@ -607,10 +642,19 @@ def heatmap(
         time_col=config.time_col,
         event_col=config.event_col,
         label_cols=() if config.is_survival else (config.task,),
+        stamp_mpp=stamp_mpp,
     )
     for pid in patient:
         result = attention_heatmaps(
-            run, c, pid, out / pid, seed=seed, fold=fold, slides_dir=slides, max_side=max_side
+            run,
+            c,
+            pid,
+            out / pid,
+            seed=seed,
+            fold=fold,
+            slides_dir=slides,
+            max_side=max_side,
+            stamp_mpp=stamp_mpp,
         )
         att = result.attention
         view = "out-of-fold" if att.out_of_fold else "[yellow]trained on this patient[/]"

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from oncoslide.cohort import load_bag, load_cohort
+from oncoslide.cohort.bags import empty_slides, empty_slides_note
 from oncoslide.errors import FeatureFileError
 from oncoslide.features import FeatureCache, PatchGrid, write_feature_file
 
@@ -105,3 +106,27 @@ def test_pt_slide_without_coords_marks_the_bag(tmp_path: Path) -> None:
     bag = load_bag(cohort, "P", FeatureCache())
     assert bag.n_patches == 5 and not bag.has_coords
     assert (bag.coords[2:] == -1).all() and (bag.coords[:2] >= 0).all()
+
+
+def test_empty_slide_of_a_multi_slide_patient_is_listed_and_the_patient_kept(
+    tmp_path: Path,
+) -> None:
+    _slide(tmp_path, "p_full", 3)
+    _slide(tmp_path, "p_empty", 0)
+    _slide(tmp_path, "q_solo", 2, base=50)
+    df = pd.DataFrame({"patient_id": ["P", "P", "Q"], "slide_id": ["p_full", "p_empty", "q_solo"]})
+    cohort = load_cohort(df, tmp_path)
+    assert cohort.patient_ids == ["P", "Q"]
+    assert empty_slides(cohort) == ["p_empty"]
+    note = empty_slides_note(cohort)
+    assert "1 slide(s) have an empty feature file" in note and note.endswith(": p_empty")
+    bag = load_bag(cohort, "P", FeatureCache())
+    assert bag.slide_ids == ["p_empty", "p_full"] and bag.n_patches == 3
+    np.testing.assert_array_equal(bag.slide_index, [1, 1, 1])
+
+    # dropped instead, the slide is listed with the dropped ones, not twice
+    dropped = load_cohort(df, tmp_path, bad_features="drop")
+    assert empty_slides(dropped) == [] and empty_slides_note(dropped) == ""
+    assert list(dropped.dropped_slides["slide_id"]) == ["p_empty"]
+    # files not opened: nothing is known to be empty
+    assert empty_slides(load_cohort(df, tmp_path, check_features=False)) == []

@@ -242,6 +242,35 @@ def test_missing_columns_and_required_survival() -> None:
         load_cohort(pd.DataFrame({"patient_id": ["p"]}))
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("semi.csv", "slide_id;patient_id;time;event\ns1;p1;3;1\n", "separated by ';'"),
+        ("pipe.csv", "slide_id|patient_id\ns1|p1\n", "separated by '|'"),
+        ("commas.tsv", "slide_id,patient_id\ns1,p1\n", "rename it to .csv"),
+        ("tabs.csv", "slide_id\tpatient_id\ns1\tp1\n", "rename it to .tsv"),
+    ],
+)
+def test_another_separator_is_named_beside_the_missing_columns(
+    tmp_path: Path, name: str, text: str, said: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(CohortValidationError) as exc:
+        load_cohort(path)
+    problems = exc.value.problems
+    assert "missing required column 'slide_id'" in problems
+    hints = [p for p in problems if "seems to be separated by" in p]
+    assert len(hints) == 1 and said in hints[0], problems
+    assert "comma-separated .csv and tab-separated .tsv" in hints[0]
+    # no hint when the header was split right: a ';' in a value is data, not a separator
+    right = tmp_path / "right.csv"
+    right.write_text("patient_id,time\np1;x,3\n")
+    with pytest.raises(CohortValidationError) as exc:
+        load_cohort(right)
+    assert not [p for p in exc.value.problems if "separated" in p]
+
+
 def test_time_without_event_is_a_problem_even_when_not_required() -> None:
     df = pd.DataFrame({"patient_id": ["p"], "slide_id": ["s"], "time": [3.0]})
     with pytest.raises(CohortValidationError, match="missing survival column 'event'"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -151,7 +152,10 @@ def test_killed_run_finishes_on_rerun_without_partial_or_duplicate_files(
     proc.wait()
     finished = sorted(p.stem for p in out.glob("*.h5"))
     assert 1 <= len(finished) < len(names)
-    assert not (out / "manifest.csv").exists()  # killed before the end
+    if (out / "manifest.csv").exists():  # written after each slide: only finished ones in it
+        partial = pd.read_csv(out / "manifest.csv")
+        assert set(partial["slide_id"]) <= set(finished)
+        assert set(partial["status"]) == {"done"}
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -166,6 +170,57 @@ def test_killed_run_finishes_on_rerun_without_partial_or_duplicate_files(
     first = read_features(out / f"{names[0]}.h5")
     last = read_features(out / f"{names[-1]}.h5")
     np.testing.assert_allclose(first.features, last.features, rtol=1e-5, atol=1e-5)
+
+
+def test_manifest_lists_the_finished_slides_when_a_later_one_stops_the_run(
+    svs_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oncoslide.features import extract as extract_module
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("m1", "m2", "m3"):
+        shutil.copyfile(svs_path, slides / f"{name}.svs")
+    real = extract_module.extract_slide
+    calls: list[str] = []
+
+    def interrupted_on_the_second(job: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(job.slide_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C (or a kill) in the middle of the run
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "extract_slide", interrupted_on_the_second)
+    out = tmp_path / "feats"
+    with pytest.raises(KeyboardInterrupt):
+        extract_slides(find_slides(slides), out, ExtractConfig(**FAST))
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert manifest["slide_id"].tolist() == ["m1"]
+    row = manifest.iloc[0]
+    assert (row["status"], row["level0_mpp"], row["mpp_source"]) == ("done", 0.499, "metadata")
+    assert row["patches"] == read_features(out / "m1.h5").n_patches
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_skipped_and_failed_slides_keep_their_resolution_columns(
+    extracted: Path, svs_path: Path, damaged_slides: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "feats"
+    shutil.copytree(extracted, out)
+    manifest = extract_slides(find_slides(svs_path), out, ExtractConfig(**FAST))
+    for table in (manifest, pd.read_csv(out / "manifest.csv")):
+        row = table.iloc[0]
+        assert (row["status"], row["level0_mpp"], row["mpp_source"]) == (
+            "skipped", 0.499, "metadata",
+        )  # fmt: skip
+    # a slide that cannot be read still records the resolution it was to be read at
+    broken = extract_slides(
+        find_slides(damaged_slides["truncated"]),
+        tmp_path / "broken",
+        ExtractConfig(mpp_override=0.25, **FAST),
+    )
+    row = broken.iloc[0]
+    assert (row["status"], row["level0_mpp"], row["mpp_source"]) == ("failed", 0.25, "override")
 
 
 def test_slide_lists_and_their_errors(svs_path: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from oncoslide.errors import FeatureFileError
+from oncoslide.errors import FeatureFileError, NonFiniteFeaturesError
 from oncoslide.features import (
     FeatureIndex,
     PatchGrid,
@@ -217,10 +217,26 @@ class _Payload:
     """Not a tensor: weights_only loading must refuse to build it."""
 
 
-def test_pt_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
-    torch.save({"features": _Payload()}, tmp_path / "s.pt", pickle_module=pickle)
-    with pytest.raises(FeatureFileError, match="refused to unpickle"):
-        read_features(tmp_path / "s.pt")
+class _Reducer:
+    """Unpickling it would call a function (here a harmless one): code, not data."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (Path.cwd, ())
+
+
+@pytest.mark.parametrize("payload", [_Payload(), _Reducer()], ids=["instance", "reduce"])
+def test_pt_with_python_objects_is_refused_with_how_to_resave(
+    tmp_path: Path, payload: object
+) -> None:
+    torch.save({"features": payload}, tmp_path / "s.pt", pickle_module=pickle)
+    for read in (read_features, inspect_features):
+        with pytest.raises(FeatureFileError, match="contains Python code") as caught:
+            read(tmp_path / "s.pt")
+        message = str(caught.value)
+        # never torch's advice to load it anyway, which would run the file's code
+        assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+        assert "was not loaded, for safety" in message
+        assert "torch.save(features_tensor, path)" in message and ".h5" in message
 
 
 def test_pt_dict_without_features_key(tmp_path: Path) -> None:
@@ -234,15 +250,22 @@ def test_pt_dict_without_features_key(tmp_path: Path) -> None:
 
 
 def _stamp(
-    path: Path, px: np.ndarray, mpp: float, *, unit: str | None = "um", **attrs: object
+    path: Path,
+    px: np.ndarray,
+    mpp: float,
+    *,
+    unit: str | None = "um",
+    tile_sizes: bool = True,
+    **attrs: object,
 ) -> Path:
     feats = np.arange(len(px) * 4, dtype=np.float16).reshape(len(px), 4)
     with h5py.File(path, "w") as f:
         f["feats"] = feats
         f["coords"] = px.astype(np.float64) * mpp  # micrometres
         f.attrs["extractor"] = "ctranspath"
-        f.attrs["tile_size_um"] = 256.0
-        f.attrs["tile_size_px"] = 224
+        if tile_sizes:
+            f.attrs["tile_size_um"] = 256.0
+            f.attrs["tile_size_px"] = 224
         if unit is not None:
             f.attrs["unit"] = unit
         for key, value in attrs.items():
@@ -257,11 +280,61 @@ def test_stamp_micrometres_convert_with_caller_mpp(tmp_path: Path) -> None:
     assert sf.layout == "stamp" and sf.encoder == "ctranspath"
     assert sf.features.dtype == np.float16
     np.testing.assert_array_equal(sf.coords, px)
+    assert sf.coords_frame == "level0"
+    assert inspect_features(path, stamp_mpp=0.5, check_units=True).coords_frame == "level0"
 
 
-def test_stamp_without_mpp_fails_and_says_to_pass_stamp_mpp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tile_size_px", [224, 256])
+@pytest.mark.parametrize("on_coords", [False, True], ids=["file-attrs", "coords-attrs"])
+def test_stamp_file_as_stamp_writes_it_reads_in_tile_grid_pixels(
+    tmp_path: Path, write_stamp, tile_size_px: int, on_coords: bool
+) -> None:
+    # 256 px tiles at 0.5 µm/px: 128 µm; no slide resolution anywhere in the file
+    grid_xy = np.array([[0, 0], [1, 0], [2, 0], [0, 1], [2, 1], [5, 7]])
+    feats = np.random.default_rng(0).normal(size=(len(grid_xy), 6))
+    path = write_stamp(
+        tmp_path / "s.h5", feats, grid_xy, tile_size_um=256 * 0.5, tile_size_px=tile_size_px
+    )
+    if on_coords:  # STAMP variants put the tile attributes on the coords dataset
+        with h5py.File(path, "a") as f:
+            for key in ("unit", "tile_size_um", "tile_size_px"):
+                f["coords"].attrs[key] = f.attrs[key]
+                del f.attrs[key]
+    sf = read_features(path)
+    assert sf.layout == "stamp" and sf.coords_frame == "tile" and sf.grid is None
+    np.testing.assert_array_equal(sf.coords, grid_xy * tile_size_px)
+    np.testing.assert_array_equal(sf.features, feats.astype(np.float16))
+    # neighbouring tiles lie exactly one tile (tile_size_px) apart
+    assert set(np.diff(np.unique(sf.coords[:, 0]))) == {tile_size_px, 3 * tile_size_px}
+    assert np.diff(sf.coords[:3, 0]).tolist() == [tile_size_px, tile_size_px]
+    info = inspect_features(path, check_units=True)
+    assert info.has_coords and info.coords_frame == "tile"
+    # the slide resolution, when given, still gives exact level-0 pixels
+    level0 = read_features(path, stamp_mpp=0.25)
+    assert level0.coords_frame == "level0"
+    np.testing.assert_array_equal(level0.coords, grid_xy * 512)
+
+
+def test_stamp_with_tile_size_um_only_reads_in_micrometre_pixels(tmp_path: Path) -> None:
     _, px = _planted()
-    path = _stamp(tmp_path / "s.h5", px, mpp=0.5)
+    path = _stamp(tmp_path / "s.h5", px, mpp=0.5, tile_sizes=False, tile_size_um=256.0)
+    sf = read_features(path)
+    assert sf.coords_frame == "tile"
+    np.testing.assert_array_equal(sf.coords, px // 2)  # 1 px per µm
+
+
+def test_stamp_bad_tile_size_is_an_error(tmp_path: Path) -> None:
+    _, px = _planted()
+    path = _stamp(tmp_path / "s.h5", px, mpp=0.5, tile_sizes=False, tile_size_um=128.0)
+    with h5py.File(path, "a") as f:
+        f.attrs["tile_size_px"] = 0
+    with pytest.raises(FeatureFileError, match="tile_size_px must be a positive number"):
+        read_features(path)
+
+
+def test_stamp_without_mpp_or_tile_size_fails_and_says_to_pass_stamp_mpp(tmp_path: Path) -> None:
+    _, px = _planted()
+    path = _stamp(tmp_path / "s.h5", px, mpp=0.5, tile_sizes=False)
     with pytest.raises(FeatureFileError, match="stamp_mpp"):
         read_features(path)
     with pytest.raises(FeatureFileError, match="stamp_mpp"):
@@ -336,8 +409,9 @@ def test_nonfinite_features_are_counted(tmp_path: Path, bad: float) -> None:
     feats, coords = _planted()
     feats[1, 2] = bad
     feats[4, 0] = bad
+    feats[4, 1] = bad  # a second bad value in the same patch: patches are counted
     path = _h5(tmp_path / "s.h5", {"features": feats, "coords": coords})
-    with pytest.raises(FeatureFileError, match="2 NaN or inf"):
+    with pytest.raises(NonFiniteFeaturesError, match="2 of 7 patches have NaN or infinite"):
         read_features(path)
 
 

@@ -85,3 +85,22 @@ def test_table_problems_are_listed(tmp_path: Path) -> None:
         load_slide_embeddings(path, ["a"])
     with pytest.raises(SlideEmbeddingError, match="not found"):
         load_slide_embeddings(tmp_path / "nowhere", ["a"])
+
+
+class _Pickled:
+    """Any class: a .pt holding an instance needs code to be unpickled."""
+
+    def __init__(self) -> None:
+        self.vector = [1.0, 2.0]
+
+
+def test_a_pt_embedding_holding_code_is_refused_without_torchs_advice(tmp_path: Path) -> None:
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    torch.save(torch.ones(4), folder / "s1.pt")
+    torch.save(_Pickled(), folder / "s2.pt")
+    with pytest.raises(SlideEmbeddingError) as info:
+        load_slide_embeddings(folder, ["s1", "s2"])
+    message = str(info.value)
+    assert "s2.pt" in message and "contains Python code" in message
+    assert "weights_only=False" not in message

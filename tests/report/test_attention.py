@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from oncoslide.cohort.table import load_cohort
-from oncoslide.errors import ConfigError
+from oncoslide.errors import ConfigError, FeatureFileError
 from oncoslide.features.schema import PatchGrid, write_feature_file
 from oncoslide.report.attention import (
     attention_heatmaps,
@@ -234,3 +235,82 @@ def test_attention_finds_the_planted_tumour_state(tmp_path: Path) -> None:
     ratios = np.asarray(log_ratios)
     assert ratios.size > 150
     assert ratios.mean() > 0.15 and (ratios > 0).mean() > 0.75
+
+
+# ------------------------------------------------------------------------- STAMP features
+
+
+@pytest.fixture(scope="module")
+def stamp_run(stamp_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cohort = load_cohort(stamp_cohort / "cohort.csv", stamp_cohort / "features")
+    config = make_config(
+        task="survival",
+        model="abmil",
+        folds=2,
+        epochs=1,
+        batch_size=4,
+        progress=False,
+        model_kwargs={"hidden_dim": 16, "attn_dim": 8},
+    )
+    out = tmp_path_factory.mktemp("stamp-run")
+    cross_validate(cohort, config, out)
+    return out
+
+
+@pytest.fixture
+def stamp_slides(svs_path: Path, tmp_path: Path) -> Path:
+    """A --slides folder holding P03's slide (the bundled SVS, 0.499 µm/px)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "P03-S1.svs").symlink_to(svs_path)
+    return folder
+
+
+def test_stamp_heatmap_on_the_slide_needs_the_resolution_the_file_lacks(
+    stamp_cohort: Path, stamp_run: Path, stamp_slides: Path, tmp_path: Path
+) -> None:
+    cohort = load_cohort(stamp_cohort / "cohort.csv", stamp_cohort / "features")
+    with pytest.raises(FeatureFileError, match="does not record the slide resolution") as caught:
+        attention_heatmaps(stamp_run, cohort, "P03", tmp_path / "m", slides_dir=stamp_slides)
+    assert "--stamp-mpp" in str(caught.value) and "P03-S1.svs" in str(caught.value)
+    assert not (tmp_path / "m" / "attention.csv").exists()
+
+    # with the resolution the patches are placed on the slide in level-0 pixels
+    placed = attention_heatmaps(
+        stamp_run, cohort, "P03", tmp_path / "p", slides_dir=stamp_slides,
+        stamp_mpp=SVS_MPP, max_side=400,
+    )  # fmt: skip
+    assert placed.notes == [] and set(placed.images) == {"P03-S1"}
+    with h5py.File(stamp_cohort / "features" / "P03-S1.h5") as f:
+        um = f["coords"][()].astype(np.float64)
+    table = placed.attention.table
+    np.testing.assert_array_equal(table[["x", "y"]].to_numpy(), np.rint(um / SVS_MPP))
+    # the model saw the coords training saw: its prediction is the run's
+    preds = pd.read_parquet(stamp_run / "predictions.parquet").set_index("patient_id")
+    assert placed.attention.prediction["risk"] == pytest.approx(preds.loc["P03", "risk"], abs=1e-5)
+
+    # without the slide the tile grid is drawn on a blank canvas, and said to be so
+    blank = attention_heatmaps(stamp_run, cohort, "P03", tmp_path / "b", max_side=200)
+    assert blank.images and any("pixels of its tile grid" in n for n in blank.notes)
+    assert (blank.attention.table[["x", "y"]].to_numpy() % 256 == 0).all()
+
+
+def test_stamp_heatmap_command_says_how_to_give_the_resolution(
+    stamp_cohort: Path, stamp_run: Path, stamp_slides: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from oncoslide.cli import app
+
+    args = ["heatmap", str(stamp_run), "--cohort", str(stamp_cohort / "cohort.csv")]
+    args += ["--features", str(stamp_cohort / "features"), "-p", "P03"]
+    args += ["--slides", str(stamp_slides), "--max-side", "300"]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit)
+    message = " ".join(refused.output.split())
+    assert "does not record the slide resolution" in message and "--stamp-mpp" in message
+    drawn = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "b"), "--stamp-mpp", str(SVS_MPP)]
+    )
+    assert drawn.exit_code == 0, drawn.output
+    assert (tmp_path / "b" / "P03" / "P03-S1.png").exists()

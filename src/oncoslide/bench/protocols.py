@@ -26,11 +26,14 @@ never predicted or scored as test patients.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from oncoslide.bench.resolve import BenchTask, FeatureSet, ResolvedBench
 from oncoslide.bench.spec import ModelSpec
 from oncoslide.bench.store import CellRecord, cell_key
 from oncoslide.cohort.bags import load_bag
+from oncoslide.cohort.fingerprint import data_record
 from oncoslide.cohort.splits import fold_parts
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
@@ -64,6 +68,9 @@ class Cell:
     fold: int
     key: str
     config: dict[str, Any]
+    # digest of the cell's data (targets, feature file contents, side tables): a stored cell
+    # whose data_key differs ran on other data and runs again. Not part of the key.
+    data_key: str = ""
 
     @property
     def label(self) -> str:
@@ -134,11 +141,18 @@ def plan_cells(bench: ResolvedBench) -> list[Cell]:
     """
     cells = []
     models = {m.name: m for m in bench.spec.models}
+    data_keys: dict[tuple[str, str, bool], str] = {}
     for fs in bench.feature_sets.values():
         for task in bench.tasks.values():
             for model in models.values():
                 if not applies(model, fs):
                     continue
+                reads_side = model.protocol == "mil" and bool(
+                    declared_side_inputs(model.registry_name)
+                )
+                memo = (fs.name, task.name, reads_side)
+                if memo not in data_keys:
+                    data_keys[memo] = cell_data_key(task, fs, side=reads_side)
                 for seed in task.seeds:
                     for fold in task.folds:
                         config = cell_config(bench, task, fs, model, seed, fold)
@@ -152,9 +166,31 @@ def plan_cells(bench: ResolvedBench) -> list[Cell]:
                                 fold,
                                 cell_key(config),
                                 config,
+                                data_keys[memo],
                             )
                         )
     return cells
+
+
+def cell_data_key(task: BenchTask, fs: FeatureSet, *, side: bool) -> str:
+    """Digest of what a cell of ``task`` on ``fs`` reads: every used patient's targets (and
+    site, for site-preserving splits), every feature file's content (patch features) or every
+    slide's embedding (slide level), and the side tables when the model reads them."""
+    cohort = _task_cohort(fs.cohort, task)
+    patients = [p for p in task.patients if p not in fs.missing and p in cohort.patients.index]
+    columns = [*task.target.target_columns]
+    if task.spec.split.policy == "kfold" and task.spec.split.site_preserving:
+        columns.append("site")
+    record = data_record(cohort, patients, columns, side=task.side if side else None)
+    emb = fs.slide_embeddings
+    if emb is None:
+        return record.key
+    slides = [s for s in cohort.slides["slide_id"] if s in set(emb.slide_ids)]
+    h = hashlib.sha256(record.key.encode())
+    for sid in sorted(slides):
+        h.update(sid.encode())
+        h.update(np.ascontiguousarray(emb.vectors([sid])).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _train_config(bench: ResolvedBench, task: BenchTask, model: ModelSpec, seed: int, n_folds: int):
@@ -268,10 +304,7 @@ class CellRunner:
 
         config = _train_config(self.bench, task, model, cell.seed, len(task.folds))
         declared = declared_side_inputs(config.model)
-        base = self.work_dir
-        if base is not None:
-            base.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"cell-{cell.key[:8]}-", dir=base) as tmp:
+        with self._scratch(cell) as tmp:
             outcome = train_fold(
                 cohort,
                 task.target,
@@ -292,6 +325,22 @@ class CellRunner:
         metrics = {m: float(outcome.metrics[m]) for m in task.target.metric_names}
         info = {k: float(v) for k, v in outcome.info.items()}
         return preds, metrics, info
+
+    @contextlib.contextmanager
+    def _scratch(self, cell: Cell) -> Iterator[Path]:
+        """The cell's scratch folder, ``work/cell-<key>/``: emptied first (a killed earlier
+        attempt leaves it behind) and removed after. The driver holds the cell's lock."""
+        if self.work_dir is None:
+            with tempfile.TemporaryDirectory(prefix=f"cell-{cell.key[:8]}-") as tmp:
+                yield Path(tmp)
+            return
+        folder = self.work_dir / f"cell-{cell.key}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # ---------------------------------------------------------------------------- linear
     def embeddings(self, fs: FeatureSet, pooling: str, patients: list[str]) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -31,6 +32,7 @@ from rich.console import Console
 
 from oncoslide._io import write_json, write_table
 from oncoslide._ray import TaskFailed, map_unordered
+from oncoslide.bench.locks import CellLocks
 from oncoslide.bench.protocols import Cell, CellRunner, applies, plan_cells
 from oncoslide.bench.resolve import ResolvedBench, audit_bench_splits, resolve_bench
 from oncoslide.bench.spec import BenchSpec
@@ -51,6 +53,7 @@ class BenchRun:
     n_ran: int
     failures: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    n_elsewhere: int = 0  # cells another run on the same folder computed meanwhile
 
 
 def default_workers(gpus: Sequence[int] = ()) -> int:
@@ -106,13 +109,42 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, bench)
     cells = plan_cells(bench)
-    with ResultStore.in_dir(out) as store:
+    with ResultStore.in_dir(out) as store, CellLocks(out) as locks:
         store.set_meta("spec", spec.model_dump(mode="json"))
         store.set_meta("tasks", task_descriptions(bench))
         store.set_meta("plan", [c.key for c in cells])
-        done = store.done_keys()
-        todo = [c for c in cells if c.key not in done]
-        run = BenchRun(out, len(cells), len(cells) - len(todo), 0, notes=list(bench.notes))
+        stored = store.data_keys()
+        # a stored cell computed on other data (edited targets, feature files replaced in
+        # place) is stale: it is deleted and runs again (unless another run has it)
+        stale = [
+            c
+            for c in cells
+            if stored.get(c.key) is not None
+            and stored[c.key] != c.data_key
+            and locks.try_claim(c.key)
+        ]
+        if stale:
+            store.delete_cells(c.key for c in stale)
+            for c in stale:
+                del stored[c.key]
+        missing = [c for c in cells if c.key not in stored]
+        # another `bench run` on this folder computes the cells it has claimed
+        mine = [c for c in missing if locks.try_claim(c.key)]
+        claimed = {c.key for c in mine}
+        elsewhere = [c for c in missing if c.key not in claimed]
+        _prune_scratch(out / "work", locks)
+        finished = store.done_keys()  # cells another run recorded while this one started
+        for c in mine:
+            if c.key in finished:
+                locks.release(c.key)
+        mine = [c for c in mine if c.key not in finished]
+        run = BenchRun(out, len(cells), len(cells) - len(missing), 0, notes=list(bench.notes))
+        run.n_already_done += len(missing) - len(mine) - len(elsewhere)
+        if stale:
+            run.notes.append(
+                f"{len(stale)} stored cell(s) were computed on other data (targets or feature "
+                f"files changed since, e.g. {stale[0].label}) and run again"
+            )
         for fs in bench.feature_sets.values():
             if fs.exclude_note:
                 run.notes.append(fs.exclude_note)
@@ -122,7 +154,7 @@ def run_benchmark(
                     f"{fs.name}: slide embeddings; mil model(s) {skipped} need patch features "
                     "and do not run on it"
                 )
-        if not todo:
+        if not mine and not elsewhere:
             return run
         gpu_ids = visible_gpus() if gpus is None else [int(g) for g in gpus]
         workers = default_workers(gpu_ids) if workers is None else workers
@@ -131,24 +163,72 @@ def run_benchmark(
         if gpus_per_cell < 0:
             raise ConfigError(f"gpus_per_cell must be >= 0, got {gpus_per_cell}")
         placement = _Placement(tuple(gpu_ids), float(gpus_per_cell))
-        results = _execute(bench, todo, out, executor, workers, address, cache_gb, placement)
-        bar = make_progress(console, enabled=progress)
-        with bar:
-            overall = bar.add_task(f"{spec.name}: {len(todo)} cells", total=len(todo))
-            for cell, outcome in results:
-                if isinstance(outcome, CellRecord):
-                    if store.record_cell(outcome):
-                        run.n_ran += 1
-                else:
-                    run.failures.append({"cell": cell.label, "key": cell.key, "error": outcome})
-                    console.print(f"[red]failed[/red] {cell.label}: {outcome.splitlines()[0]}")
-                bar.update(overall, advance=1, description=f"{cell.label}")
+
+        def compute(todo: list[Cell]) -> None:
+            if not todo:
+                return
+            results = _execute(bench, todo, out, executor, workers, address, cache_gb, placement)
+            bar = make_progress(console, enabled=progress)
+            with bar:
+                overall = bar.add_task(f"{spec.name}: {len(todo)} cells", total=len(todo))
+                for cell, outcome in results:
+                    if isinstance(outcome, CellRecord):
+                        outcome.info["data_key"] = cell.data_key
+                        if store.record_cell(outcome):
+                            run.n_ran += 1
+                    else:
+                        run.failures.append({"cell": cell.label, "key": cell.key, "error": outcome})
+                        console.print(f"[red]failed[/red] {cell.label}: {outcome.splitlines()[0]}")
+                    locks.release(cell.key)
+                    bar.update(overall, advance=1, description=f"{cell.label}")
+
+        compute(mine)
+        if elsewhere:
+            # wait for the other run's cells; compute the ones it did not finish (killed)
+            console.print(f"waiting for {len(elsewhere)} cell(s) another run is computing")
+            for c in elsewhere:
+                locks.wait_claim(c.key)
+            finished = store.done_keys()
+            left = [c for c in elsewhere if c.key not in finished]
+            for c in elsewhere:
+                if c.key in finished:
+                    locks.release(c.key)
+            run.n_elsewhere = len(elsewhere) - len(left)
+            if run.n_elsewhere:
+                run.notes.append(
+                    f"{run.n_elsewhere} cell(s) were computed by another run on this folder"
+                )
+            compute(left)
     failures_path = out / "failures.csv"
     if run.failures:
         write_table(failures_path, pd.DataFrame(run.failures))
     elif failures_path.exists():
         failures_path.unlink()
     return run
+
+
+def _prune_scratch(work: Path, locks: CellLocks) -> None:
+    """Remove scratch folders that killed cells left behind (never one a running cell uses).
+
+    A cell trains in ``work/cell-<key>/``; its owner holds the cell's lock, so a folder whose
+    lock can be taken belongs to no running cell.
+    """
+    if not work.is_dir():
+        return
+    for folder in work.iterdir():
+        name = folder.name
+        if not (folder.is_dir() and name.startswith("cell-")):
+            continue
+        key = name[len("cell-") :]
+        if len(key) == 20 and all(ch in "0123456789abcdef" for ch in key):
+            held = locks.holds(key)
+            if not held and not locks.try_claim(key):
+                continue  # another run's cell is training there
+            shutil.rmtree(folder, ignore_errors=True)
+            if not held:
+                locks.release(key)
+        else:  # the random names of earlier versions: no owner can be known, none is current
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def task_descriptions(bench: ResolvedBench) -> list[dict[str, Any]]:

@@ -629,6 +629,20 @@ class ResultStore:
         with self._sqlite_errors("cannot read cells") as conn:
             return {key for (key,) in conn.execute("SELECT cell_key FROM cells")}
 
+    def data_keys(self) -> dict[str, str | None]:
+        """Every stored cell's data key (``info_json["data_key"]``); None for cells stored
+        before cells recorded their data."""
+        with self._sqlite_errors("cannot read cells") as conn:
+            rows = conn.execute("SELECT cell_key, info_json FROM cells").fetchall()
+        out: dict[str, str | None] = {}
+        for key, info in rows:
+            try:
+                value = json.loads(info).get("data_key") if info else None
+            except (ValueError, AttributeError):
+                value = None
+            out[str(key)] = value if isinstance(value, str) else None
+        return out
+
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False

@@ -1,6 +1,6 @@
 """Cohorts: slide tables and their validation, TCGA barcodes, omics tables and patient bags."""
 
-from oncoslide.cohort.bags import PatientBag, load_bag
+from oncoslide.cohort.bags import PatientBag, empty_slides, load_bag
 from oncoslide.cohort.omics import Omics, load_omics
 from oncoslide.cohort.table import Cohort, load_cohort
 from oncoslide.cohort.tcga import TcgaBarcode, is_tcga_barcode, parse_tcga_barcode
@@ -10,6 +10,7 @@ __all__ = [
     "Omics",
     "PatientBag",
     "TcgaBarcode",
+    "empty_slides",
     "is_tcga_barcode",
     "load_bag",
     "load_cohort",

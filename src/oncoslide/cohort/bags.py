@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oncoslide.cohort.table import Cohort
+from oncoslide.cohort.table import Cohort, _examples
 from oncoslide.errors import FeatureFileError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import SlideFeatures
@@ -70,3 +70,26 @@ def _single(patient_id: str, slide_ids: list[str], sf: SlideFeatures) -> Patient
     slide_index = np.zeros(sf.n_patches, dtype=np.int64)
     slide_index.setflags(write=False)
     return PatientBag(patient_id, sf.features, sf.coords, slide_index, slide_ids)
+
+
+def empty_slides(cohort: Cohort) -> list[str]:
+    """Slides whose feature file holds no patch, sorted: they add nothing to their patient's bag.
+
+    Only slides whose files were checked count (``load_cohort`` with a feature folder). Their
+    patients have patches in other slides: ``load_cohort`` refuses a patient with none at all,
+    and ``bad_features="drop"`` leaves empty slides out (listed in ``Cohort.dropped``) instead.
+    """
+    unchecked = -1  # n_patches is NA where the file was not opened
+    empty = cohort.slides.loc[cohort.slides["n_patches"].fillna(unchecked) == 0, "slide_id"]
+    return sorted(str(sid) for sid in empty.unique())
+
+
+def empty_slides_note(cohort: Cohort) -> str:
+    """One line naming the :func:`empty_slides` ("" when there are none)."""
+    empty = empty_slides(cohort)
+    if not empty:
+        return ""
+    return (
+        f"{len(empty)} slide(s) have an empty feature file (no patches) and add nothing to their "
+        f"patient's bag; their patients keep their other slides: {_examples(empty)}"
+    )

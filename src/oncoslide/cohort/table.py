@@ -24,15 +24,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from oncoslide._io import read_table_file
+from oncoslide._io import read_table_file, separator_hint
 from oncoslide.cohort.tcga import parse_tcga_barcode
 from oncoslide.errors import CohortValidationError, ConfigError, FeatureFileError
 from oncoslide.features.readers import FeatureIndex, inspect_features
+from oncoslide.features.scan import scan_feature_file
 from oncoslide.survival.target import make_survival
 
 PathLike = str | os.PathLike[str]
 ID_COLUMNS = ("patient_id", "slide_id")
 GROUP_COLUMNS = ("cohort", "site")
+# the content digest of each slide's feature file (oncoslide.features.scan), keys runs by data
+DIGEST_COLUMN = "feature_digest"
 _MAX_EXAMPLES = 10
 _TRUE = frozenset({"1", "1.0", "true"})
 _FALSE = frozenset({"0", "0.0", "false"})
@@ -226,6 +229,11 @@ def load_cohort(
     df = _read_table(table, problems)
     if df is None:
         raise CohortValidationError(problems, source)
+    if not isinstance(table, pd.DataFrame) and "slide_id" not in df.columns:
+        # another separator reads the header as one column: say why the columns are missing
+        hint = separator_hint(table)
+        if hint is not None:
+            problems.append(hint)
     label_cols = tuple(label_cols)
     _normalise_ids(df, problems, notes)
     _check_survival(df, time_col, event_col, require_survival, problems)
@@ -546,6 +554,8 @@ def _attach_features(
     passed_over = 0
     dims: dict[int, list[str]] = defaultdict(list)
     seen: dict[str, tuple[str | None, int | None]] = {}  # a duplicated row is checked once
+    digests: dict[str, str] = {}
+    non_finite: list[str] = []
     total = len(df)
     for done, sid in enumerate(df["slide_id"], start=1):
         if progress is not None:
@@ -561,8 +571,21 @@ def _attach_features(
                 path, passed_over = found.path, passed_over + bool(found.ignored)
                 info = inspect_features(path, stamp_mpp=stamp_mpp, check_units=True)
                 n = info.n_patches
+                # one full read: the content digest that keys runs, and NaN / inf rows
+                scan = scan_feature_file(path, stamp_mpp=stamp_mpp)
+                digests[sid] = scan.digest
                 if bad is not None and n == 0:
                     bad[sid] = "empty: the feature file has no patches"
+                elif scan.n_non_finite:
+                    reason = (
+                        f"{scan.n_non_finite} of {scan.n_patches} patches have NaN or "
+                        "infinite feature values"
+                    )
+                    if bad is not None:
+                        bad[sid] = f"non-finite: {reason}"
+                    else:
+                        non_finite.append(f"{sid}: {reason}")
+                    dims[info.dim].append(sid)
                 else:
                     dims[info.dim].append(sid)
         except FeatureFileError as exc:
@@ -574,6 +597,14 @@ def _attach_features(
     counts = [seen.get(sid, (None, None))[1] if sid else None for sid in df["slide_id"]]
     df["feature_path"] = pd.Series(paths, index=df.index, dtype=object)
     df["n_patches"] = pd.array(counts, dtype="Int64")
+    df[DIGEST_COLUMN] = pd.Series(
+        [digests.get(sid) if sid else None for sid in df["slide_id"]], index=df.index, dtype=object
+    )
+    if non_finite:
+        problems.append(
+            f"{len(non_finite)} feature file(s) have NaN or infinite values (--skip-bad-features "
+            f"leaves those slides out): {_examples(non_finite)}"
+        )
     if passed_over:
         notes.append(
             f"{passed_over} slide(s) have several feature files; the preferred one was used "

@@ -7,8 +7,9 @@ run leaves finished slides and nothing partial; running it again finishes the se
 
 :func:`extract_slides` runs a list of slides in this process (patch decoding in DataLoader
 worker processes overlaps the encoder) or fans them out over a Ray cluster, and writes a
-manifest (slide, status, patches, seconds, error). A slide that cannot be read is reported in
-the manifest and the run goes on.
+manifest (slide, status, patches, seconds, error, resolution) after every slide, so a killed run
+leaves a manifest of the slides it finished. A slide that cannot be read is reported in the
+manifest and the run goes on; a write that fails (a full disk) stops the run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from oncoslide._io import read_table_file, write_table
 from oncoslide._ray import TaskFailed, map_unordered
-from oncoslide.errors import ConfigError, OncoslideError
+from oncoslide.errors import ConfigError, OncoslideError, WriteError
 from oncoslide.features.schema import write_feature_file
 
 SLIDE_SUFFIXES = (
@@ -276,11 +277,18 @@ def extract_slide(
     target = out / f"{job.slide_id}.h5"
     mpp = config.mpp_override if config.mpp_override is not None else job.mpp
     fingerprint = config.fingerprint(encoder.weights_fingerprint, mpp)
-    result = SlideResult(job.slide_id, job.path, STATUS_FAILED)
+    result = _new_result(job, config)
     if target.exists() and existing_fingerprint(target) == fingerprint:
         result.status = STATUS_SKIPPED
         with h5py.File(target, "r") as f:
             result.patches = int(f["features"].shape[0])
+            # the resolution the finished file was cut from, as a fresh run would report it
+            level0_mpp = f["coords"].attrs.get("level0_mpp")
+            source = f.attrs.get("mpp_source")
+        if level0_mpp is not None:
+            result.level0_mpp = float(level0_mpp)
+        if source is not None:
+            result.mpp_source = str(source)
         return result
     dataset = None
     try:
@@ -327,6 +335,8 @@ def extract_slide(
             },
         )
         result.status, result.patches = STATUS_DONE, len(tiles.coords)
+    except WriteError:
+        raise  # a full disk fails every slide after this one too: stop, finished slides stay
     except OncoslideError as exc:
         result.error = str(exc)
     except Exception as exc:  # a broken slide must not stop the batch
@@ -335,6 +345,17 @@ def extract_slide(
         if dataset is not None:
             dataset.close()
         result.seconds = time.perf_counter() - started
+    return result
+
+
+def _new_result(job: SlideJob, config: ExtractConfig) -> SlideResult:
+    """A failed result that already holds what is known before the slide is opened: with an
+    override (``--mpp-override`` or the slide list's ``mpp``), the level-0 resolution, so a
+    slide that cannot be opened still shows the µm/px it was to be read at."""
+    mpp = config.mpp_override if config.mpp_override is not None else job.mpp
+    result = SlideResult(job.slide_id, job.path, STATUS_FAILED)
+    if mpp is not None:
+        result.level0_mpp, result.mpp_source = float(mpp), "override"
     return result
 
 
@@ -412,34 +433,55 @@ def extract_slides(
 ) -> pd.DataFrame:
     """Extract every slide, write ``manifest.csv`` and return it.
 
-    ``progress`` is a rich Progress (or None). With ``executor="ray"`` slides run as Ray tasks on
-    the cluster at ``address`` (a local instance when None), each reserving ``gpus_per_slide``
-    GPUs: Ray hides GPUs from tasks that reserve none, so encoding on GPUs needs e.g. 1 or 0.5.
+    The manifest is rewritten (atomically) after every slide: a killed run leaves one listing
+    the slides it finished. ``progress`` is a rich Progress (or None). With ``executor="ray"``
+    slides run as Ray tasks on the cluster at ``address`` (a local instance when None), each
+    reserving ``gpus_per_slide`` GPUs: Ray hides GPUs from tasks that reserve none, so encoding
+    on GPUs needs e.g. 1 or 0.5.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    if executor == "ray":
-        results = _run_ray(jobs, out, config, address, gpus_per_slide, progress)
-    elif executor == "local":
-        results = _run_local(jobs, out, config, progress)
-    else:
+    if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}: use 'local' or 'ray'")
-    manifest = pd.DataFrame([r.row() for r in results], columns=list(MANIFEST_COLUMNS))
-    write_table(out / "manifest.csv", manifest)
-    return manifest
+    remove_stale_temporaries(out)
+    manifest = _Manifest(out / "manifest.csv", jobs)
+    if executor == "ray":
+        _run_ray(jobs, out, config, address, gpus_per_slide, progress, manifest.add)
+    else:
+        _run_local(jobs, out, config, progress, manifest.add)
+    return manifest.frame()
+
+
+class _Manifest:
+    """The rows of the slides finished so far, in the order of the slide list, on disk."""
+
+    def __init__(self, path: Path, jobs: Sequence[SlideJob]) -> None:
+        self.path = path
+        self.order = {job.slide_id: i for i, job in enumerate(jobs)}
+        self.results: dict[str, SlideResult] = {}
+
+    def add(self, result: SlideResult) -> None:
+        self.results[result.slide_id] = result
+        write_table(self.path, self.frame())
+
+    def frame(self) -> pd.DataFrame:
+        done = sorted(self.results.values(), key=lambda r: self.order[r.slide_id])
+        return pd.DataFrame([r.row() for r in done], columns=list(MANIFEST_COLUMNS))
 
 
 def _run_local(
-    jobs: Sequence[SlideJob], out: Path, config: ExtractConfig, progress: Any
-) -> list[SlideResult]:
+    jobs: Sequence[SlideJob],
+    out: Path,
+    config: ExtractConfig,
+    progress: Any,
+    on_result: Callable[[SlideResult], None],
+) -> None:
     from oncoslide.encoders import create_encoder
 
     encoder = create_encoder(
         config.encoder, weights=config.weights, device=resolve_device(config.device)
     )
     overall = progress.add_task("slides", total=len(jobs)) if progress is not None else None
-    results = []
     for job in jobs:
         task = progress.add_task(f"  {job.slide_id}", total=None) if progress is not None else None
 
@@ -447,11 +489,10 @@ def _run_local(
             if progress is not None:
                 progress.update(task, completed=done, total=total)
 
-        results.append(extract_slide(job, out, config, encoder, on_batch=on_batch))
+        on_result(extract_slide(job, out, config, encoder, on_batch=on_batch))
         if progress is not None:
             progress.remove_task(task)
             progress.advance(overall)
-    return results
 
 
 _WORKER_ENCODERS: dict[tuple[str, str | None, str], Any] = {}
@@ -479,22 +520,19 @@ def _run_ray(
     address: str | None,
     gpus_per_slide: float,
     progress: Any,
-) -> list[SlideResult]:
+    on_result: Callable[[SlideResult], None],
+) -> None:
     overall = progress.add_task("slides (ray)", total=len(jobs)) if progress is not None else None
-    by_id: dict[str, SlideResult] = {}
     tasks = map_unordered(
         _ray_extract, jobs, str(out), config, address=address, num_gpus=gpus_per_slide
     )
     for job, outcome in tasks:
         # a crashed worker is one failed slide, not a failed run
-        by_id[job.slide_id] = (
-            SlideResult(job.slide_id, job.path, STATUS_FAILED, error=outcome.message)
-            if isinstance(outcome, TaskFailed)
-            else outcome
-        )
+        if isinstance(outcome, TaskFailed):
+            outcome = dataclasses.replace(_new_result(job, config), error=outcome.message)
+        on_result(outcome)
         if progress is not None:
             progress.advance(overall)
-    return [by_id[job.slide_id] for job in jobs]
 
 
 def summarise_manifest(manifest: pd.DataFrame) -> dict[str, int]:

@@ -2,8 +2,11 @@
 
 Every reader returns a :class:`~oncoslide.features.schema.SlideFeatures` in oncoslide units:
 features float16 or float32 (N, D), coords int64 (N, 2) top-left (x, y) in **level-0 pixels**.
-Units are converted explicitly and never guessed: a STAMP file (coordinates in micrometres) needs a
-slide resolution, from the file or from the caller, or reading fails with a clear message.
+Units are converted explicitly and never guessed: a STAMP file (coordinates in micrometres) is
+converted with the slide resolution, from the file or from the caller. Without one, a file that
+records its tile grid (``tile_size_um``, ``tile_size_px``) gets coords in pixels of that grid
+(``coords_frame="tile"``): training needs only relative positions; drawing on the slide asks
+for the resolution. Without either, reading fails with a clear message.
 
 Layouts (detected from the file's content, not its name):
 
@@ -15,7 +18,8 @@ Layouts (detected from the file's content, not its name):
   ``encoder`` on ``features``), ``clam`` otherwise.
 - ``pt``: a ``.pt`` file (loaded with ``weights_only=True``) holding a tensor or numpy array
   (N, D) / (1, N, D), or a dict with ``features`` (or ``feats``) and optionally ``coords``.
-- ``stamp``: HDF5 ``feats`` (N, D) and ``coords`` in micrometres, converted to level-0 pixels.
+- ``stamp``: HDF5 ``feats`` (N, D) and ``coords`` in micrometres, converted to level-0 pixels
+  (or to tile-grid pixels when the slide resolution is unknown, see above).
 
 A layout without coordinates (``.pt`` tensors, STAMP 1.x files without unit information) gets
 coords filled with -1: position-aware models refuse such bags instead of using wrong positions.
@@ -24,6 +28,7 @@ coords filled with -1: position-aware models refuse such bags instead of using w
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +37,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from oncoslide.errors import FeatureFileError
-from oncoslide.features.schema import GRID_ATTRS, LAYOUT_VERSION, PatchGrid, SlideFeatures
+from oncoslide.errors import FeatureFileError, NonFiniteFeaturesError
+from oncoslide.features.schema import (
+    GRID_ATTRS,
+    LAYOUT_VERSION,
+    CoordsFrame,
+    PatchGrid,
+    SlideFeatures,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -57,6 +68,8 @@ _MICROMETRE_UNITS = frozenset(
 )
 #: Attributes (on the file or on ``coords``) read as the level-0 µm/px of a STAMP slide.
 STAMP_MPP_ATTRS: tuple[str, ...] = ("mpp", "slide_mpp", "level0_mpp")
+# STAMP 1.x: the coordinate unit is unknown, so no positions are kept
+_NO_UNIT: tuple[float, CoordsFrame] = (0.0, "level0")
 _KEPT_DTYPES = (np.dtype("float16"), np.dtype("float32"))
 _CHECK_ROWS = 1 << 16  # rows per block when scanning for NaN/inf (bounds the temporary mask)
 
@@ -71,6 +84,7 @@ class FeatureInfo:
     dim: int
     dtype: np.dtype
     has_coords: bool
+    coords_frame: CoordsFrame = "level0"  # "tile": STAMP coords without the slide resolution
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,12 +105,14 @@ def read_features(
         slide_id: id recorded in the result; defaults to the file name without its suffix.
         stamp_mpp: level-0 micrometres per pixel used to convert STAMP coordinates when the file
             does not record its own (``mpp``, ``slide_mpp`` or ``level0_mpp`` attribute).
+            Without either, STAMP coords are pixels of the file's tile grid
+            (``coords_frame="tile"``).
         mmap: map uncompressed, contiguous HDF5 datasets (and ``.pt`` tensors) into memory
             instead of reading them; other files are read normally.
 
     Raises:
         FeatureFileError: missing or unreadable file, unknown layout, bad shapes, NaN/inf
-            features, or STAMP coordinates without a usable resolution.
+            features, or STAMP micrometre coordinates with neither a resolution nor a tile size.
     """
     path = Path(path)
     sid = slide_id if slide_id is not None else _stem(path)
@@ -119,8 +135,9 @@ def inspect_features(
 
     Checks everything :func:`read_features` checks except array values (NaN/inf features,
     fractional pixel coordinates), which would need the data itself.
-    With ``check_units=True`` a STAMP file must also have a usable resolution (its own ``mpp``
-    attribute or ``stamp_mpp``), so that a later read cannot fail for that reason.
+    With ``check_units=True`` a STAMP file must also have convertible coordinates (a resolution,
+    its own ``mpp`` attribute or ``stamp_mpp``, or else its tile size), so that a later read
+    cannot fail for that reason.
     """
     path = Path(path)
     if _file_kind(path) == "hdf5":
@@ -358,9 +375,11 @@ def _inspect_h5(path: Path, stamp_mpp: float | None, check_units: bool) -> Featu
         if lay.name == "oncoslide":
             _grid(lay.coords, path, required=True)
         has_coords = lay.coords is not None
+        frame: CoordsFrame = "level0"
         if lay.name == "stamp" and has_coords:
-            has_coords = _stamp_um_per_px(f, lay, path, stamp_mpp, required=check_units) != 0.0
-        return FeatureInfo(path, lay.name, n, d, dtype, has_coords)
+            um_per_px, frame = _stamp_scale(f, lay, path, stamp_mpp, required=check_units)
+            has_coords = um_per_px != 0.0
+        return FeatureInfo(path, lay.name, n, d, dtype, has_coords, frame)
 
 
 def _read_h5(path: Path, slide_id: str, stamp_mpp: float | None, mmap: bool) -> SlideFeatures:
@@ -373,8 +392,9 @@ def _read_h5(path: Path, slide_id: str, stamp_mpp: float | None, mmap: bool) -> 
             feats = feats.astype(dtype)
         _check_finite(feats, path)
         grid: PatchGrid | None = None
+        frame: CoordsFrame = "level0"
         if lay.name == "stamp":
-            coords = _stamp_coords(f, lay, n, path, stamp_mpp)
+            coords, frame = _stamp_coords(f, lay, n, path, stamp_mpp)
             encoder = _attr_str(f.attrs, "extractor")
         else:
             coords = _pixel_coords(lay.coords, n, path)
@@ -389,6 +409,7 @@ def _read_h5(path: Path, slide_id: str, stamp_mpp: float | None, mmap: bool) -> 
             encoder=encoder or None,
             weights_fingerprint=fingerprint or None,
             layout=lay.name,
+            coords_frame=frame,
         )
 
 
@@ -449,32 +470,39 @@ def _grid(dset: h5py.Dataset | None, path: Path, *, required: bool) -> PatchGrid
 
 def _stamp_coords(
     f: h5py.File, lay: _H5Layout, n: int, path: Path, stamp_mpp: float | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, CoordsFrame]:
     if lay.coords is None:
-        return np.full((n, 2), -1, dtype=np.int64)
+        return np.full((n, 2), -1, dtype=np.int64), "level0"
     _coords_shape(lay.coords.shape, n, path)
-    um_per_px = _stamp_um_per_px(f, lay, path, stamp_mpp, required=True)
+    um_per_px, frame = _stamp_scale(f, lay, path, stamp_mpp, required=True)
     if um_per_px == 0.0:  # unit unknown (STAMP 1.x): keep no positions rather than wrong ones
-        return np.full((n, 2), -1, dtype=np.int64)
+        return np.full((n, 2), -1, dtype=np.int64), "level0"
     um = np.asarray(lay.coords[()], dtype=np.float64).reshape(n, 2)
     if not np.isfinite(um).all():
         raise FeatureFileError(path, "coords contain NaN or inf")
-    return np.rint(um / um_per_px).astype(np.int64)
+    return np.rint(um / um_per_px).astype(np.int64), frame
 
 
-def _stamp_um_per_px(
+def _stamp_scale(
     f: h5py.File, lay: _H5Layout, path: Path, stamp_mpp: float | None, *, required: bool
-) -> float:
-    """Level-0 µm per pixel for a STAMP file; 0.0 when its coordinate unit is unknown.
+) -> tuple[float, CoordsFrame]:
+    """µm per pixel of the frame STAMP coords are converted to, and which frame that is.
 
-    STAMP >= 2.1 writes ``unit="um"``; STAMP 2.0 wrote micrometre coords with ``tile_size_um``
-    but no unit; STAMP 1.x wrote neither (coords in an unrecorded pixel frame).
+    ``(mpp, "level0")`` with the slide resolution (the file's own, else ``stamp_mpp``);
+    ``(tile_size_um / tile_size_px, "tile")`` without one, so neighbouring tiles lie
+    ``tile_size_px`` apart (1 µm per pixel when the file has no ``tile_size_px``);
+    ``(0.0, "level0")`` when the coordinate unit is unknown.
+
+    STAMP >= 2.1 writes ``unit="um"``, ``tile_size_um`` and ``tile_size_px`` but no slide
+    resolution; STAMP 2.0 wrote micrometre coords with ``tile_size_um`` but no unit; STAMP 1.x
+    wrote neither (coords in an unrecorded pixel frame).
     """
     assert lay.coords is not None
     unit = _attr_str(lay.coords.attrs, "unit") or _attr_str(f.attrs, "unit")
+    tile_um = _attr_num(f, lay.coords, "tile_size_um", path)
     if unit is None:
-        if "tile_size_um" not in f.attrs:
-            return 0.0
+        if tile_um is None:
+            return _NO_UNIT
     elif unit.strip().lower() not in _MICROMETRE_UNITS:
         raise FeatureFileError(
             path, f"STAMP coords have unit {unit!r}; only micrometres ('um') can be converted"
@@ -482,17 +510,39 @@ def _stamp_um_per_px(
     mpp = _file_mpp(f, lay.coords, path)
     if mpp is None:
         mpp = stamp_mpp
-    if mpp is None:
-        if not required:
-            return 1.0  # metadata-only inspection: units are known, the scale is not needed
-        raise FeatureFileError(
-            path,
-            "STAMP coords are in micrometres and the file does not record the slide resolution; "
-            "pass stamp_mpp (level-0 micrometres per pixel) to convert them to pixels",
-        )
-    if not (np.isfinite(mpp) and mpp > 0):
-        raise FeatureFileError(path, f"slide resolution must be a positive number, got {mpp}")
-    return float(mpp)
+    if mpp is not None:
+        return _positive(mpp, "slide resolution", path), "level0"
+    if tile_um is not None:
+        _positive(tile_um, "tile_size_um", path)
+        tile_px = _attr_num(f, lay.coords, "tile_size_px", path)
+        if tile_px is None:  # STAMP 2.0: the tile's pixel size is not recorded
+            return 1.0, "tile"
+        return tile_um / _positive(tile_px, "tile_size_px", path), "tile"
+    if not required:
+        return 1.0, "level0"  # metadata-only inspection: units are known, the scale is not needed
+    raise FeatureFileError(
+        path,
+        "STAMP coords are in micrometres and the file records neither the slide resolution nor "
+        "its tile size (tile_size_um); pass stamp_mpp (level-0 micrometres per pixel) to "
+        "convert them to pixels",
+    )
+
+
+def _positive(value: float, what: str, path: Path) -> float:
+    if not (np.isfinite(value) and value > 0):
+        raise FeatureFileError(path, f"{what} must be a positive number, got {value}")
+    return float(value)
+
+
+def _attr_num(f: h5py.File, coords: h5py.Dataset, key: str, path: Path) -> float | None:
+    """A numeric attribute of ``coords`` or, failing that, of the file; None when absent."""
+    for attrs in (coords.attrs, f.attrs):
+        if key in attrs:
+            try:
+                return float(np.asarray(attrs[key]).item())
+            except (TypeError, ValueError) as exc:
+                raise FeatureFileError(path, f"attribute {key!r} is not a number") from exc
+    return None
 
 
 def _file_mpp(f: h5py.File, coords: h5py.Dataset, path: Path) -> float | None:
@@ -543,28 +593,37 @@ def _torch_load(path: Path, mmap: bool) -> Any:
                 # Legacy (non-zip) .pt files cannot be mapped; read them instead.
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
-        if detail.startswith("Unsupported global"):
-            raise FeatureFileError(
-                path,
-                "refused to unpickle: only tensors, numpy arrays or dicts of them are read "
-                f"(weights_only=True); {detail}",
-            ) from exc
-        raise FeatureFileError(path, f"cannot read torch file ({detail})") from exc
+        # torch's message advises loading with weights_only=False, i.e. running the file's
+        # code: never the advice to give for a feature file, so only its diagnosis is kept.
+        raise FeatureFileError(path, _unsafe_pickle_message(str(exc))) from exc
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise FeatureFileError(
             path, f"cannot read torch file ({type(exc).__name__}: {exc})"
         ) from exc
 
 
-def _unpickler_detail(message: str) -> str:
-    """The informative part of torch's weights-only error (it leads with generic advice)."""
+def _unsafe_pickle_message(message: str) -> str:
+    """Why torch's weights-only loader refused a .pt file, and how to re-save it."""
+    resave = (
+        "re-save the features as plain tensors, e.g. torch.save(features_tensor, path) or "
+        "torch.save({'features': features_tensor, 'coords': coords_tensor}, path), or write "
+        "them to an .h5 file (see docs/data.md)"
+    )
+    found = re.search(r"GLOBAL\s+([\w.]+)", message)
+    if found:  # the pickle names a class or function to call: code, not data
+        return (
+            f"contains Python code (a pickled {found.group(1)} object, not only tensors, numpy "
+            f"arrays or dicts of them) and was not loaded, for safety: unpickling it could run "
+            f"arbitrary code; {resave}"
+        )
     _, sep, rest = message.partition("WeightsUnpickler error:")
-    if not sep:
-        return message.splitlines()[0] if message else "unpickling failed"
-    lines = [line.strip() for line in rest.strip().splitlines() if line.strip()]
-    detail = lines[0] if lines else "unpickling failed"
-    return detail.split(". Please use")[0]
+    lines = [line.strip() for line in rest.splitlines() if line.strip()] if sep else []
+    detail = lines[0].split(". Please use")[0] if lines else "unpickling failed"
+    return (
+        f"cannot read torch file ({detail}): not a torch file, or one that holds more than "
+        f"tensors, numpy arrays or dicts of them, which is not loaded, for safety; if it is "
+        f"yours, {resave}"
+    )
 
 
 def _to_numpy(obj: Any, what: str, path: Path) -> np.ndarray:
@@ -626,9 +685,9 @@ def _whole_pixels(raw: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _check_finite(feats: np.ndarray, path: Path) -> None:
-    bad = sum(int((~np.isfinite(block)).sum()) for block in _row_blocks(feats))
+    bad = sum(int((~np.isfinite(block)).any(axis=1).sum()) for block in _row_blocks(feats))
     if bad:
-        raise FeatureFileError(path, f"features contain {bad} NaN or inf values")
+        raise NonFiniteFeaturesError(path, bad, int(feats.shape[0]))
 
 
 def _row_blocks(arr: np.ndarray) -> Iterable[np.ndarray]:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from oncoslide._io import atomic_path
 from oncoslide.errors import FeatureFileError
 
 LAYOUT_VERSION = 1
+CoordsFrame = Literal["level0", "tile"]
 GRID_ATTRS = (
     "patch_size",
     "patch_size_level0",
@@ -53,11 +55,16 @@ class SlideFeatures:
 
     slide_id: str
     features: np.ndarray  # (N, D) float16 or float32
-    coords: np.ndarray  # (N, 2) int64, level-0 px, top-left (x, y)
+    coords: np.ndarray  # (N, 2) int64, level-0 px, top-left (x, y); see coords_frame
     grid: PatchGrid | None = None  # None when the file does not describe its grid
     encoder: str | None = None
     weights_fingerprint: str | None = None
     layout: str = "oncoslide"  # which on-disk layout it was read from
+    #: "level0": coords are level-0 pixels of the slide. "tile": the file does not record the
+    #: slide's resolution (STAMP micrometres without mpp), so coords are pixels at the tiles'
+    #: own resolution: right relative to each other (neighbours one tile apart), but they
+    #: cannot be placed on the slide image without the resolution.
+    coords_frame: CoordsFrame = "level0"
 
     @property
     def n_patches(self) -> int:

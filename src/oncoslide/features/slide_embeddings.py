@@ -203,10 +203,16 @@ def _read_vector(path: Path) -> np.ndarray:
 
 
 def _read_torch(path: Path) -> Any:
+    import pickle
+
     import torch
+
+    from oncoslide.features.readers import _unsafe_pickle_message
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # never repeat torch's advice to run the file's code
+        raise FeatureFileError(path, _unsafe_pickle_message(str(exc))) from None
     except Exception as exc:  # torch raises many types for a bad file
         raise FeatureFileError(path, f"unreadable .pt file ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict):

@@ -15,6 +15,7 @@ table keeps both.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from oncoslide._io import atomic_path, write_table
 from oncoslide.cohort.bags import load_bag
 from oncoslide.cohort.splits import fold_parts
 from oncoslide.cohort.table import Cohort
-from oncoslide.errors import ConfigError, OncoslideError
+from oncoslide.errors import ConfigError, FeatureFileError, OncoslideError
 from oncoslide.features.cache import FeatureCache
+from oncoslide.features.readers import read_features
 from oncoslide.features.schema import PatchGrid
 from oncoslide.models import MODELS, MILModel, create_model
 from oncoslide.training.config import TrainConfig
@@ -360,13 +362,19 @@ def attention_heatmaps(
     slides_dir: str | Path | None = None,
     max_side: int = 2048,
     cmap: str = "turbo",
+    stamp_mpp: float | None = None,
 ) -> HeatmapResult:
     """Write ``attention.csv`` and one ``<slide_id>.png`` per slide of ``patient_id``.
 
     ``fold`` defaults to the fold in which the patient was a test patient (out-of-fold
     attention); another fold is allowed but the result says that its model trained on the
     patient. The background is the slide itself when it can be found (``slides_dir``, or the
-    path recorded by ``oncoslide extract``), else a white canvas.
+    path recorded by ``oncoslide extract``), else a white canvas. ``stamp_mpp`` (level-0 µm
+    per pixel) places STAMP patches on the slide when their file does not record it.
+
+    Raises:
+        FeatureFileError: a slide file was found but the slide's feature file does not record
+            the slide resolution (STAMP without ``mpp``) and ``stamp_mpp`` was not given.
     """
     if cmap not in colormaps:
         raise ConfigError(f"unknown colour map {cmap!r}")
@@ -376,10 +384,14 @@ def attention_heatmaps(
         raise ConfigError(f"patient {patient_id!r} is not in the run's splits ({run}/splits.csv)")
     chosen = held_out_fold(splits, patient_id, seed) if fold is None else int(fold)
     fold_model = _fold_model(run, config, splits, cohort, seed, chosen)
+    # Read as training read the files (no stamp_mpp), so the model sees the coords it saw.
     cache = FeatureCache()
     notes: list[str] = []
     try:
         attention = patient_attention(fold_model, cohort, patient_id, cache)
+        paths = dict(zip(cohort.slide_ids(patient_id), cohort.slide_paths(patient_id), strict=True))
+        in_tiles = _to_level0(attention.table, paths, cache, stamp_mpp)
+        slide_files = _slide_files(paths, in_tiles, slides_dir)
         if not attention.out_of_fold:
             notes.append(
                 f"the model of seed {seed} fold {chosen} trained (or chose its checkpoint) on "
@@ -390,14 +402,26 @@ def attention_heatmaps(
         write_table(table_path, attention.table)
         result = HeatmapResult(attention, table_path, notes=notes)
         prediction = ", ".join(f"{k} {v:.3g}" for k, v in attention.prediction.items())
-        paths = dict(zip(cohort.slide_ids(patient_id), cohort.slide_paths(patient_id), strict=True))
         for slide_id, rows in attention.table.groupby("slide_id", sort=False):
             path = Path(paths[str(slide_id)])
             if (rows["x"] < 0).any():
                 notes.append(f"{slide_id}: the feature file has no coordinates; no image drawn")
                 continue
+            if str(slide_id) in in_tiles:
+                notes.append(
+                    f"{slide_id}: the feature file does not record the slide resolution; x, y "
+                    "in attention.csv are pixels of its tile grid, not level-0 pixels"
+                )
             grid = _grid_of(path, rows, cache)
-            background = _background(path, str(slide_id), slides_dir, grid, max_side, notes)
+            slide_file = slide_files.get(str(slide_id))
+            if slide_file is None:
+                notes.append(f"{slide_id}: slide file not found; drawn on a blank canvas")
+                background = None
+            else:
+                inferred = cache.get(path).grid is None
+                background, grid = _background(
+                    slide_file, str(slide_id), grid, inferred, max_side, notes
+                )
             image = attention_overlay(
                 rows, grid, max_side=max_side, background=background, cmap=cmap
             )
@@ -414,36 +438,90 @@ def attention_heatmaps(
     return result
 
 
+def _to_level0(
+    table: pd.DataFrame, paths: dict[str, Path], cache: FeatureCache, stamp_mpp: float | None
+) -> set[str]:
+    """Put the table's x, y in level-0 pixels where the features came in tile-grid pixels
+    (STAMP without the slide resolution) and ``stamp_mpp`` is given; return the slides whose
+    positions stay in tile-grid pixels."""
+    in_tiles = set()
+    for slide_id, feature_path in paths.items():
+        sf = cache.get(feature_path)
+        if sf.coords_frame != "tile" or sf.n_patches == 0:  # an empty slide is not drawn
+            continue
+        if stamp_mpp is None:
+            in_tiles.add(slide_id)
+            continue
+        # the same file in the same row order: the slide's rows of the table, in order
+        placed = read_features(feature_path, stamp_mpp=stamp_mpp).coords
+        rows = (table["slide_id"] == slide_id).to_numpy()
+        table.loc[rows, "x"] = placed[:, 0]
+        table.loc[rows, "y"] = placed[:, 1]
+    return in_tiles
+
+
+def _slide_files(
+    paths: dict[str, Path], in_tiles: set[str], slides_dir: str | Path | None
+) -> dict[str, Path]:
+    """The slide file behind each feature file that has one.
+
+    Checked for every slide before anything is written: patches can be placed on a slide only
+    in level-0 pixels, which a STAMP file without the slide resolution cannot give.
+    """
+    found: dict[str, Path] = {}
+    for slide_id, feature_path in paths.items():
+        slide_path = find_slide_file(
+            feature_path, slide_id, None if slides_dir is None else Path(slides_dir)
+        )
+        if slide_path is None:
+            continue
+        if slide_id in in_tiles:
+            raise FeatureFileError(
+                feature_path,
+                "does not record the slide resolution (STAMP coordinates in micrometres "
+                f"without mpp), so its patches cannot be placed on {slide_path.name}: give "
+                "the slide's level-0 micrometres per pixel with --stamp-mpp (Python: "
+                "stamp_mpp=...), or draw on a blank canvas without --slides",
+            )
+        found[slide_id] = slide_path
+    return found
+
+
 def _background(
-    feature_path: Path,
+    slide_path: Path,
     slide_id: str,
-    slides_dir: str | Path | None,
     grid: PatchGrid,
+    inferred: bool,
     max_side: int,
     notes: list[str],
-) -> np.ndarray | None:
+) -> tuple[np.ndarray | None, PatchGrid]:
+    """The slide's thumbnail and the grid to draw on it (``None`` and ``grid`` when the slide
+    does not fit the features). An ``inferred`` grid (the feature file describes none) only
+    bounds the patches: the slide must contain them, and its own size is then used."""
     from oncoslide.slides.reader import open_slide
 
-    slide_path = find_slide_file(
-        feature_path, slide_id, None if slides_dir is None else Path(slides_dir)
-    )
-    if slide_path is None:
-        notes.append(f"{slide_id}: slide file not found; drawn on a blank canvas")
-        return None
     try:
         with open_slide(slide_path, mpp_override=grid.level0_mpp) as slide:
-            if (slide.info.width, slide.info.height) != (grid.level0_width, grid.level0_height):
+            width, height = slide.info.width, slide.info.height
+            fits = (
+                grid.level0_width <= width and grid.level0_height <= height
+                if inferred
+                else (width, height) == (grid.level0_width, grid.level0_height)
+            )
+            if not fits:
+                what = "patches reach" if inferred else "features describe"
                 notes.append(
-                    f"{slide_id}: {slide_path.name} is {slide.info.width}x{slide.info.height} "
-                    f"px but the features describe {grid.level0_width}x{grid.level0_height}; "
-                    "drawn on a blank canvas"
+                    f"{slide_id}: {slide_path.name} is {width}x{height} px but the {what} "
+                    f"{grid.level0_width}x{grid.level0_height}; drawn on a blank canvas"
                 )
-                return None
+                return None, grid
             image, _ = slide.thumbnail(max_side=max_side)
-            return image
+            if inferred:
+                grid = dataclasses.replace(grid, level0_width=width, level0_height=height)
+            return image, grid
     except OncoslideError as exc:
         notes.append(f"{slide_id}: cannot read {slide_path} ({exc}); drawn on a blank canvas")
-        return None
+        return None, grid
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from oncoslide._io import write_json, write_table
+from oncoslide.cohort.fingerprint import DataRecord, data_record
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import (
     audit_splits,
@@ -125,10 +126,14 @@ def cross_validate(
             f"{len(patients)} patients with targets are too few for {config.folds} folds"
         )
 
+    _check_scoreable(cohort, task, config, patients)
+    data = run_data_record(cohort, task, config, patients, side)
     run = RunFolder(out)
-    run.prepare(config.run_key(), overwrite)
+    run.prepare(config.run_key(), overwrite, data)
     splits = _resolve_splits(out, cohort, task, config, patients, splits)
-    run.write_payload(_resolved_config(cohort, config, task, notes, side))
+    _check_test_parts(cohort, task, splits)
+    save_splits(run.splits, splits)
+    run.write_payload(_resolved_config(cohort, config, task, notes, side, data), data)
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -212,8 +217,66 @@ def _resolve_splits(
             sites=sites,
             val_fraction=config.val_fraction,
         )
-    save_splits(path, splits)
     return splits
+
+
+def _check_scoreable(
+    cohort: Cohort, task: TaskSpec, config: TrainConfig, patients: Sequence[str]
+) -> None:
+    """Refuse, before anything is written, a cohort whose folds could not all be scored."""
+    if not task.is_survival:
+        return
+    y = cohort.survival(list(patients))
+    n_events = int(y["event"].sum())
+    if n_events == 0:
+        raise ConfigError(
+            f"no patient has an event: all {len(patients)} are censored, so no test part "
+            "could have a comparable pair (every metric would be NaN)"
+        )
+    if n_events < config.folds:
+        raise ConfigError(
+            f"{n_events} events are too few for {config.folds} folds: a test part without an "
+            "event has no comparable pair (its metrics would be NaN); use --folds "
+            f"{max(2, n_events)} or fewer, or a larger cohort"
+        )
+
+
+def _check_test_parts(cohort: Cohort, task: TaskSpec, splits: pd.DataFrame) -> None:
+    """Every test part must hold a comparable pair: an event with a later time (survival), or
+    two classes (classification). Otherwise its metrics are NaN and the summary misleads."""
+    bad = []
+    tests = splits[splits["part"] == "test"]
+    for (seed, fold), rows in tests.groupby(["seed", "fold"]):
+        pids = list(rows["patient_id"])
+        if task.is_survival:
+            y = cohort.survival(pids)
+            times, events = y["time"], y["event"]
+            ok = any(bool((times > t).any()) for t in times[events])
+            what = "no event with a later time"
+        else:
+            ok = len(set(cohort.labels(task.name, pids))) >= 2
+            what = "only one class"
+        if not ok:
+            bad.append(f"seed {seed} fold {fold} ({len(pids)} patients, {what})")
+    if bad:
+        raise ConfigError(
+            f"{len(bad)} test part(s) have no comparable pair, so their metrics would be NaN: "
+            f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; use fewer folds or a "
+            "larger cohort"
+        )
+
+
+def run_data_record(
+    cohort: Cohort,
+    task: TaskSpec,
+    config: TrainConfig,
+    patients: Sequence[str],
+    side: Mapping[str, Omics] | None = None,
+) -> DataRecord:
+    """What a run reads: each patient's targets (and site, for site-preserving splits), each
+    feature file, each side table."""
+    columns = [*task.target_columns, *(["site"] if config.site_preserving else [])]
+    return data_record(cohort, patients, columns, side=side)
 
 
 def _resolved_config(
@@ -222,9 +285,11 @@ def _resolved_config(
     task: TaskSpec,
     notes: list[str],
     side: Mapping[str, Omics] | None = None,
+    data: DataRecord | None = None,
 ) -> dict[str, object]:
     return {
         "run_key": config.run_key(),
+        "data_key": None if data is None else data.key,
         "config": config.model_dump(),
         "task": {"name": task.name, "kind": task.kind, "classes": list(task.classes)},
         "cohort": {

@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from oncoslide._io import write_table
+from oncoslide._io import write_json, write_table
+from oncoslide.cohort.fingerprint import check_recorded_data
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import carve_validation
 from oncoslide.cohort.table import Cohort
@@ -39,6 +40,9 @@ from oncoslide.training.model_folder import (
 )
 from oncoslide.training.progress import make_progress, quiet_lightning
 from oncoslide.training.tasks import resolve_task, split_inputs, task_patients
+
+# the data record of the model's training data (see oncoslide.cohort.fingerprint)
+DATA_FILE = "data.json"
 
 
 @dataclass(frozen=True)
@@ -64,16 +68,30 @@ def fit_all(
 
     ``side`` holds the per-patient tables the model declares (e.g. ``{"omics": ...}``).
     """
-    from oncoslide.training.cv import train_fold
+    from oncoslide.training.cv import run_data_record, train_fold
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     if cohort.feature_dim is None:
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
+    task = resolve_task(cohort, config)
+    patients = task_patients(cohort, task)
+    if len(patients) < 4:
+        raise ConfigError(f"{len(patients)} patients with targets are too few to train on")
+    if task.is_survival and not cohort.survival(patients)["event"].any():
+        raise ConfigError(
+            f"no patient has an event: all {len(patients)} are censored, so there is nothing "
+            "to learn a survival model from"
+        )
+    data = run_data_record(cohort, task, config, patients, side)
     if is_model_folder(out):
-        previous = json.loads((out / MODEL_FILE).read_text()).get("run_key")
+        try:
+            previous = json.loads((out / MODEL_FILE).read_text()).get("run_key")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"cannot read {out / MODEL_FILE}: {exc}") from None
         if previous == config.run_key() and not overwrite:
+            check_recorded_data(out / DATA_FILE, data, what="model")
             return FitAllResult(
                 out,
                 load_model_folder(out),
@@ -86,10 +104,6 @@ def fit_all(
                 f"{out} holds another model (run key {previous}, this one {config.run_key()}); "
                 "choose a new --out or pass --overwrite"
             )
-    task = resolve_task(cohort, config)
-    patients = task_patients(cohort, task)
-    if len(patients) < 4:
-        raise ConfigError(f"{len(patients)} patients with targets are too few to train on")
     strata, sites = split_inputs(cohort, task, patients, site_preserving=config.site_preserving)
     splits = carve_validation(
         patients,
@@ -118,6 +132,7 @@ def fit_all(
         if own:
             cache.close()
     history = pd.DataFrame(outcome.history)
+    write_json(out / DATA_FILE, data.to_dict())
     write_table(out / "splits.csv", splits)
     write_table(out / "history.csv", history)
     outcome.info["fit_all"] = 1

@@ -93,8 +93,10 @@ def save_model_folder(
     """Write a model folder (atomically, file by file; model.json last)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_FILE, suffix=".pt.tmp") as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    # through a Python file: a full disk is then an OSError (ENOSPC) that names the cause;
+    # torch's own file writer reports it as a RuntimeError without the reason
+    with atomic_path(out / WEIGHTS_FILE, suffix=".pt.tmp") as tmp, tmp.open("wb") as fh:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, fh)
     rows = [(pid, part) for part, ids in parts.items() for pid in ids]
     write_table(out / PATIENTS_FILE, pd.DataFrame(rows, columns=["patient_id", "part"]))
     digest = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()

@@ -4,6 +4,8 @@
 
     RUN/
       config.json            run key, resolved config, task, cohort, data, versions
+      data.json              the data record: digests of every patient's targets and every
+                             feature file used (a resume on other data is refused)
       splits.csv             patient_id, seed, fold, part (train / val / test)
       predictions.parquet    one row per test patient per (seed, fold)
       metrics.csv            tidy rows: seed, fold, metric, value
@@ -29,13 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import ValidationError
 
 from oncoslide._io import write_json, write_table
+from oncoslide.cohort.fingerprint import DataRecord, check_recorded_data
 from oncoslide.errors import ConfigError
 from oncoslide.training.config import TrainConfig
 
 # What a new run in a used folder replaces (with --overwrite).
-RUN_OUTPUTS = ("folds", "splits.csv", "predictions.parquet", "metrics.csv", "summary.csv")
+RUN_OUTPUTS = (
+    "folds",
+    "splits.csv",
+    "predictions.parquet",
+    "metrics.csv",
+    "summary.csv",
+    "data.json",
+)
 
 
 @dataclass(frozen=True)
@@ -132,14 +143,33 @@ class RunFolder:
     def read_payload(self) -> dict[str, Any]:
         """The whole config.json (run key, config, task, cohort, versions)."""
         try:
-            return json.loads(self.config.read_text())
-        except (OSError, ValueError) as exc:
+            payload = json.loads(self.config.read_text())
+        except OSError as exc:
             raise ConfigError(f"cannot read {self.config}: {exc}") from None
+        except ValueError as exc:  # a truncated or hand-edited file
+            raise ConfigError(f"cannot read {self.config}: not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise ConfigError(
+                f"cannot read {self.config}: it holds a JSON {type(payload).__name__}, "
+                "not the mapping `oncoslide train` writes"
+            )
+        return payload
 
     def read(self) -> tuple[TrainConfig, pd.DataFrame]:
         """The run's settings and splits."""
         self.check()
-        config = TrainConfig.model_validate(self.read_payload()["config"])
+        payload = self.read_payload()
+        if "config" not in payload:
+            raise ConfigError(f"cannot read {self.config}: it has no 'config' (the run's settings)")
+        try:
+            config = TrainConfig.model_validate(payload["config"])
+        except ValidationError as exc:  # one line: the file is named, the fields listed
+            fields = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(
+                f"cannot read {self.config}: invalid run settings ({fields})"
+            ) from None
         splits = pd.read_csv(self.splits, dtype={"patient_id": str})
         return config, splits
 
@@ -160,10 +190,23 @@ class RunFolder:
         return predictions.reset_index(drop=True), metric_table.reset_index(drop=True)
 
     # -- writing --------------------------------------------------------------------------
-    def prepare(self, run_key: str, overwrite: bool) -> None:
-        """Create the folder, resume the same run, or refuse (or replace) another one."""
+    @property
+    def data(self) -> Path:
+        return self.path / "data.json"
+
+    def prepare(self, run_key: str, overwrite: bool, data: DataRecord | None = None) -> None:
+        """Create the folder, resume the same run on the same data, or refuse (or replace,
+        with ``overwrite``) another run or the same run on other data."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} exists and is not a folder")
         if self.config.exists():
-            previous = self.read_payload().get("run_key")
+            try:
+                payload = self.read_payload()
+            except ConfigError:
+                if not overwrite:
+                    raise
+                payload = {}  # a damaged config.json is replaced with the run
+            previous = payload.get("run_key") if isinstance(payload, dict) else None
             if previous != run_key:
                 if not overwrite:
                     raise ConfigError(
@@ -171,7 +214,8 @@ class RunFolder:
                         f"{run_key}); choose a new --out or pass --overwrite"
                     )
             elif not overwrite:
-                return  # same run: resume
+                check_recorded_data(self.data, data, what="run")
+                return  # same run on the same data: resume
             for name in RUN_OUTPUTS:
                 target = self.path / name
                 if target.is_dir():
@@ -180,7 +224,9 @@ class RunFolder:
                     target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_payload(self, payload: dict[str, Any]) -> None:
+    def write_payload(self, payload: dict[str, Any], data: DataRecord | None = None) -> None:
+        if data is not None:
+            write_json(self.data, data.to_dict())
         write_json(self.config, payload)
 
     def write_tables(
