@@ -95,7 +95,10 @@ def test_duplicate_and_bad_registrations_are_refused() -> None:
 def test_model_registry_is_wired() -> None:
     from oncoslide.models import MODELS, create_model, list_models
 
-    assert list_models() == ["abmil", "abmil_plain", "max", "mean", "transmil"]
+    assert list_models() == [
+        "abmil", "abmil_plain", "fusion_late", "ghanet", "max", "mean", "mome", "omics_snn",
+        "pathlupi", "transmil",
+    ]  # fmt: skip
     assert list_models("abmil*") == ["abmil", "abmil_plain"]
     assert MODELS.metadata("transmil")["has_attention"] is True
     with pytest.raises(UnknownNameError, match="known: abmil"):

@@ -9,15 +9,22 @@ import pytest
 import torch
 
 from oncoslide.errors import ConfigError
-from oncoslide.models import MILModel, MILOutput, create_model, list_models
+from oncoslide.models import MODELS, MILModel, MILOutput, create_model, list_models
 
 IN_DIM = 12
+# omics of 5 genes in 3 groups (one gene in two groups), as the training path passes it
+LAYOUT = {"n_columns": 5, "groups": {"b": [2, 3, 4], "a": [0, 1], "c": [1, 4]}}
 SMALL: dict[str, dict[str, Any]] = {
     "mean": {},
     "max": {},
     "abmil": {"attn_dim": 8},
     "abmil_plain": {"attn_dim": 8},
     "transmil": {"n_landmarks": 6, "heads": 4},
+    "ghanet": {"heads": 4, "attn_dim": 8, "side_layout": {"omics": LAYOUT}},
+    "pathlupi": {"heads": 4, "side_layout": {"omics": LAYOUT}},
+    "omics_snn": {"side_layout": {"omics": LAYOUT}},
+    "fusion_late": {"attn_dim": 8, "omics_dim": 8, "side_layout": {"omics": LAYOUT}},
+    "mome": {"attn_dim": 8, "omics_dim": 8, "side_layout": {"omics": LAYOUT}},
 }
 LENGTHS = (23, 9, 1, 16)  # includes a one-patch bag and a perfect square
 
@@ -54,7 +61,7 @@ def test_output_shapes(name: str) -> None:
     assert isinstance(out, MILOutput)
     assert out.logits.shape == (4, 5)
     assert out.embedding.shape == (4, model.embed_dim)
-    if name in ("mean", "max"):
+    if not MODELS.metadata(name)["has_attention"]:
         assert out.attention is None
     else:
         assert out.attention is not None and out.attention.shape == (4, 30)
@@ -100,7 +107,7 @@ def test_a_bag_in_a_batch_equals_the_bag_alone(name: str) -> None:
             )
 
 
-@pytest.mark.parametrize("name", ["abmil", "abmil_plain", "transmil"])
+@pytest.mark.parametrize("name", [m for m in sorted(SMALL) if MODELS.metadata(m)["has_attention"]])
 def test_attention_is_a_distribution_over_valid_patches(name: str) -> None:
     out = _model(name)(*_batch(LENGTHS, pad_to=30))
     assert out.attention is not None
@@ -115,11 +122,23 @@ def test_padding_gets_no_gradient_and_training_mode_runs(name: str) -> None:
     model = _model(name).train()
     features, mask = _batch(LENGTHS, pad_to=30)
     features = features.clone().requires_grad_(True)
-    out = model(features, mask)
-    (out.logits.sum() + out.embedding.sum()).backward()
-    assert features.grad is not None
-    assert (features.grad[~mask] == 0).all()
-    assert features.grad[mask].abs().sum() > 0
+    side = None
+    if MODELS.metadata(name).get("side_inputs"):  # training steps get the side input
+        # one patient without omics: the rule for missing omics is trained too
+        present = torch.tensor([True, True, False, True])
+        side = {"omics": torch.randn(len(LENGTHS), 5), "omics_present": present}
+        out = model(features, mask, side=side)
+        assert set(out.aux_losses) == set(MODELS.metadata(name).get("aux_losses", {}))
+    else:
+        out = model(features, mask)
+    loss = out.logits.sum() + out.embedding.sum() + sum(out.aux_losses.values())
+    loss.backward()
+    if MODELS.metadata(name).get("uses_patches", True) is False:  # omics only: patches unused
+        assert features.grad is None or (features.grad == 0).all()
+    else:
+        assert features.grad is not None
+        assert (features.grad[~mask] == 0).all()
+        assert features.grad[mask].abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 

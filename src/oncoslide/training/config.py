@@ -107,6 +107,18 @@ class TrainConfig(BaseModel):
         description="weights of a model's auxiliary loss terms (default: the model's own)",
     )
 
+    # side inputs (omics)
+    omics_selection: Literal["auto", "none", "welch"] = Field(
+        "auto",
+        description="gene selection on each fold's training part: welch (Welch's t-test between "
+        "high- and low-risk patients, or between classes; p < omics_p), none, or auto (the "
+        "model's own choice: welch for ghanet)",
+    )
+    omics_p: float = Field(0.05, gt=0, le=1, description="p-value threshold of the selection")
+    omics_min_genes: int = Field(
+        16, ge=1, description="genes kept at least (the smallest p-values) when few pass"
+    )
+
     # transfer
     init: str | None = Field(
         None, description="start from the weights of this model folder (fine-tuning transfer)"

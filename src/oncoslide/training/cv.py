@@ -57,7 +57,7 @@ from oncoslide.training.model_folder import initialise_from, save_model_folder, 
 from oncoslide.training.module import MILModule
 from oncoslide.training.progress import FoldProgress, make_progress, quiet_lightning
 from oncoslide.training.run_folder import FoldFolder, RunFolder
-from oncoslide.training.side_inputs import check_side_inputs, part_side_arrays
+from oncoslide.training.side_inputs import SideScaler, check_side_inputs, part_side_arrays
 from oncoslide.training.summary import summarise_run
 from oncoslide.training.tasks import (
     FoldTask,
@@ -111,8 +111,10 @@ def cross_validate(
     if cohort.feature_dim is None:
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
     # a wrong model name or keyword fails here, before any folder is written
-    create_model(config.model, in_dim=cohort.feature_dim, n_outputs=1, **config.model_kwargs)
     check_side_inputs(config.model, side or {})
+    create_model(
+        config.model, in_dim=cohort.feature_dim, n_outputs=1, **unfitted_model_kwargs(config, side)
+    )
     task = resolve_task(cohort, config)
     patients = task_patients(cohort, task)
     notes = []
@@ -433,7 +435,7 @@ def train_fold(
         config.model,
         in_dim=cohort.feature_dim,
         n_outputs=ftask.n_outputs,
-        **config.model_kwargs,
+        **ftask.model_kwargs(),
     )
     meta = MODELS.metadata(config.model)
     aux_weights = _aux_weights(config, meta)
@@ -606,6 +608,20 @@ def train_fold(
         contract=contract,
         parts={"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)},
     )
+
+
+def unfitted_model_kwargs(
+    config: TrainConfig, side: Mapping[str, Omics] | None
+) -> dict[str, object]:
+    """The model's keywords with the side layout of the whole tables (no selection): only to
+    check, before any training, that the model can be built."""
+    kwargs: dict[str, object] = dict(config.model_kwargs)
+    if MODELS.metadata(config.model).get("side_layout"):
+        kwargs["side_layout"] = {
+            name: SideScaler.fit(name, table, list(table.patient_ids)).layout()
+            for name, table in (side or {}).items()
+        }
+    return kwargs
 
 
 def _strategy(config: TrainConfig, world: int) -> str | DDPStrategy:

@@ -107,7 +107,7 @@ def save_model_folder(
             "version": MODEL_VERSION,
             "model": {
                 "name": config.model,
-                "kwargs": dict(config.model_kwargs),
+                "kwargs": fold_task.model_kwargs(),
                 "in_dim": model.in_dim,
                 "n_outputs": model.n_outputs,
                 "embed_dim": model.embed_dim,

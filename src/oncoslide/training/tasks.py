@@ -21,6 +21,7 @@ from oncoslide.cohort.splits import survival_strata
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.classification import classification_metrics
+from oncoslide.models import MODELS
 from oncoslide.models.heads import class_probs, discrete_risk, discrete_survival
 from oncoslide.survival.bins import TimeBins
 from oncoslide.survival.breslow import BreslowEstimator
@@ -28,7 +29,7 @@ from oncoslide.survival.losses import cox_ph_loss, discrete_time_nll
 from oncoslide.survival.metrics import concordance_index_censored, survival_metrics
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import BagTargets
-from oncoslide.training.side_inputs import SideScaler
+from oncoslide.training.side_inputs import SideScaler, welch_selection
 
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "td_auc", "ibs")
 CLASSIFICATION_METRICS = ("auc", "balanced_accuracy")
@@ -190,6 +191,14 @@ class FoldTask:
         )
 
     # -- targets ----------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """The model's keyword arguments: the run's, plus the fold's side-input layout (width
+        and gene-group positions after selection) for models that declare ``side_layout``."""
+        kwargs = dict(self.config.model_kwargs)
+        if MODELS.metadata(self.config.model).get("side_layout"):
+            kwargs["side_layout"] = {k: v.layout() for k, v in self.side_scalers.items()}
+        return kwargs
+
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> BagTargets:
         if self.task.is_survival:
             y = cohort.survival(list(patient_ids))
@@ -329,10 +338,32 @@ def fit_fold_task(
     ``side`` tables get their standardisation fitted on the training patients that have them.
     """
     fold = _fit_targets(task, config, cohort, train_ids)
-    fold.side_scalers = {
-        name: SideScaler.fit(name, table, train_ids) for name, table in (side or {}).items()
-    }
+    selection = omics_selection(config)
+    scalers = {}
+    for name, table in (side or {}).items():
+        keep = None
+        if name == "omics" and selection == "welch":
+            ids = list(train_ids)
+            if task.is_survival:
+                y = cohort.survival(ids)
+                kw: dict[str, Any] = {"survival": (y["time"], y["event"])}
+            else:
+                kw = {"labels": np.asarray(cohort.labels(task.name, ids))}
+            keep, _ = welch_selection(
+                table, ids, p_threshold=config.omics_p, min_genes=config.omics_min_genes, **kw
+            )
+        scalers[name] = SideScaler.fit(
+            name, table, train_ids, keep=keep, selection=selection if keep else "none"
+        )
+    fold.side_scalers = scalers
     return fold
+
+
+def omics_selection(config: TrainConfig) -> str:
+    """The run's gene selection: its own setting, or the model's declared default."""
+    if config.omics_selection != "auto":
+        return config.omics_selection
+    return str(MODELS.metadata(config.model).get("omics_selection", "none"))
 
 
 def _fit_targets(
