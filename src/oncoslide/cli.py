@@ -452,6 +452,10 @@ def predict(
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings"),
     skip_bad_features: bool = typer.Option(False, "--skip-bad-features"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    omics: Path | None = typer.Option(
+        None, "--omics", help="expression table, for models that read omics at test time"
+    ),
+    gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene groups of --omics"),
 ) -> None:
     """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
     from oncoslide.errors import ConfigError
@@ -486,7 +490,10 @@ def predict(
         label_cols=(task.name,) if has_targets and not task.is_survival else (),
         bad_features="drop" if skip_bad_features else "error",
     )
-    result = predict_cohort(trained, c, out, batch_size=batch_size, embeddings=embeddings)
+    side = _side_inputs(omics, gene_groups, None)
+    result = predict_cohort(
+        trained, c, out, batch_size=batch_size, embeddings=embeddings, side=side
+    )
     console.print(
         f"[green]predicted[/] {len(result.predictions)} patients with {trained.name} "
         f"({task.name}) -> {out}/predictions.parquet"

@@ -20,12 +20,17 @@ predicted whole (no patch sampling), in eval mode, one bag per forward pass as t
 its test part, so a fold model reproduces its run's test predictions exactly on the CPU
 whatever else the cohort holds (a larger ``batch_size`` is faster on GPUs and equal up to
 floating-point rounding).
+
+Models that read omics at test time (``side_inputs={"omics": "always"}``: ``omics_snn``,
+``fusion_late``, ``mome``) need the table (``side={"omics": ...}``, ``predict --omics``); it is
+standardised with the fold's own fitted scaler and gene selection, and patients without a row
+are predicted as missing (see docs/models.md). A slide's embedding then uses its patient's row.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +40,17 @@ import pandas as pd
 import torch
 
 from oncoslide._io import atomic_path, write_json, write_table
+from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import FeatureContract
+from oncoslide.models import MODELS
 from oncoslide.training.cv import PREDICT_BATCH
 from oncoslide.training.data import BagDataset, BagTargets, collate_bags, length_sorted_order
 from oncoslide.training.model_folder import TrainedModel
+from oncoslide.training.module import model_inputs
+from oncoslide.training.side_inputs import declared_side_inputs, part_side_arrays
 from oncoslide.training.tasks import label_str
 
 PathLike = str | os.PathLike[str]
@@ -84,6 +93,47 @@ def check_contract(trained: TrainedModel, cohort: Cohort, cache: FeatureCache) -
         )
 
 
+def prediction_side(
+    trained: TrainedModel, side: Mapping[str, Omics] | None, patient_ids: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The side arrays a model reads at prediction time, standardised with its fold's scalers.
+
+    Only inputs declared ``"always"`` are read (``"train"`` ones are privileged: prediction never
+    uses them). Each must be given; a given table the model does not read at prediction time is
+    an error, as in training. Patients without a row get zeros and ``present = False``.
+    """
+    declared = declared_side_inputs(trained.name)
+    needed = [k for k, when in declared.items() if when == "always"]
+    given = dict(side or {})
+    problems = [
+        f"model {trained.name!r} reads the side input {k!r} at prediction time (e.g. --{k})"
+        for k in needed
+        if k not in given
+    ]
+    problems += [
+        f"side input {k!r} is given but model {trained.name!r} does not read it when predicting"
+        + (" (it is used in training only)" if k in declared else "")
+        for k in given
+        if k not in needed
+    ]
+    scalers = trained.fold_task.side_scalers
+    for k in needed:
+        if k not in scalers:
+            problems.append(f"the model in {trained.path} has no fitted standardisation for {k!r}")
+        elif k in given:
+            absent = [c for c in scalers[k].columns if c not in given[k].values.columns]
+            if absent:
+                problems.append(
+                    f"side input {k!r} lacks {len(absent)} column(s) the model was trained on: "
+                    f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"
+                )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return part_side_arrays(
+        {k: scalers[k] for k in needed}, given, declared, list(patient_ids), "predict"
+    )
+
+
 def _run_batches(
     trained: TrainedModel,
     items: Callable[[int], dict[str, object]],
@@ -96,10 +146,16 @@ def _run_batches(
     logits = torch.empty(n, n_out)
     embeddings = torch.empty(n, dim)
     model = trained.model.eval()
+    uses_slide_index = bool(MODELS.metadata(trained.name).get("uses_slide_index", False))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = collate_bags([items(i) for i in order[start : start + batch_size]])
-            out = model(batch["features"], batch["mask"], batch["coords"])
+            out = model(
+                batch["features"],
+                batch["mask"],
+                batch["coords"],
+                **model_inputs(batch, uses_slide_index),
+            )
             logits[batch["index"]] = out.logits.float()
             embeddings[batch["index"]] = out.embedding.float()
     return logits, embeddings
@@ -113,23 +169,26 @@ def predict_cohort(
     cache: FeatureCache | None = None,
     batch_size: int | None = None,
     embeddings: bool = True,
+    side: Mapping[str, Omics] | None = None,
 ) -> Predictions:
-    """Predict every patient of ``cohort`` with ``trained`` and write the outputs (see above)."""
+    """Predict every patient of ``cohort`` with ``trained`` and write the outputs (see above).
+
+    ``side`` holds the tables a model reads at prediction time (``side_inputs`` declared
+    ``"always"``, e.g. ``{"omics": load_omics(...)}``); other models take none.
+    """
     if cohort.feature_dim is None:
         raise ConfigError("load the cohort with its feature files to predict")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    patients = cohort.patient_ids
+    arrays = prediction_side(trained, side, patients)
     own = cache is None
     cache = cache or FeatureCache()
     try:
         check_contract(trained, cohort, cache)
         size = batch_size or PREDICT_BATCH
-        patients = cohort.patient_ids
-        ds = BagDataset(cohort, patients, cache, BagTargets(), max_patches=None)
-        logits, patient_emb = _run_batches(
-            trained, ds.__getitem__, length_sorted_order(ds), len(ds), size
-        )
+        logits, patient_emb = predict_logits(trained, cohort, patients, cache, arrays, size)
         frame = pd.concat(
             [pd.DataFrame({"patient_id": patients}), trained.fold_task.prediction_frame(logits)],
             axis=1,
@@ -138,7 +197,8 @@ def predict_cohort(
         slides = [(pid, sid, path) for pid in patients for sid, path in _slides(cohort, pid)]
         slide_emb = torch.empty(0, trained.model.embed_dim)
         if embeddings:
-            slide_emb = _slide_embeddings(trained, slides, cache, size)
+            rows = {pid: i for i, pid in enumerate(patients)}
+            slide_emb = _slide_embeddings(trained, slides, cache, size, arrays, rows)
     finally:
         if own:
             cache.close()
@@ -163,6 +223,8 @@ def predict_cohort(
             "patients": len(patients),
             "slides": len(slides),
             "embedding_dim": int(trained.model.embed_dim),
+            # patients whose row of each side input was read (the others predicted as missing)
+            "side_inputs": {k: int(present.sum()) for k, (_, present) in arrays.items()},
         },
     )
     return Predictions(out, frame, patient_table, slide_table)
@@ -172,22 +234,46 @@ def _slides(cohort: Cohort, patient_id: str) -> list[tuple[str, Path]]:
     return list(zip(cohort.slide_ids(patient_id), cohort.slide_paths(patient_id), strict=True))
 
 
+def predict_logits(
+    trained: TrainedModel,
+    cohort: Cohort,
+    patient_ids: Sequence[str],
+    cache: FeatureCache,
+    side: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and patient embeddings of ``patient_ids`` (in that order): whole bags, eval mode,
+    with the side arrays of :func:`prediction_side` (rows aligned with ``patient_ids``)."""
+    ds = BagDataset(
+        cohort, list(patient_ids), cache, BagTargets(), max_patches=None, side=dict(side or {})
+    )
+    size = batch_size or PREDICT_BATCH
+    return _run_batches(trained, ds.__getitem__, length_sorted_order(ds), len(ds), size)
+
+
 def _slide_embeddings(
     trained: TrainedModel,
     slides: list[tuple[str, str, Path]],
     cache: FeatureCache,
     batch_size: int,
+    side: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    rows: Mapping[str, int],
 ) -> torch.Tensor:
-    """Each slide alone as a bag."""
+    """Each slide alone as a bag (with its patient's side inputs, for models that read them)."""
 
     def item(k: int) -> dict[str, object]:
         sf = cache.get(slides[k][2])
-        return {
+        out: dict[str, object] = {
             "index": k,
             "features": sf.features,
             "coords": sf.coords,
             "slide_index": np.zeros(sf.n_patches, dtype=np.int64),
         }
+        row = rows[slides[k][0]]
+        for name, (values, present) in side.items():
+            out[f"side:{name}"] = values[row]
+            out[f"side_present:{name}"] = bool(present[row])
+        return out
 
     sizes = np.array([cache.get(path).n_patches for _, _, path in slides])
     order = [int(i) for i in np.argsort(sizes, kind="stable")]
