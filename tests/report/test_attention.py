@@ -314,3 +314,34 @@ def test_stamp_heatmap_command_says_how_to_give_the_resolution(
     )
     assert drawn.exit_code == 0, drawn.output
     assert (tmp_path / "b" / "P03" / "P03-S1.png").exists()
+
+
+def test_ghanet_heatmaps_have_one_map_per_gene_group(slide_cohort: Path, tmp_path: Path) -> None:
+    """G-HANet's group tokens each attend to the patches: one image and one column per group."""
+    from oncoslide.cohort.omics import load_omics
+
+    table = pd.read_csv(slide_cohort / "cohort.csv")
+    rng = np.random.default_rng(0)
+    genes = pd.DataFrame(rng.normal(size=(len(table), 6)), columns=[f"G{i}" for i in range(6)])
+    genes.insert(0, "patient_id", table["patient_id"])
+    groups = {"kinases": ["G0", "G1", "G2"], "suppressors": ["G3", "G4", "G5"]}
+    omics = load_omics(genes, groups)
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    config = make_config(
+        task="survival", model="ghanet", folds=3, epochs=2, batch_size=4, progress=False,
+        early_stopping_patience=None, n_boot=0, omics_min_genes=2,
+        model_kwargs={"hidden_dim": 16, "heads": 2, "attn_dim": 8},
+    )  # fmt: skip
+    run = tmp_path / "run"
+    cross_validate(cohort, config, run, side={"omics": omics})
+    result = attention_heatmaps(run, cohort, "P03", tmp_path / "maps", max_side=256)
+    assert set(result.images) == {"P03-S1", "P03-S1.kinases", "P03-S1.suppressors"}
+    for path in result.images.values():
+        assert Image.open(path).size[0] > 0
+    att = pd.read_csv(tmp_path / "maps" / "attention.csv")
+    for name in ("kinases", "suppressors"):
+        np.testing.assert_allclose(att[f"attention:{name}"].sum(), 1.0, atol=1e-6)
+        assert att[f"percentile:{name}"].between(0, 1, inclusive="right").all()
+    # group maps differ from each other and from the gated attention
+    assert not np.allclose(att["attention:kinases"], att["attention:suppressors"])
+    assert not np.allclose(att["attention:kinases"], att["attention"])

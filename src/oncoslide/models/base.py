@@ -46,12 +46,16 @@ class MILOutput:
             patches and exactly 0 on padding; None for models without attention.
         aux_losses: named scalar loss terms beyond the task loss (training only; see the
             module docstring).
+        attention_maps: further named (B, N) maps over the patches (e.g. one per gene group
+            of G-HANet), each a distribution over the valid patches like ``attention``;
+            heatmaps draw one image per map.
     """
 
     logits: Tensor
     embedding: Tensor
     attention: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    attention_maps: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MILModel(nn.Module):

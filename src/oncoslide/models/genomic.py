@@ -123,6 +123,16 @@ def _top_share(weights: Tensor, mask: Tensor, share: float) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _group_maps(
+    groups: list[tuple[str, list[int]]], cross: Tensor, mask: Tensor
+) -> dict[str, Tensor]:
+    """Each group token's last cross-attention over the valid patches, renormalised (the
+    per-group heatmaps); the multi-head attention already gives padding no weight."""
+    maps = torch.where(mask[:, None, :], cross, torch.zeros_like(cross))
+    maps = maps / maps.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return {name: maps[:, k] for k, (name, _) in enumerate(groups)}
+
+
 def _reconstruction_error(pred: Tensor, target: Tensor) -> Tensor:
     """Per patient: (1 - cosine similarity) + mean squared error."""
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
@@ -233,7 +243,11 @@ class GHANet(MILModel):
         if side is not None and "omics" in side:
             aux["recon"] = self._reconstruction(tokens, side)
         return MILOutput(
-            logits=self.head(embedding), embedding=embedding, attention=gated, aux_losses=aux
+            logits=self.head(embedding),
+            embedding=embedding,
+            attention=gated,
+            aux_losses=aux,
+            attention_maps=_group_maps(self.groups, cross, mask),
         )
 
     def _reconstruction(self, tokens: Tensor, side: dict[str, Tensor]) -> Tensor:
@@ -315,7 +329,11 @@ class PathLUPI(MILModel):
         if side is not None and "omics" in side:
             aux["anchor"] = self._anchor(tokens, side)
         return MILOutput(
-            logits=self.head(embedding), embedding=embedding, attention=attention, aux_losses=aux
+            logits=self.head(embedding),
+            embedding=embedding,
+            attention=attention,
+            aux_losses=aux,
+            attention_maps=_group_maps(self.groups, cross, mask),
         )
 
     def pathway_scores(self, tokens: Tensor) -> Tensor:

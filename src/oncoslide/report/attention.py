@@ -225,7 +225,6 @@ def patient_attention(
     if out.attention is None:
         raise ConfigError(f"model {fold_model.config.model!r} returned no attention")
     weights = out.attention[0].double().numpy()
-    ranks = pd.Series(weights).rank(method="average").to_numpy() / weights.size
     table = pd.DataFrame(
         {
             "patient_id": patient_id,
@@ -233,9 +232,14 @@ def patient_attention(
             "x": bag.coords[:, 0].astype(np.int64),
             "y": bag.coords[:, 1].astype(np.int64),
             "attention": weights,
-            "percentile": ranks,
+            "percentile": _percentile(weights),
         }
     )
+    # further maps (G-HANet: one per gene group): attention:<name> and percentile:<name>
+    for name, values in out.attention_maps.items():
+        extra = values[0].double().numpy()
+        table[f"attention:{name}"] = extra
+        table[f"percentile:{name}"] = _percentile(extra)
     frame = fold_model.fold_task.prediction_frame(out.logits)
     prediction = {str(k): float(v) for k, v in frame.iloc[0].items()}
     return PatientAttention(
@@ -246,6 +250,16 @@ def patient_attention(
         table,
         prediction,
     )
+
+
+def _percentile(weights: np.ndarray) -> np.ndarray:
+    """Each patch's rank among the patient's patches, in (0, 1]."""
+    return pd.Series(weights).rank(method="average").to_numpy() / weights.size
+
+
+def map_names(table: pd.DataFrame) -> list[str]:
+    """The further attention maps an attention table holds (see ``attention:<name>``)."""
+    return [c.split(":", 1)[1] for c in table.columns if c.startswith("attention:")]
 
 
 # ------------------------------------------------------------------------------ drawing
@@ -422,17 +436,22 @@ def attention_heatmaps(
                 background, grid = _background(
                     slide_file, str(slide_id), grid, inferred, max_side, notes
                 )
-            image = attention_overlay(
-                rows, grid, max_side=max_side, background=background, cmap=cmap
-            )
-            title = (
-                f"{patient_id} · {slide_id} · {fold_model.config.model} seed {seed} fold "
-                f"{chosen} ({'out-of-fold' if attention.out_of_fold else 'trained on'})\n"
-                f"{len(rows)} patches · prediction: {prediction}"
-            )
-            target = out / f"{slide_id}.png"
-            _save_figure(image, title, cmap, target)
-            result.images[str(slide_id)] = target
+            view = "out-of-fold" if attention.out_of_fold else "trained on"
+            for name in (None, *map_names(rows)):
+                drawn = rows if name is None else rows.assign(percentile=rows[f"percentile:{name}"])
+                image = attention_overlay(
+                    drawn, grid, max_side=max_side, background=background, cmap=cmap
+                )
+                what = "" if name is None else f" · {name} attention"
+                title = (
+                    f"{patient_id} · {slide_id} · {fold_model.config.model} seed {seed} fold "
+                    f"{chosen} ({view}){what}\n"
+                    f"{len(rows)} patches · prediction: {prediction}"
+                )
+                stem = str(slide_id) if name is None else f"{slide_id}.{name}"
+                target = out / f"{stem}.png"
+                _save_figure(image, title, cmap, target)
+                result.images[stem] = target
     finally:
         cache.close()
     return result
