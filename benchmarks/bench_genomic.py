@@ -4,6 +4,8 @@ Two parts, both in one process:
 
 * **cost**: seconds per training epoch of ``ghanet`` and ``pathlupi`` relative to ``abmil`` on
   the same bags (a fixed schedule, no validation part), printed as ratios.
+* **baselines**: the models that read test omics (``omics_snn``, ``fusion_late``, ``mome``)
+  on the preset as written, and ``mome`` with 0, 50 and 100 % of its test omics hidden.
 * **signal**: 5-fold cross-validation x ``--seeds`` seeds with 100 training patients per fold
   (125 patients drawn from the preset's world), omics in training only, on the preset as
   written (``genomic_signal`` 1.2) and with the world's omics knob off (``genomic_signal`` 0).
@@ -110,16 +112,48 @@ def signal(root: Path, seeds: int) -> None:
             print(line)
 
 
+def baselines(root: Path, seeds: int) -> None:
+    """The baselines that read test omics, on the preset as written, and the mixture of
+    experts with 0, 50 and 100 % of its test patients' omics hidden."""
+    from oncoslide.training.missing import missing_omics_evaluation
+
+    world = root / "baselines"
+    _world(world, 1.2, seed=1)
+    preds = {m: _cv(world, m, seeds) for m in ("abmil", "omics_snn", "fusion_late", "mome")}
+    print(f"baselines reading test omics (histogenomic, 5 folds x {seeds} seed(s)):")
+    for model, frame in preds.items():
+        folds = [_cindex(g) for _, g in frame.groupby(["seed", "fold"])]
+        line = f"  {model:11s} C {np.mean(folds):.3f} (sd {np.std(folds):.3f})"
+        if model != "abmil":
+            d, p = _paired(preds["abmil"], frame)
+            line += f"   vs abmil {d:+.3f}, paired bootstrap p = {p:.3f}"
+        print(line)
+    cohort = load_cohort(world / "cohort.csv", world / "features")
+    omics = load_omics(world / "omics.csv", world / "gene_groups.gmt")
+    rows = []
+    for model_dir in sorted((world / "run-mome" / "folds").glob("*/model")):
+        scores = missing_omics_evaluation(model_dir, cohort, omics).scores
+        rows.append(scores[scores["metric"] == "c_index"])
+    table = pd.concat(rows).groupby("missing_share")["value"].agg(["mean", "std"])
+    abmil = np.mean([_cindex(g) for _, g in preds["abmil"].groupby(["seed", "fold"])])
+    print("  mome with test omics hidden (mean C over folds; abmil, slides only: "
+          f"{abmil:.3f}):")  # fmt: skip
+    for share, row in table.iterrows():
+        print(f"    {float(share):4.0%} hidden: C {row['mean']:.3f} (sd {row['std']:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=["cost", "signal"], default=None)
+    parser.add_argument("--only", choices=["cost", "signal", "baselines"], default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "cost"):
             cost(Path(tmp) / "cost")
         if args.only in (None, "signal"):
             signal(Path(tmp) / "signal", args.seeds)
+        if args.only in (None, "baselines"):
+            baselines(Path(tmp) / "baselines", args.seeds)
 
 
 if __name__ == "__main__":
