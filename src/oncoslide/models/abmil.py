@@ -43,7 +43,13 @@ class GatedAttention(nn.Module):
         return self.score(hidden).squeeze(-1)
 
 
-@MODELS.register("abmil", reference=_REFERENCE, has_attention=True, uses_coords=False)
+@MODELS.register(
+    "abmil",
+    reference=_REFERENCE,
+    has_attention=True,
+    uses_coords=False,
+    description="gated attention MIL (CLAM / PathBench form)",
+)
 class ABMIL(MILModel):
     """Gated attention MIL.
 
@@ -82,7 +88,13 @@ class ABMIL(MILModel):
         return MILOutput(logits=self.head(embedding), embedding=embedding, attention=attention)
 
 
-@MODELS.register("abmil_plain", reference=_REFERENCE, has_attention=True, uses_coords=False)
+@MODELS.register(
+    "abmil_plain",
+    reference=_REFERENCE,
+    has_attention=True,
+    uses_coords=False,
+    description="attention MIL with plain tanh attention (Ilse et al.)",
+)
 def abmil_plain(
     in_dim: int,
     n_outputs: int,

@@ -155,6 +155,8 @@ def _masked_mean(values: Tensor, present: Tensor) -> Tensor:
     side_layout=True,
     aux_losses={"recon": 0.3},
     omics_selection="welch",
+    description="G-HANet: genomics-guided (omics in training only, per-fold gene selection); "
+    "slides only at test time",
 )
 class GHANet(MILModel):
     """G-HANet: genomics-guided slide model, slide-only at inference.
@@ -270,6 +272,8 @@ class GHANet(MILModel):
     side_inputs={"omics": "train"},
     side_layout=True,
     aux_losses={"anchor": 1.0},
+    description="PathLUPI: genome-anchored slide embedding (omics in training only); slides "
+    "only at test time",
 )
 class PathLUPI(MILModel):
     """Genome-anchored slide embedding: pathway tokens that predict pathway scores.

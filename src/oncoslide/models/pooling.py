@@ -36,7 +36,13 @@ class _PoolingMIL(MILModel):
         return MILOutput(logits=self.head(embedding), embedding=embedding, attention=None)
 
 
-@MODELS.register("mean", reference="mean pooling baseline", has_attention=False, uses_coords=False)
+@MODELS.register(
+    "mean",
+    reference="mean pooling baseline",
+    has_attention=False,
+    uses_coords=False,
+    description="mean of the projected patches (baseline)",
+)
 class MeanPoolMIL(_PoolingMIL):
     """Masked mean of the projected patches of each bag."""
 
@@ -45,7 +51,13 @@ class MeanPoolMIL(_PoolingMIL):
         return total / mask.sum(dim=1, keepdim=True).to(rows.dtype)
 
 
-@MODELS.register("max", reference="max pooling baseline", has_attention=False, uses_coords=False)
+@MODELS.register(
+    "max",
+    reference="max pooling baseline",
+    has_attention=False,
+    uses_coords=False,
+    description="element-wise max of the projected patches (baseline)",
+)
 class MaxPoolMIL(_PoolingMIL):
     """Masked element-wise max of the projected patches of each bag."""
 

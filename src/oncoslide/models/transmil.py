@@ -313,7 +313,13 @@ class _GridLayout:
         return torch.where(mask, per_rank.gather(1, rank), 0.0)
 
 
-@MODELS.register("transmil", reference=_REFERENCE, has_attention=True, uses_coords=False)
+@MODELS.register(
+    "transmil",
+    reference=_REFERENCE,
+    has_attention=True,
+    uses_coords=False,
+    description="TransMIL: Nystrom self-attention over the patches with PPEG",
+)
 class TransMIL(MILModel):
     """TransMIL: projected patches on a square grid, CLS token, 2 Nyström layers with PPEG.
 
