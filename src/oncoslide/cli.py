@@ -835,3 +835,108 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------------- transfer
+
+zoo_app = typer.Typer(
+    help="A zoo of per-cancer survival models (CROPKT's off-the-shelf models).",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+transfer_app = typer.Typer(
+    help="Cross-cancer transfer: how each cancer's model does on the others.",
+    no_args_is_help=True,
+)
+app.add_typer(transfer_app, name="transfer")
+
+
+@zoo_app.command("train")
+@_friendly
+def zoo_train(
+    cohort: Path = typer.Option(..., "--cohort", help="pan-cancer cohort table"),
+    features: Path = typer.Option(..., "--features", help="feature folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="zoo folder"),
+    by: str = typer.Option("cohort", "--by", help="patient-level column naming the cancer"),
+    min_patients: int = typer.Option(200, "--min-patients", help="inclusion: patients"),
+    min_event_rate: float = typer.Option(0.05, "--min-event-rate", help="inclusion: events/n"),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="YAML/JSON training settings (docs/training.md)"
+    ),
+    model: str = typer.Option("abmil", "--model", "-m"),
+    folds: int | None = typer.Option(None, "--folds"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    seed: int | None = typer.Option(None, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train one survival model per cancer that meets the inclusion rule."""
+    from oncoslide.training import make_config
+    from oncoslide.transfer import build_zoo
+
+    settings: dict[str, Any] = _read_config_file(config_file) if config_file else {}
+    settings.update({"task": "survival", "model": model, "progress": progress})
+    for key, value in (("folds", folds), ("epochs", epochs), ("seed", seed)):
+        if value is not None:
+            settings[key] = value
+    config = make_config(**settings)
+    c = _load_cohort(cohort, features, show_progress=progress)
+    zoo, notes = build_zoo(
+        c,
+        config,
+        out,
+        by=by,
+        min_patients=min_patients,
+        min_event_rate=min_event_rate,
+        overwrite=overwrite,
+        on_step=lambda cancer: console.print(f"training the {cancer} model"),
+    )
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    _print_zoo(zoo)
+
+
+@zoo_app.command("list")
+@_friendly
+def zoo_list(zoo_dir: Path = typer.Argument(..., help="zoo folder")) -> None:
+    """The zoo's models: cancer, patients, events, encoder, CV C-index with interval."""
+    from oncoslide.transfer import load_zoo
+
+    _print_zoo(load_zoo(zoo_dir))
+
+
+def _print_zoo(zoo: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"model zoo {zoo.path} (by {zoo.by}; encoder {zoo.contract.encoder})")
+    for col in ("cancer", "patients", "events", "CV C-index [95% CI]"):
+        table.add_column(col)
+    for e in zoo.entries:
+        table.add_row(
+            e.cancer,
+            str(e.n_patients),
+            str(e.n_events),
+            f"{e.c_index:.3f} [{e.lower:.2f}, {e.upper:.2f}]",
+        )
+    console.print(table)
+
+
+@transfer_app.command("matrix")
+@_friendly
+def transfer_matrix_cmd(
+    zoo_dir: Path = typer.Option(..., "--zoo", help="zoo folder (oncoslide zoo train)"),
+    cohort: Path = typer.Option(..., "--cohort", help="cohort table with the target cancers"),
+    features: Path = typer.Option(..., "--features", help="feature folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    n_boot: int = typer.Option(500, "--n-boot", help="bootstrap replicates per cell"),
+) -> None:
+    """Score every zoo model, unchanged, on every cancer's patients it never saw."""
+    from oncoslide.transfer import load_zoo, transfer_matrix
+
+    zoo = load_zoo(zoo_dir)
+    c = _load_cohort(cohort, features)
+    result = transfer_matrix(zoo, c, out, n_boot=n_boot)
+    console.print(result.wide.round(3).to_string(), highlight=False)
+    console.print(
+        f"[green]written[/] {out / 'matrix.csv'}, {out / 'matrix.png'}, {out / 'index.html'}"
+    )
