@@ -117,3 +117,21 @@ def test_zoo_and_matrix_through_the_cli(tiny_cohort: Path, tmp_path: Path) -> No
     assert wide.shape == (2, 3) and np.isfinite(wide.iloc[:, 1:].to_numpy(float)).all()
     bad = runner.invoke(app, ["zoo", "list", str(tmp_path)])
     assert bad.exit_code == 2 and "not a model zoo" in bad.output
+
+
+def test_a_zoo_refuses_features_of_another_encoder(
+    zoo_dir: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import h5py
+
+    other = tmp_path / "other-encoder"
+    shutil.copytree(tiny_cohort / "features", other)
+    for path in other.glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            f["features"].attrs["encoder"] = "uni"
+    cohort = load_cohort(tiny_cohort / "cohort.csv", other)
+    with pytest.raises(ConfigError, match=r"simulated.*uni|uni.*simulated"):
+        transfer_matrix(load_zoo(zoo_dir), cohort, tmp_path / "tm", n_boot=10)
+    assert load_zoo(zoo_dir).contract.encoder == "simulated"
