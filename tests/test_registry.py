@@ -97,7 +97,7 @@ def test_model_registry_is_wired() -> None:
 
     assert list_models() == [
         "abmil", "abmil_plain", "fusion_late", "ghanet", "max", "mean", "mome", "omics_snn",
-        "pathlupi", "transmil",
+        "pathlupi", "roupkt", "transmil",
     ]  # fmt: skip
     assert list_models("abmil*") == ["abmil", "abmil_plain"]
     assert MODELS.metadata("transmil")["has_attention"] is True

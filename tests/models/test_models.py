@@ -50,7 +50,9 @@ def _batch(
 
 
 def test_all_models_are_tested() -> None:
-    assert set(list_models()) == set(SMALL)
+    # models built from other trained models (a zoo of experts) are tested in tests/transfer
+    own = {m for m in list_models() if not MODELS.metadata(m).get("needs_experts")}
+    assert own == set(SMALL)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -14,6 +14,7 @@ from oncoslide.models import abmil as _abmil  # noqa: F401  (registers abmil, ab
 from oncoslide.models import genomic as _genomic  # noqa: F401  (registers ghanet, pathlupi)
 from oncoslide.models import omics_baselines as _omics  # noqa: F401  (omics_snn, fusion_late, mome)
 from oncoslide.models import pooling as _pooling  # noqa: F401  (registers mean, max)
+from oncoslide.models import roupkt as _roupkt  # noqa: F401  (registers roupkt)
 from oncoslide.models import transmil as _transmil  # noqa: F401  (registers transmil)
 from oncoslide.models.abmil import ABMIL
 from oncoslide.models.base import MODELS, MILModel, MILOutput

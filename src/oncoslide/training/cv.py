@@ -437,6 +437,7 @@ def train_fold(
         n_outputs=ftask.n_outputs,
         **ftask.model_kwargs(),
     )
+    _check_experts(model, contract, val_ids + test_ids)
     meta = MODELS.metadata(config.model)
     aux_weights = _aux_weights(config, meta)
     transfer: dict[str, object] = {}
@@ -665,6 +666,27 @@ def _parts(
     train: list[str], val: list[str], test: list[str]
 ) -> tuple[tuple[Literal["train", "val", "test"], list[str]], ...]:
     return (("train", train), ("val", val), ("test", test))
+
+
+def _check_experts(model: MILModel, contract: FeatureContract, held_out: Sequence[str]) -> None:
+    """A model built on other trained models (ROUPKT's experts) must not have seen a patient
+    this fold validates or tests on, and must read the same features."""
+    seen = getattr(model, "seen_patients", None)
+    if not callable(seen):
+        return
+    held = set(map(str, held_out))
+    leaks = {name: sorted(ids & held) for name, ids in seen().items() if ids & held}
+    if leaks:
+        parts = [f"{name} ({len(ids)}, e.g. {ids[0]})" for name, ids in leaks.items()]
+        raise ConfigError(
+            "experts trained on patients this fold validates or tests on would leak their "
+            f"outcomes: {'; '.join(parts)}; leave them out (--model-arg exclude=[...])"
+        )
+    theirs = getattr(model, "zoo_contract", None)
+    if isinstance(theirs, FeatureContract):
+        problems = theirs.mismatches(contract)
+        if problems:
+            raise ConfigError("the experts were trained on other features: " + "; ".join(problems))
 
 
 def _aux_weights(config: TrainConfig, meta: Mapping[str, object]) -> dict[str, float]:

@@ -1,0 +1,164 @@
+"""ROUPKT: routing over off-the-shelf cancer models (seed 000, CROPKT's second stage).
+
+The experts are the frozen survival models of a zoo (``experts=<zoo folder>``): each maps the
+target patient's bag to its slide embedding, which a per-expert adapter (Linear + ReLU +
+Dropout) brings to a common width. A router (gated attention over the raw patches, then
+Linear -> one logit per expert) gives softmax weights; each patient keeps its ``top_k``
+experts (the weights are not renormalised, as in the paper) and the weighted sum of the adapted
+embeddings feeds the survival head. Two auxiliary losses (0.01 each) keep the router healthy:
+load balance, K * sum_j mean(p_j) * (share of patients whose top-1 is j), and the router
+z-loss, mean(logsumexp(logits)^2).
+
+An expert trained on one of the target's patients would leak its outcome: the training path
+asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
+fold whose test or validation part holds one; ``exclude`` leaves experts out by cancer (e.g.
+the target's own zoo model, which saw all its patients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from oncoslide.errors import ConfigError
+from oncoslide.features.schema import FeatureContract
+from oncoslide.models.abmil import GatedAttention
+from oncoslide.models.base import (
+    MODELS,
+    Dropout,
+    MILModel,
+    MILOutput,
+    attention_pool,
+    bag_index,
+    project_valid,
+)
+from oncoslide.models.heads import make_head
+
+_REFERENCE = (
+    "Cross-cancer prognosis knowledge transfer (CROPKT / ROUPKT), seed 000: routing over "
+    "off-the-shelf cancer models"
+)
+
+
+@MODELS.register(
+    "roupkt",
+    reference=_REFERENCE,
+    has_attention=True,
+    uses_coords=False,
+    aux_losses={"balance": 0.01, "z": 0.01},
+    needs_experts=True,
+    description="ROUPKT: a router over the frozen models of a zoo (experts=ZOO)",
+)
+class ROUPKT(MILModel):
+    """Top-k routing over frozen zoo experts (see the module docstring).
+
+    Args:
+        in_dim, n_outputs, dropout, hidden_dim: see :class:`~oncoslide.models.base.MILModel`.
+        experts: a zoo folder (``oncoslide zoo train``).
+        exclude: cancers of the zoo left out as experts.
+        top_k: experts kept per patient (5 in the paper; at most the number of experts).
+        attn_dim: width of the router's gated attention.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        dropout: float = 0.25,
+        hidden_dim: int = 512,
+        experts: str | None = None,
+        exclude: Sequence[str] = (),
+        top_k: int = 5,
+        attn_dim: int = 128,
+    ) -> None:
+        super().__init__(in_dim, n_outputs, dropout, hidden_dim)
+        from oncoslide.transfer.zoo import load_zoo
+
+        if experts is None:
+            raise ConfigError("roupkt needs a zoo of experts: --model-arg experts=ZOO_FOLDER")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"roupkt: top_k must be a positive integer, got {top_k!r}")
+        zoo = load_zoo(experts)
+        unknown = sorted(set(exclude) - set(zoo.cancers))
+        if unknown:
+            raise ConfigError(f"roupkt: exclude names cancers the zoo lacks: {unknown}")
+        self.expert_names = [c for c in zoo.cancers if c not in set(exclude)]
+        if not self.expert_names:
+            raise ConfigError("roupkt: every expert of the zoo is excluded")
+        loaded = [zoo.model(c) for c in self.expert_names]
+        for name, trained in zip(self.expert_names, loaded, strict=True):
+            if trained.model.in_dim != in_dim:
+                raise ConfigError(
+                    f"roupkt: the {name} expert reads {trained.model.in_dim}-d features, these "
+                    f"are {in_dim}-d"
+                )
+        self.zoo_contract: FeatureContract = zoo.contract
+        self._seen = {
+            name: set(t.patients()["patient_id"].astype(str))
+            for name, t in zip(self.expert_names, loaded, strict=True)
+        }
+        self.experts = nn.ModuleList([t.model for t in loaded])
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+        self.adapters = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(t.model.embed_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
+                for t in loaded
+            ]
+        )
+        self.top_k = min(top_k, len(loaded))
+        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
+        self.attention = GatedAttention(hidden_dim, attn_dim, dropout, gated=True)
+        self.router = nn.Linear(hidden_dim, len(loaded))
+        self.head = make_head(hidden_dim, n_outputs)
+
+    def train(self, mode: bool = True) -> ROUPKT:
+        super().train(mode)
+        self.experts.eval()  # frozen experts never use dropout
+        return self
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        groups = super().parameter_groups()
+        return {k: [n for n in v if not n.startswith("experts.")] for k, v in groups.items()}
+
+    def seen_patients(self) -> dict[str, set[str]]:
+        """Per expert, the patients it was trained on (the training path's leak check)."""
+        return {k: set(v) for k, v in self._seen.items()}
+
+    def forward(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> MILOutput:
+        self.check_inputs(features, mask, coords)
+        with torch.no_grad():
+            embeddings = [expert(features, mask).embedding for expert in self.experts]
+        adapted = torch.stack(
+            [adapter(e) for adapter, e in zip(self.adapters, embeddings, strict=True)], dim=1
+        )  # (B, K, H)
+        rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
+        pooled, attention = attention_pool(self.attention(rows), rows, mask, bag_index(mask))
+        logits = self.router(pooled)  # (B, K)
+        probs = torch.softmax(logits, dim=-1)
+        kept = torch.zeros_like(probs).scatter(-1, probs.topk(self.top_k, dim=-1).indices, 1.0)
+        weights = probs * kept
+        mixed = (weights.unsqueeze(-1) * adapted).sum(dim=1)
+        top1 = nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+        aux = {
+            "balance": probs.shape[-1] * (probs.mean(dim=0) * top1.mean(dim=0)).sum(),
+            "z": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+        }
+        return MILOutput(
+            logits=self.head(mixed),
+            embedding=mixed,
+            attention=attention,
+            aux_losses=aux,
+            attention_maps={},
+        )
+
+    def routing(self, features: Tensor, mask: Tensor) -> dict[str, Any]:
+        """The router's weights per expert for a batch (for reports)."""
+        with torch.no_grad():
+            rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
+            pooled, _ = attention_pool(self.attention(rows), rows, mask, bag_index(mask))
+            probs = torch.softmax(self.router(pooled), dim=-1)
+        return {name: probs[:, k] for k, name in enumerate(self.expert_names)}

@@ -1,0 +1,97 @@
+"""ROUPKT through the one training path: frozen zoo experts, top-k routing, auxiliary losses,
+and the leak check that refuses experts trained on the fold's held-out patients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oncoslide.cli import app
+from oncoslide.cohort.table import load_cohort
+from oncoslide.errors import ConfigError
+from oncoslide.models import create_model
+from oncoslide.training import cross_validate, make_config
+from oncoslide.training.model_folder import load_model_folder
+from oncoslide.transfer import build_zoo, load_zoo
+
+runner = CliRunner()
+ZOO_TRAIN = dict(task="survival", folds=2, epochs=2, n_boot=0, progress=False,
+                 model_kwargs={"hidden_dim": 16, "attn_dim": 8})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cohort = load_cohort(tiny_cohort / "cohort.csv", tiny_cohort / "features")
+    out = tmp_path_factory.mktemp("zoo")
+    build_zoo(cohort, make_config(**ZOO_TRAIN), out, by="cohort", min_patients=10)
+    return out
+
+
+def _target(tiny_cohort: Path, tmp_path: Path, cancer: str) -> Path:
+    table = pd.read_csv(tiny_cohort / "cohort.csv")
+    out = tmp_path / f"{cancer}.csv"
+    table[table["cohort"] == cancer].to_csv(out, index=False)
+    return out
+
+
+def test_routing_mixes_the_top_k_frozen_experts(zoo: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("roupkt", in_dim=16, n_outputs=4, hidden_dim=8, experts=str(zoo),
+                         top_k=1).train()  # fmt: skip
+    before = {k: v.clone() for k, v in model.experts.state_dict().items()}
+    features = torch.randn(3, 20, 16)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    out = model(features, mask)
+    assert out.logits.shape == (3, 4) and set(out.aux_losses) == {"balance", "z"}
+    (out.logits.sum() + sum(out.aux_losses.values())).backward()
+    assert all(p.grad is None for p in model.experts.parameters())  # frozen
+    assert all(not m.training for m in model.experts.modules())  # no expert dropout
+    torch.testing.assert_close(model.experts.state_dict(), before)
+    # with top_k = 1 each patient's mixture is its top expert's adapted embedding times p_top
+    model.eval()
+    with torch.no_grad():
+        out = model(features, mask)
+        weights = torch.stack(list(model.routing(features, mask).values()), dim=1)
+        embeddings = [e(features, mask).embedding for e in model.experts]
+        adapted = torch.stack([a(x) for a, x in zip(model.adapters, embeddings, strict=True)], 1)
+        top = weights.argmax(dim=1)
+        expected = weights[torch.arange(3), top, None] * adapted[torch.arange(3), top]
+    torch.testing.assert_close(out.embedding, expected)
+
+
+def test_experts_that_saw_held_out_patients_are_refused(
+    zoo: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    target = _target(tiny_cohort, tmp_path, "SIM-B")
+    cohort = load_cohort(target, tiny_cohort / "features")
+    config = make_config(task="survival", model="roupkt", folds=2, epochs=1, n_boot=0,
+                         progress=False, model_kwargs={"experts": str(zoo), "hidden_dim": 8})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"would leak.*SIM-B"):
+        cross_validate(cohort, config, tmp_path / "run")
+
+
+def test_roupkt_trains_predicts_and_reloads_through_the_cli(
+    zoo: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    target = _target(tiny_cohort, tmp_path, "SIM-B")
+    run = tmp_path / "run"
+    args = [
+        "train", "--cohort", str(target), "--features", str(tiny_cohort / "features"),
+        "--model", "roupkt", "--model-arg", f"experts={zoo}", "--model-arg", "exclude=[SIM-B]",
+        "--model-arg", "hidden_dim=8", "--folds", "2", "--epochs", "2", "--no-progress",
+        "--out", str(run),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    history = pd.read_csv(run / "folds" / "seed0-fold0" / "history.csv")
+    assert {"train_aux_balance", "train_aux_z"} <= set(history.columns)
+    preds = pd.read_parquet(run / "predictions.parquet")
+    assert np.isfinite(preds["risk"]).all()
+    trained = load_model_folder(run / "folds" / "seed0-fold0" / "model")
+    assert trained.model.expert_names == ["SIM-A"]
+    assert load_zoo(zoo).cancers == ["SIM-A", "SIM-B"]
