@@ -128,9 +128,27 @@ def _group_maps(
 ) -> dict[str, Tensor]:
     """Each group token's last cross-attention over the valid patches, renormalised (the
     per-group heatmaps); the multi-head attention already gives padding no weight."""
-    maps = torch.where(mask[:, None, :], cross, torch.zeros_like(cross))
-    maps = maps / maps.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    maps = _over_valid(cross, mask[:, None, :])
     return {name: maps[:, k] for k, (name, _) in enumerate(groups)}
+
+
+def _over_valid(weights: Tensor, mask: Tensor) -> Tensor:
+    """``weights`` zeroed outside ``mask`` and renormalised to sum 1 over the last axis."""
+    kept = torch.where(mask, weights, torch.zeros_like(weights))
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _attend(
+    tokens: Tensor, blocks: nn.ModuleList, patches: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Learned ``tokens`` (1, G, H) cross-attend to each bag's patches through ``blocks``;
+    the tokens (B, G, H) and the last block's head-averaged weights (B, G, N)."""
+    batch = mask.shape[0]
+    out = tokens.expand(batch, -1, -1)
+    cross = patches.new_zeros(batch, tokens.shape[1], mask.shape[1])
+    for block in blocks:
+        out, cross = block(out, patches, mask)
+    return out, cross
 
 
 def _reconstruction_error(pred: Tensor, target: Tensor) -> Tensor:
@@ -228,11 +246,7 @@ class GHANet(MILModel):
         self.check_inputs(features, mask, coords)
         rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
         patches = unpack(rows, mask)  # (B, N, H), zeros on padding
-        batch = mask.shape[0]
-        tokens = self.group_tokens.expand(batch, -1, -1)
-        cross = patches.new_zeros(batch, len(self.groups), mask.shape[1])
-        for block in self.associate:
-            tokens, cross = block(tokens, patches, mask)
+        tokens, cross = _attend(self.group_tokens, self.associate, patches, mask)
         # hyper-attention survival branch: hyperedges from gated attention (trained through)
         # and each token's strongest cross-attention (gradient stopped, as in the paper)
         gated = masked_softmax(unpack(self.gated(rows), mask), mask, dim=1)  # (B, N)
@@ -321,14 +335,10 @@ class PathLUPI(MILModel):
         self.check_inputs(features, mask, coords)
         rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
         patches = unpack(rows, mask)
-        tokens = self.tokens.expand(mask.shape[0], -1, -1)
-        cross = patches.new_zeros(mask.shape[0], len(self.groups), mask.shape[1])
-        for block in self.blocks:
-            tokens, cross = block(tokens, patches, mask)
+        tokens, cross = _attend(self.tokens, self.blocks, patches, mask)
         embedding = self.norm(tokens.mean(dim=1))
         # the tokens' mean attention: a distribution over each bag's valid patches
-        attention = torch.where(mask, cross.mean(dim=1), torch.zeros_like(mask, dtype=cross.dtype))
-        attention = attention / attention.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        attention = _over_valid(cross.mean(dim=1), mask)
         aux: dict[str, Tensor] = {}
         if side is not None and "omics" in side:
             aux["anchor"] = self._anchor(tokens, side)
