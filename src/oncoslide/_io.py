@@ -78,6 +78,14 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
         raise
 
 
+def check_folder_target(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path, refused (``ConfigError``) when it names an existing non-folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    return out
+
+
 def write_text(target: str | os.PathLike[str], text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from oncoslide._io import atomic_path, write_json, write_table, write_text
+from oncoslide._io import atomic_path, check_folder_target, write_json, write_table, write_text
 from oncoslide.errors import ConfigError
 from oncoslide.simulate.config import SUBTYPES, SimulationConfig
 from oncoslide.simulate.control import write_permuted_cohort
@@ -64,9 +64,7 @@ def simulate_cohort(
     """
     cfg = config or SimulationConfig()
     started = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder")
+    out = check_folder_target(out_dir)
     if (out / "cohort.csv").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a cohort (cohort.csv); pass overwrite=True")
     features_dir = out / "features"

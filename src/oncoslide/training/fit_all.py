@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from oncoslide._io import write_json, write_table
+from oncoslide._io import check_folder_target, write_json, write_table
 from oncoslide.cohort.fingerprint import check_recorded_data
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import carve_validation
@@ -70,9 +70,7 @@ def fit_all(
     """
     from oncoslide.training.cv import run_data_record, train_fold
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    out = check_folder_target(out_dir)
     if cohort.feature_dim is None:
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
     task = resolve_task(cohort, config)

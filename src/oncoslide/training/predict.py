@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from oncoslide._io import atomic_path, write_json, write_table
+from oncoslide._io import atomic_path, check_folder_target, write_json, write_table
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
@@ -178,9 +178,7 @@ def predict_cohort(
     """
     if cohort.feature_dim is None:
         raise ConfigError("load the cohort with its feature files to predict")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    out = check_folder_target(out_dir)
     patients = cohort.patient_ids
     arrays = prediction_side(trained, side, patients)
     own = cache is None

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 from pydantic import ValidationError
 
-from oncoslide._io import write_json, write_table
+from oncoslide._io import check_folder_target, write_json, write_table
 from oncoslide.cohort.fingerprint import DataRecord, check_recorded_data
 from oncoslide.errors import ConfigError
 from oncoslide.training.config import TrainConfig
@@ -197,8 +197,7 @@ class RunFolder:
     def prepare(self, run_key: str, overwrite: bool, data: DataRecord | None = None) -> None:
         """Create the folder, resume the same run on the same data, or refuse (or replace,
         with ``overwrite``) another run or the same run on other data."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} exists and is not a folder")
+        check_folder_target(self.path)
         if self.config.exists():
             try:
                 payload = self.read_payload()

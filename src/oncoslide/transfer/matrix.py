@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncoslide._io import atomic_path, write_table, write_text
+from oncoslide._io import atomic_path, check_folder_target, write_table, write_text
 from oncoslide.cohort.table import Cohort
-from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.transfer.zoo import Zoo, cancer_groups, cindex_interval, out_of_fold
 
@@ -74,9 +73,7 @@ def transfer_matrix(
     from oncoslide.training.predict import check_contract, predict_logits
     from oncoslide.training.run_folder import RunFolder
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    out = check_folder_target(out_dir)
     groups = cancer_groups(cohort, zoo.by)
     targets = [c for c in groups if c in set(zoo.cancers)] + [
         c for c in groups if c not in set(zoo.cancers)

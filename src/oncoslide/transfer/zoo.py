@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from oncoslide._io import write_json
+from oncoslide._io import check_folder_target, write_json
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
@@ -152,9 +152,7 @@ def build_zoo(
 
     if not config.is_survival:
         raise ConfigError("a zoo holds survival models: use task 'survival'")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    out = check_folder_target(out_dir)
     groups = cancer_groups(cohort, by)
     notes, entries = [], []
     for cancer, ids in groups.items():
