@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-all lint typecheck bench clean
+.PHONY: demo demo-heatmap test test-all lint typecheck bench clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VENV)/bin/oncoslide demo --out $(DEMO_OUT)
+
+demo-heatmap: $(VENV)/.base
+	$(VENV)/bin/oncoslide demo --heatmap --out $(DEMO_OUT)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -72,6 +73,51 @@ def test_train_command_is_deterministic_and_writes_outputs(
     assert "c_index" in first.output and "95% CI" in first.output
     for name in ("splits.csv", "predictions.parquet", "summary.csv", "config.json"):
         assert (tmp_path / "a" / name).is_file()
+
+
+def test_train_into_a_file_logs_each_epoch_while_it_runs_and_writes_run_log(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """`oncoslide train ... > log 2>&1` (a batch job): a line per epoch and fold reaches the
+    file while the run goes on, not at its end, and the run folder keeps them in run.log."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    epochs, folds = 2, 5
+    cmd = [
+        sys.executable, "-m", "oncoslide.cli", "train", "--cohort", str(tiny_cohort / "cohort.csv"),
+        "--features", str(tiny_cohort / "features"), "--out", str(out), "--folds", str(folds),
+        "--epochs", str(epochs), "--seed", "3",  # the seed names the split: "seed 3 fold k"
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    first_line = f"seed 3 fold 0 epoch 1/{epochs}:"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        seen_early = False
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if first_line in log.read_text():
+                # four more folds to train: the run cannot have ended in between
+                seen_early = proc.poll() is None and not (out / "summary.csv").exists()
+                break
+            time.sleep(0.02)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert seen_early, f"no epoch line before the run ended:\n{text}"
+    saved = (out / "run.log").read_text()
+    for fold in range(folds):
+        for epoch in range(1, epochs + 1):
+            line = f"seed 3 fold {fold} epoch {epoch}/{epochs}: train loss "
+            assert text.count(line) == 1 and saved.count(line) == 1, (line, text)
+        assert f"seed 3 fold {fold} done ({fold + 1}/{folds}): c_index " in saved
+    # plain lines: no bar drawn into the file (the summary table follows the last line)
+    progress = text[: text.index("finished: c_index")]
+    assert f"fold {folds - 1} epoch {epochs}/" in progress
+    assert "━" not in progress and "\x1b" not in text
+    assert "==== cross-validation" in saved and "command: oncoslide train" in saved
 
 
 def test_train_classification_by_label_column(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -219,10 +265,13 @@ def test_fit_all_predict_and_init_from_the_command_line(tiny_cohort: Path, tmp_p
     fit = runner.invoke(
         app,
         ["train", *common, "--out", str(tmp_path / "model"), "--fit-all", "--epochs", "1",
-         "--model-arg", "hidden_dim=32", "--no-progress"],
+         "--model-arg", "hidden_dim=32"],
     )  # fmt: skip
     assert fit.exit_code == 0, fit.output
     assert "oncoslide predict" in " ".join(fit.output.split())
+    # not a terminal: a plain line per epoch on the console, and in the model folder's run.log
+    assert "all patients epoch 1/1: train loss" in fit.output
+    assert "all patients epoch 1/1: train loss" in (tmp_path / "model" / "run.log").read_text()
     import json
 
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
@@ -248,6 +297,9 @@ def test_fit_all_predict_and_init_from_the_command_line(tiny_cohort: Path, tmp_p
          "--model-arg", "hidden_dim=32", "--no-progress"],
     )  # fmt: skip
     assert tuned.exit_code == 0, tuned.output
+    # --no-progress: no epoch lines on the console; run.log has them all the same
+    assert "epoch 1/1" not in tuned.output
+    assert "seed 0 fold 1 epoch 1/1:" in (tmp_path / "tuned" / "run.log").read_text()
     run_pred = runner.invoke(
         app,
         [
@@ -330,3 +382,97 @@ def test_stamp_files_as_stamp_writes_them_validate_and_train(
     assert "empty feature file" in trained.output and "P00-S2" in trained.output
     preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert sorted(preds["patient_id"]) == [f"P{i:02d}" for i in range(12)]
+
+
+# ------------------------------------------------------------------ help, version, listings
+
+
+def _commands(command: object, path: tuple[str, ...] = ()) -> list[tuple[str, object]]:
+    """Every command of the click tree typer builds, with its name path."""
+    subs = getattr(command, "commands", None)
+    if not subs:
+        return [(" ".join(path), command)]
+    found = []
+    for name, sub in subs.items():
+        found += _commands(sub, (*path, name))
+    return found
+
+
+def test_every_option_with_a_default_shows_it_in_help() -> None:
+    import typer
+
+    from oncoslide.training.config import TrainConfig
+
+    tree = _commands(typer.main.get_command(app))
+    assert {"extract", "train", "bench run", "zoo train"} <= {name for name, _ in tree}
+    fields = TrainConfig.model_fields
+    for name, command in tree:
+        for param in command.params:  # type: ignore[attr-defined]
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            field = fields.get(param.name) if name == "train" else None
+            if field is not None and param.default is None and not field.is_required():
+                # generated train options default to None ("not given": a --config file's value
+                # stands); help shows the field's default instead
+                default = field.get_default(call_default_factory=True)
+                if default not in (None, [], {}):
+                    assert isinstance(param.show_default, str), (name, param.name)
+            elif param.default not in (None, False, (), []):
+                assert param.show_default, (name, param.name, param.default)
+
+
+def test_train_help_shows_generated_defaults_and_keeps_bracketed_text() -> None:
+    text = " ".join(_oncoslide("train", "--help").stdout.split())
+    assert "[cox | nll] [default: (cox)]" in text  # the choices were once dropped as markup
+    assert "[loss | metric] [default: (loss)]" in text
+    assert "[default: (20)]" in text and "[default: (prefetch)]" in text
+
+
+def test_version_prints_the_package_version() -> None:
+    from oncoslide import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"oncoslide {__version__}"
+
+
+def test_models_says_which_models_have_attention() -> None:
+    from oncoslide.models import MODELS
+
+    lines = _oncoslide("models").stdout.splitlines()
+    assert "attention" in lines[1] and "inputs" in lines[1]
+    rows = {line.split()[1]: line.split()[3] for line in lines if line.startswith("│ ")}
+    rows = {k: v for k, v in rows.items() if k in MODELS}
+    assert rows == {
+        name: "yes" if MODELS.metadata(name).get("has_attention") else "no" for name in MODELS
+    }
+    assert rows["abmil"] == "yes" and rows["mean"] == "no"
+    assert "oncoslide heatmap" in lines[-1]
+
+
+def test_validate_ends_with_a_summary(tiny_cohort: Path, tmp_path: Path) -> None:
+    # a folder name with square brackets is printed whole (not read as markup)
+    features = tmp_path / "features[efficientnet]"
+    features.symlink_to(tiny_cohort / "features", target_is_directory=True)
+    table = pd.read_csv(tiny_cohort / "cohort.csv")
+    patients = table.drop_duplicates("patient_id")
+    events = int(patients["event"].sum())
+    result = runner.invoke(
+        app,
+        ["validate", "--cohort", str(tiny_cohort / "cohort.csv"), "--features", str(features),
+         "--task", "survival", "--task", "subtype"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tail = " ".join(result.output[result.output.index("summary") :].split())
+    counts = patients["subtype"].value_counts()
+    classes = ", ".join(
+        f"{k} {counts[k]} ({counts[k] / len(patients):.0%})" for k in sorted(counts.index)
+    )
+    assert tail == (
+        f"summary patients {len(patients)} ({len(table)} slides) "
+        f"survival {events} events ({events / len(patients):.0%}), "
+        f"{len(patients) - events} censored "
+        f"classes of subtype {classes} "
+        f"features oncoslide layout, encoder simulated, dim 16, 224 px patches at 0.5 µm/px "
+        f"in {features}"
+    )

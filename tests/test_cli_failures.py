@@ -269,3 +269,126 @@ def test_validate_names_the_separator_of_a_semicolon_table(tmp_path: Path) -> No
     assert "missing required column 'slide_id'" in err
     assert "the file seems to be separated by ';'" in err
     assert "comma-separated .csv and tab-separated .tsv" in err
+
+
+# ------------------------------------------------------------------ messages that lost text
+
+
+def _extracted_with(folder: Path, patch_size: int) -> Path:
+    """A feature folder as `oncoslide extract --patch-size PATCH_SIZE` leaves it (no slide read)."""
+    import numpy as np
+
+    from oncoslide.features import PatchGrid, write_feature_file
+    from oncoslide.features.extract import ExtractConfig
+
+    config = ExtractConfig(patch_size=patch_size)
+    grid = PatchGrid(
+        patch_size=patch_size, patch_size_level0=patch_size, target_mpp=0.5, level0_mpp=0.5,
+        level0_width=2220, level0_height=2967,
+    )  # fmt: skip
+    h5 = write_feature_file(
+        folder / "cmu_small_region.h5", np.ones((2, 4), np.float32), np.zeros((2, 2), np.int64),
+        grid=grid, encoder=config.encoder,
+        attrs={"extraction_fingerprint": "0123456789abcdef",
+               "extraction": json.dumps(config.output_settings(), default=str)},
+    )  # fmt: skip
+    (folder / "extraction.json").write_text(json.dumps({"settings": config.folder_settings()}))
+    return h5
+
+
+def test_extracting_other_settings_into_a_feature_folder_is_refused_in_one_line(
+    svs_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "feats"
+    h5 = _extracted_with(out, patch_size=256)
+    before = h5.read_bytes()
+    result = runner.invoke(
+        app, ["extract", "--slides", str(svs_path), "--out", str(out), "--patch-size", "224",
+              "--workers", "0", "--no-progress"],
+    )  # fmt: skip
+    line = _one_line_error(result)
+    assert line == (
+        f"error: {out} holds features extracted with other settings (stored -> requested: "
+        "patch_size 256 -> 224); extract into another --out, or pass --overwrite to replace them"
+    )
+    assert h5.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["extract", "bench run"])
+def test_an_unreachable_ray_cluster_is_one_line(
+    command: str, tiny_cohort: Path, svs_path: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    ray_args = ["--executor", "ray", "--address", "127.0.0.1:1"]
+    spec = _spec(tiny_cohort, tmp_path)
+    spec.write_text(spec.read_text().replace("n_boot: 10", "n_boot: 100"))  # a valid spec
+    args = {
+        "extract": ["extract", "--slides", str(svs_path), "--out", str(tmp_path / "feats"),
+                    "--no-progress", *ray_args],
+        "bench run": ["bench", "run", str(spec), "--out",
+                      str(tmp_path / "bench"), *ray_args],
+    }[command]  # fmt: skip
+    line = _one_line_error(runner.invoke(app, args))
+    assert line.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1: "), line
+    assert line.endswith("start one there (`ray start --head`) or check --address"), line
+
+
+def test_an_install_hint_keeps_its_square_brackets(
+    svs_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oncoslide.encoders import foundation
+
+    monkeypatch.setattr(foundation, "import_timm", lambda: None)  # as on a machine without timm
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"")
+    result = runner.invoke(
+        app, ["extract", "--slides", str(svs_path), "--out", str(tmp_path / "feats"),
+              "--encoder", "uni", "--weights", str(weights), "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    assert "`pip install 'oncoslide[timm]'`" in " ".join(result.stderr.split())
+
+
+def test_a_file_name_with_square_brackets_is_printed_whole(tmp_path: Path) -> None:
+    table = tmp_path / "cohort[v2].csv"
+    table.write_text("patient_id;slide_id\np1;s1\n")
+    result = runner.invoke(app, ["validate", "--cohort", str(table)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"error: cohort table {table} has 3 problems:" in " ".join(result.stderr.split())
+
+
+def test_another_run_in_the_run_folder_names_the_settings_that_differ(
+    tiny_cohort: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    args = ["train", *_data(tiny_cohort), "--out", str(run), *QUICK, "--epochs", "3"]
+    line = _one_line_error(runner.invoke(app, args))
+    assert line == (
+        f"error: {run} holds another run with other settings (stored -> requested: epochs 1 -> 3)"
+        "; choose a new --out or pass --overwrite"
+    )
+
+
+def test_features_of_two_encoders_in_one_folder_give_one_hint(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    job = tmp_path / "20x_256px_0px_overlap"  # TRIDENT's layout: one subfolder per encoder
+    for encoder in ("uni_v1", "conch_v15"):
+        shutil.copytree(tiny_cohort / "features", job / f"features_{encoder}")
+    result = runner.invoke(
+        app, ["validate", "--cohort", str(tiny_cohort / "cohort.csv"), "--features", str(job)]
+    )
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    err = " ".join(result.stderr.split())
+    n_slides = len(pd.read_csv(tiny_cohort / "cohort.csv"))
+    assert "has 1 problem:" in err
+    assert (
+        f"{n_slides} slide(s) have feature files in several subfolders of {job} "
+        "(features_conch_v15/, features_uni_v1/): "
+    ) in err
+    assert err.count("point the features folder at one of them") == 1
+    assert err.endswith(f"e.g. {job / 'features_conch_v15'}")
+    assert "ambiguous" not in err  # the per-slide text is gone

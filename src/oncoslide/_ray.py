@@ -3,11 +3,18 @@ finish. Feature extraction (one task per slide) and benchmarks (one task per cel
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from oncoslide.errors import ConfigError
+from oncoslide.errors import ConfigError, describe_os_error
+
+# How long the reachability check waits for a TCP connection to the cluster's address. Ray itself
+# retries an unreachable address for many minutes (20 attempts of about 40 s) and then ends in a
+# long traceback; a cluster that does not answer within seconds is better reported at once.
+CONNECT_TIMEOUT_S = 5.0
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -38,7 +45,7 @@ def map_unordered(
     down afterwards only if it was started here.
 
     Raises:
-        ConfigError: Ray is not installed.
+        ConfigError: Ray is not installed, or the cluster at ``address`` cannot be reached.
     """
     try:
         import ray
@@ -46,7 +53,15 @@ def map_unordered(
         raise ConfigError("the ray executor needs Ray: pip install 'oncoslide[ray]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        check_reachable(address)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            # e.g. a port that answers but is not a Ray cluster, or 'auto' with none running
+            first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+            what = {None: "start a local Ray instance", "auto": "find a running Ray cluster"}
+            doing = what.get(address, f"connect to the Ray cluster at {address}")
+            raise ConfigError(f"cannot {doing}: {first.strip()}") from None
     try:
         remote: Any = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
         shared_refs = [ray.put(value) for value in shared]
@@ -64,3 +79,50 @@ def map_unordered(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ``ConfigError`` in one line unless something listens at a ``HOST:PORT`` (or
+    ``ray://HOST:PORT``) Ray address. ``None``, ``"auto"`` and ``"local"`` name no host: Ray
+    resolves them itself.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or 'local'"
+        )
+    errors: list[str] = []
+    for candidate in _candidate_hosts(host):
+        try:
+            with socket.create_connection((candidate, int(port)), timeout=timeout):
+                return
+        except TimeoutError:
+            errors.append(f"no answer within {timeout:g} s")
+        except OSError as exc:
+            errors.append(describe_os_error(exc))
+    raise ConfigError(
+        f"cannot reach the Ray cluster at {address}: {errors[0]}; start one there "
+        "(`ray start --head`) or check --address"
+    )
+
+
+def _candidate_hosts(host: str) -> list[str]:
+    """The host, and for a loopback name also this machine's address: Ray connects to the
+    latter when given 127.0.0.1 or localhost, and a cluster may listen only there."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return [host]
+    try:
+        import ray.util
+
+        own = str(ray.util.get_node_ip_address())
+    except Exception:  # no network or no Ray: the loopback address alone
+        return [host]
+    return [host] if own == host else [host, own]

@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from oncoslide.errors import OncoslideError
+
+
+def _plain_help(command: Any) -> Any:
+    """Make a command's help texts plain text, once. Typer renders them as rich markup, which
+    drops anything in square brackets that looks like a tag: `pip install 'oncoslide[timm]'`,
+    "[cox | nll]", "[default: paths.slides]"."""
+    if getattr(command, "_plain_help", False):
+        return command
+    for attr in ("help", "short_help", "epilog"):
+        text = getattr(command, attr, None)
+        if isinstance(text, str):
+            setattr(command, attr, escape(text))
+    for param in command.params:
+        text = getattr(param, "help", None)
+        if isinstance(text, str):
+            param.help = escape(text)
+    command._plain_help = True
+    return command
+
+
+class _PlainHelpGroup(TyperGroup):
+    """A command group whose commands' help texts are plain text (see ``_plain_help``)."""
+
+    # (typer's own copy of click types the arguments: Any keeps this file off its private modules)
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        return None if command is None else _plain_help(command)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_help(self)
+        super().format_help(ctx, formatter)
+
 
 app = typer.Typer(
     name="oncoslide",
@@ -21,6 +56,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_PlainHelpGroup,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -56,8 +92,30 @@ def _friendly(fn: F) -> F:
 
 
 def _error(message: str) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is the library's text, file names included: printed as it is, never as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT) from None
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from oncoslide import __version__
+
+        console.print(f"oncoslide {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_show_version,
+        help="print the version and exit",
+    ),
+) -> None:
+    """Whole-slide images and patient tables to validated survival and molecular predictions."""
 
 
 def _check_out_folder(out: object) -> None:
@@ -68,12 +126,160 @@ def _check_out_folder(out: object) -> None:
         raise ConfigError(f"output folder {out} is a file, not a folder: name another folder")
 
 
+# Progress views of long commands (train, bench run, zoo train, extract).
+ProgressView = Literal["bars", "lines", "none"]
+
+
+def _progress_view(progress: bool) -> ProgressView:
+    """Rich bars on a terminal; plain lines (one per epoch, fold, benchmark cell or slide,
+    timestamped and flushed at once) when the output is a file or a pipe (a batch scheduler's
+    log, ``> log 2>&1``), where bars would print nothing until the end; neither with
+    --no-progress. The output folder's run.log has the lines in every view."""
+    if not progress:
+        return "none"
+    # both must agree: FORCE_COLOR makes rich treat a file as a terminal, and bars drawn into a
+    # file are a screenful of control codes that say nothing until the end
+    isatty = getattr(console.file, "isatty", None)
+    terminal = console.is_terminal and callable(isatty) and bool(isatty())
+    return "bars" if terminal else "lines"
+
+
+@contextlib.contextmanager
+def _shown(view: ProgressView) -> Iterator[None]:
+    """Show the library's progress records as plain lines on stdout in the "lines" view."""
+    if view != "lines":
+        yield
+        return
+    from oncoslide._log import console_lines
+
+    with console_lines(console.file):
+        yield
+
+
+# --------------------------------------------------------------------------------- study
+
+_CONFIG_HELP = "study file (oncoslide init) for the paths and settings not given here"
+
+
+def _study(config: Path | None) -> Any:
+    """The study file given with --config; without one, an empty study (names nothing)."""
+    from oncoslide.study import Study, load_study
+
+    return load_study(config) if config is not None else Study()
+
+
+def _given(ctx: typer.Context | None, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line rather than left at its default
+    (without a command line, e.g. a call from Python, every value counts as given)."""
+    source = None if ctx is None else ctx.get_parameter_source(name)
+    return source is None or source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _pick(ctx: typer.Context | None, name: str, value: Any, from_study: Any) -> Any:
+    """The command line's value when given there, else the study's, else the default."""
+    return value if _given(ctx, name) or from_study is None else from_study
+
+
+def _need(value: Path | None, option: str, study: Any, key: str) -> Path:
+    """A path the command cannot do without: the option's, else the study's ``paths.<key>``."""
+    from oncoslide.errors import ConfigError
+
+    if value is not None:
+        return value
+    found: Path | None = study.path(key)
+    if found is not None:
+        return found
+    raise ConfigError(_missing(option, study, key))
+
+
+def _missing(option: str, study: Any, key: str) -> str:
+    if study.source is not None:
+        return f"give {option}: {study.source} names no paths.{key}"
+    return f"give {option}, or a study file naming paths.{key} with --config"
+
+
+def _optional(value: Path | None, study: Any, key: str) -> Path | None:
+    return value if value is not None else study.path(key)
+
+
+def _output(value: Path | None, option: str, study: Any, key: str) -> Path:
+    """An output folder: the option's, else the study's ``paths.<key>``."""
+    from oncoslide._io import check_folder_target
+    from oncoslide.errors import ConfigError
+
+    if value is not None:
+        return value
+    found: Path | None = getattr(study.paths, key)
+    if found is None:
+        raise ConfigError(_missing(option, study, key))
+    return check_folder_target(found)
+
+
+# --------------------------------------------------------------------------------- init
+
+
+@app.command()
+@_friendly
+def init(
+    folder: Path = typer.Argument(
+        Path("."), help="study folder (study.yaml is written in it), or the .yaml file to write"
+    ),
+    slides: Path | None = typer.Option(None, "--slides", "-s", help="folder of the slides"),
+    features: Path | None = typer.Option(None, "--features", "-f", help="feature folder"),
+    cohort: Path | None = typer.Option(None, "--cohort", "-c", help="cohort table"),
+    omics: Path | None = typer.Option(None, "--omics", help="omics table"),
+    gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene groups of omics"),
+    mutations: Path | None = typer.Option(None, "--mutations", help="mutation table"),
+    runs: Path | None = typer.Option(None, "--runs", help="folder for the training runs"),
+    encoder: str | None = typer.Option(None, "--encoder", "-e", help="patch encoder"),
+    task: list[str] = typer.Option(
+        [], "--task", "-t", help="survival or a label column (repeatable: a run each)"
+    ),
+    model: str | None = typer.Option(None, "--model", "-m", help="MIL model"),
+    force: bool = typer.Option(False, "--force", help="replace an existing study file"),
+) -> None:
+    """Write a commented study.yaml: the study's slides, features, tables, encoder, tasks and
+    output folders. Then every command takes --config study.yaml (the command line wins).
+
+    Paths given here are relative to the current folder; the file holds them relative to its
+    own folder when inside it.
+    """
+    from oncoslide.study import INPUT_PATHS, load_study, write_study
+
+    paths = {
+        "slides": slides, "features": features, "cohort": cohort, "omics": omics,
+        "gene_groups": gene_groups, "mutations": mutations, "runs": runs,
+    }  # fmt: skip
+    file = write_study(
+        folder,
+        force=force,
+        paths=paths,
+        extract={"encoder": encoder} if encoder else None,
+        tasks=task,
+        train={"model": model} if model else None,
+    )
+    study = load_study(file)  # what the commands will read
+    console.print(
+        f"[green]wrote[/] {escape(str(file))}: check its paths, then e.g.", highlight=False
+    )
+    for command in ("extract", "validate", "train"):
+        console.print(f"  oncoslide {command} --config {escape(str(file))}", highlight=False)
+    absent = [
+        f"{key} ({value})"
+        for key in INPUT_PATHS
+        if (value := getattr(study.paths, key)) is not None and not value.exists()
+    ]
+    if absent:
+        console.print(f"[dim]note:[/] not there yet: {escape(', '.join(absent))}", highlight=False)
+
+
 # --------------------------------------------------------------------------------- simulate
 
 
 @app.command()
 @_friendly
 def simulate(
+    ctx: typer.Context,
     out: Path | None = typer.Argument(None, help="folder to write the cohort into"),
     preset: str = typer.Option(
         "demo", "--preset", "-p", help="named world (see --list-presets; docs/simulator.md)"
@@ -82,7 +288,10 @@ def simulate(
         [], "--set", help="any knob, e.g. --set n_patients=400 --set omics_hidden=0.5"
     ),
     config_file: Path | None = typer.Option(
-        None, "--config", help="YAML mapping of knobs (may name its own preset)"
+        None,
+        "--config",
+        help="YAML mapping of knobs (may name its own preset), or a study file: its simulate "
+        "section, and OUT where its paths.cohort and paths.features are",
     ),
     patients: int | None = typer.Option(None, "--patients", "-n", help="number of patients"),
     cohorts: int | None = typer.Option(None, "--cohorts", "-k", help="number of cancer types"),
@@ -107,14 +316,23 @@ def simulate(
         parse_assignments,
         run_simulation,
     )
+    from oncoslide.study import is_study_file
 
     if list_presets:
         for p in PRESETS.values():
-            console.print(f"[bold]{p.name}[/]: {p.description}", highlight=False)
+            console.print(f"[bold]{escape(p.name)}[/]: {escape(p.description)}", highlight=False)
         return
+    knobs: dict[str, Any] = {}
+    if config_file is not None and is_study_file(config_file):
+        study = _study(config_file)
+        knobs = dict(study.simulate)
+        study_preset = knobs.pop("preset", None)
+        preset = str(_pick(ctx, "preset", preset, study_preset))
+        out = out or _simulated_folder(study)
+        config_file = None
     if out is None:
         raise ConfigError("name the folder to write the cohort into: oncoslide simulate OUT")
-    overrides = parse_assignments(settings)
+    overrides = {**knobs, **parse_assignments(settings)}
     shortcuts = {
         "n_patients": patients,
         "n_cohorts": cohorts,
@@ -137,20 +355,37 @@ def simulate(
     _print_simulation(result)
 
 
+def _simulated_folder(study: Any) -> Path:
+    """Where `simulate --config study.yaml` writes: the folder of the study's cohort table,
+    when the study names the paths a simulation writes there (cohort.csv, features/)."""
+    from oncoslide.errors import ConfigError
+
+    cohort, features = study.paths.cohort, study.paths.features
+    if cohort is None:
+        raise ConfigError(f"name the folder to write the cohort into: {study.source} names no "
+                          "paths.cohort")  # fmt: skip
+    if cohort.name != "cohort.csv" or features != cohort.parent / "features":
+        raise ConfigError(
+            f"simulate writes OUT/cohort.csv and OUT/features/, but {study.source} names "
+            f"paths.cohort {cohort} and paths.features {features}: name the folder OUT"
+        )
+    return cohort.parent
+
+
 def _print_simulation(result: Any) -> None:
     s = result.summary
     console.print(
         f"[green]simulated[/] {s.get('n_patients')} patients, {s.get('n_slides')} slides, "
-        f"{s.get('n_patches')} patches in {result.out_dir} "
+        f"{s.get('n_patches')} patches in {escape(str(result.out_dir))} "
         f"({s.get('disk_mb')} MB, {s.get('seconds')} s)"
     )
-    console.print(f"  cohort table  {result.cohort_table}")
-    console.print(f"  features      {result.features_dir}")
-    console.print(f"  omics         {result.omics_table} + {result.gene_groups.name}")
-    for label, path in (("mutations", result.mutations_table), ("label tree", result.label_tree)):
+    omics = f"{result.omics_table} + {result.gene_groups.name}"
+    rows = [("cohort table", result.cohort_table), ("features", result.features_dir)]
+    rows += [("omics", omics), ("mutations", result.mutations_table)]
+    rows += [("label tree", result.label_tree), ("ground truth", result.truth)]
+    for label, path in rows:
         if path is not None:
-            console.print(f"  {label:<13} {path}")
-    console.print(f"  ground truth  {result.truth}")
+            console.print(f"  {label:<13} {escape(str(path))}", highlight=False)
 
 
 # --------------------------------------------------------------------------------- validate
@@ -175,20 +410,47 @@ def _load_cohort(table: Path, features: Path | None, **kwargs: Any) -> Any:
 @app.command()
 @_friendly
 def validate(
-    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", "-c", help="cohort table (CSV or Parquet) [default: paths.cohort]"
+    ),
     features: Path | None = typer.Option(None, "--features", "-f", help="feature folder"),
     omics: Path | None = typer.Option(None, "--omics", help="omics table keyed by patient_id"),
     gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene-group file"),
     stamp_mpp: float | None = typer.Option(None, help="µm/px for STAMP files without it"),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    task: list[str] = typer.Option(
+        [],
+        "--task",
+        "-t",
+        help="survival or a label column (repeatable): its columns are checked and its events "
+        "or classes summarised [default: the study's tasks]",
+    ),
 ) -> None:
-    """Check a cohort table (and its feature files, omics table) and report every problem."""
-    c = _load_cohort(cohort, features, stamp_mpp=stamp_mpp)
+    """Check a cohort table (and its feature files, omics table) and report every problem.
+
+    With --config study.yaml, also the columns of the study's training tasks. Ends with a
+    summary: patients, events or class balance, and the features' layout, encoder and size."""
+    from oncoslide.cohort.summary import summarise_cohort
+
+    study = _study(config)
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _optional(features, study, "features")
+    omics = _optional(omics, study, "omics")
+    gene_groups = _optional(gene_groups, study, "gene_groups")
+    columns = _task_columns(study)
+    if task:
+        columns = {
+            **columns,
+            "require_survival": "survival" in task,
+            "label_cols": tuple(t for t in task if t != "survival"),
+        }
+    c = _load_cohort(cohort, features, stamp_mpp=stamp_mpp, **columns)
     console.print(
         f"[green]ok[/] {len(c.patient_ids)} patients, {len(c.slides)} slides"
         + (f", feature dim {c.feature_dim}" if c.feature_dim else "")
     )
     for note in c.notes:
-        console.print(f"  note: {note}")
+        console.print(f"  note: {escape(note)}", highlight=False)
     _print_empty_slides(c, "  note:")
     if omics is not None:
         from oncoslide.cohort.omics import load_omics
@@ -198,6 +460,34 @@ def validate(
             f"[green]ok[/] omics: {len(o.values)} patients x {len(o.genes)} genes, "
             f"{len(o.groups)} groups"
         )
+    _print_summary(summarise_cohort(c, stamp_mpp=stamp_mpp), features)
+
+
+def _print_summary(summary: Any, features: Path | None) -> None:
+    from oncoslide.cohort.summary import summary_lines
+
+    rows = summary_lines(summary)
+    width = max(len(label) for label, _ in rows)
+    console.print("[bold]summary[/]")
+    for label, text in rows:
+        where = f" in {features}" if label == "features" and summary.feature_dim else ""
+        console.print(
+            f"  {escape(label.ljust(width))}  {escape(text + where)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _task_columns(study: Any) -> dict[str, Any]:
+    """load_cohort's arguments that check the columns of the study's training tasks."""
+    if not study.tasks:
+        return {}
+    return {
+        "time_col": study.train.get("time_col", "time"),
+        "event_col": study.train.get("event_col", "event"),
+        "require_survival": "survival" in study.tasks,
+        "label_cols": tuple(t for t in study.tasks if t != "survival"),
+    }
 
 
 def _print_empty_slides(c: Any, prefix: str) -> None:
@@ -206,17 +496,10 @@ def _print_empty_slides(c: Any, prefix: str) -> None:
 
     note = empty_slides_note(c)
     if note:
-        console.print(f"{prefix} {note}", highlight=False, soft_wrap=True)
+        console.print(f"{prefix} {escape(note)}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------- train
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    from oncoslide._io import read_mapping_file
-
-    data = read_mapping_file(path, "config file", "settings")
-    return data.get("config", data) if "run_key" in data else data
 
 
 # Options of `train` that are not TrainConfig fields, and aliases kept from earlier releases.
@@ -227,6 +510,7 @@ _TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
     "n_bins": ("--bins",),
     "early_stopping_patience": ("--patience",),
     "batch_size": (),
+    "num_threads": ("--threads",),
 }
 # TrainConfig fields given another way on the command line
 _TRAIN_SPECIAL = {"model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype"}
@@ -250,10 +534,26 @@ def _config_option(name: str, field: Any) -> inspect.Parameter:
     decls: tuple[str, ...] = (flag, *_TRAIN_ALIASES.get(name, ()))
     if annotation is bool:
         decls = (f"{flag}/--no-{name.replace('_', '-')}",)
-    option = typer.Option(None, *decls, help=help_text.strip() or None, show_default=False)
+    # None: "not given", so a --config file's value is kept; the help shows the field's default
+    option = typer.Option(
+        None, *decls, help=help_text.strip() or None, show_default=_default_text(name, field)
+    )
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation | None
     )
+
+
+def _default_text(name: str, field: Any) -> str | bool:
+    """What `train --help` shows as the default of a TrainConfig field (False: none)."""
+    if field.is_required():
+        return False
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == [] or default == {}:
+        return False
+    if isinstance(default, bool):
+        flag = name.replace("_", "-")
+        return flag if default else f"no-{flag}"
+    return str(default)
 
 
 def _parse_assignments(items: list[str], what: str) -> dict[str, Any]:
@@ -269,9 +569,9 @@ def _parse_assignments(items: list[str], what: str) -> dict[str, Any]:
 
 def _train(
     *,
-    cohort: Path,
-    features: Path,
-    out: Path,
+    cohort: Path | None,
+    features: Path | None,
+    out: Path | None,
     config: Path | None,
     splits: Path | None,
     overwrite: bool,
@@ -288,11 +588,18 @@ def _train(
     **fields: Any,
 ) -> None:
     """Cross-validate a MIL model (patient-level folds, validation carved from training), or
-    with --fit-all train one model on every patient and write it as a model folder."""
-    from oncoslide.cohort.splits import load_splits
-    from oncoslide.training.config import make_config
+    with --fit-all train one model on every patient and write it as a model folder.
 
-    settings = _read_config_file(config) if config else {}
+    With --config study.yaml, the study's paths and train settings fill what is not given
+    here, and each of its tasks is trained in turn (into paths.runs/<task>/).
+    """
+    from oncoslide.cohort.splits import load_splits
+    from oncoslide.errors import ConfigError
+    from oncoslide.training.config import make_config
+    from oncoslide.training.side_inputs import declared_side_inputs
+
+    study = _study(config)
+    settings = study.train_settings()
     settings.update({k: v for k, v in fields.items() if v is not None})
     if model_arg:
         settings["model_kwargs"] = {
@@ -308,16 +615,71 @@ def _train(
         settings["freeze"] = list(freeze)
     if cache_float16 is not None:
         settings["cache_dtype"] = "float16" if cache_float16 else "stored"
-    settings["progress"] = progress
-    if "task" not in settings:
-        settings["task"] = "survival"
-    cfg = make_config(**settings)
+    view = _progress_view(progress)
+    settings["progress"] = view == "bars"
+    tasks = [settings.pop("task")] if "task" in settings else (study.tasks or ["survival"])
+    try:  # every task's configuration checked before any training starts
+        configs = [make_config(**settings, task=task) for task in tasks]
+    except ConfigError as exc:
+        if study.source is None or not study.train:
+            raise
+        raise ConfigError(f"{exc}\n(settings from {study.source}, then the command line)") from None
+    if fit_all and splits is not None:
+        raise ConfigError("--fit-all trains on every patient: it takes no --splits")
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _need(features, "--features", study, "features")
+    outs = _run_folders(out, study, tasks, fit_all)
+    # the study's side tables go to the models that use them (one named here must be used)
+    if study.paths.omics is not None or study.paths.mutations is not None:
+        declared = declared_side_inputs(configs[0].model)
+        if omics is None and "omics" in declared:
+            omics = study.path("omics")
+            gene_groups = gene_groups or study.path("gene_groups")
+        if mutations is None and "mutations" in declared:
+            mutations = study.path("mutations")
     side = _side_inputs(omics, gene_groups, mutations)
+    given = load_splits(splits) if splits else None
+    for cfg, run_out in zip(configs, outs, strict=True):
+        if len(configs) > 1:
+            console.print(
+                f"[bold]task {escape(cfg.task)}[/] -> {escape(str(run_out))}", highlight=False
+            )
+        _train_one(cfg, cohort, features, run_out, view, side, study, given, fit_all=fit_all,
+                   overwrite=overwrite, skip_bad_features=skip_bad_features)  # fmt: skip
+
+
+def _run_folders(out: Path | None, study: Any, tasks: list[str], fit_all: bool) -> list[Path]:
+    """Where each task's run goes: --out (OUT/<task> for several tasks), else the study's
+    paths.runs/<task> (<task>-fit-all with --fit-all)."""
+    from oncoslide.errors import ConfigError
+
+    if out is not None:
+        return [out] if len(tasks) == 1 else [out / task for task in tasks]
+    runs = study.paths.runs
+    if runs is None:
+        raise ConfigError(_missing("--out (the run folder)", study, "runs"))
+    return [runs / (f"{task}-fit-all" if fit_all else task) for task in tasks]
+
+
+def _train_one(
+    cfg: Any,
+    cohort: Path,
+    features: Path,
+    out: Path,
+    view: ProgressView,
+    side: dict[str, Any],
+    study: Any,
+    given_splits: Any,
+    *,
+    fit_all: bool,
+    overwrite: bool,
+    skip_bad_features: bool,
+) -> None:
     started = time.perf_counter()
     c = _load_cohort(
         cohort,
         features,
-        show_progress=progress,
+        show_progress=view == "bars",
         time_col=cfg.time_col,
         event_col=cfg.event_col,
         require_survival=cfg.is_survival,
@@ -325,22 +687,26 @@ def _train(
         bad_features="drop" if skip_bad_features else "error",
     )
     if c.drop_note:
-        console.print(f"[yellow]note:[/] {c.drop_note}")
+        console.print(f"[yellow]note:[/] {escape(c.drop_note)}", highlight=False)
     _print_empty_slides(c, "[yellow]note:[/]")
+    # recorded for heatmaps (not read by training): only a folder that is there
+    slides = study.paths.slides if study.paths.slides and study.paths.slides.exists() else None
     if fit_all:
         from oncoslide.training.fit_all import fit_all as run_fit_all
 
-        if splits is not None:
-            from oncoslide.errors import ConfigError
-
-            raise ConfigError("--fit-all trains on every patient: it takes no --splits")
-        result = run_fit_all(c, cfg, out, overwrite=overwrite, console=console, side=side)
+        with _shown(view):
+            result = run_fit_all(
+                c, cfg, out, overwrite=overwrite, console=console, side=side, slides_dir=slides
+            )
         _print_fit_all(result, time.perf_counter() - started)
         return
-    given = load_splits(splits) if splits else None
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 
-    run = cross_validate(c, cfg, out, splits=given, overwrite=overwrite, console=console, side=side)
+    with _shown(view):
+        run = cross_validate(
+            c, cfg, out, splits=given_splits, overwrite=overwrite, console=console, side=side,
+            slides_dir=slides,
+        )  # fmt: skip
     print_run_summary(run, time.perf_counter() - started)
 
 
@@ -367,9 +733,9 @@ def _train_signature() -> inspect.Signature:
     P = inspect.Parameter
     kw = P.KEYWORD_ONLY
     fixed = [
-        P("cohort", kw, annotation=Path, default=typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)")),
-        P("features", kw, annotation=Path, default=typer.Option(..., "--features", "-f", help="folder of per-slide features")),
-        P("out", kw, annotation=Path, default=typer.Option(..., "--out", "-o", help="run folder (a model folder with --fit-all)")),
+        P("cohort", kw, annotation=Path | None, default=typer.Option(None, "--cohort", "-c", help="cohort table (CSV or Parquet) [default: paths.cohort of --config]")),
+        P("features", kw, annotation=Path | None, default=typer.Option(None, "--features", "-f", help="folder of per-slide features [default: paths.features of --config]")),
+        P("out", kw, annotation=Path | None, default=typer.Option(None, "--out", "-o", help="run folder (a model folder with --fit-all) [default: paths.runs/<task> of --config]")),
         P("fit_all", kw, annotation=bool, default=typer.Option(False, "--fit-all", help="train one model on every patient (no test part) and write a model folder")),
         P("omics", kw, annotation=Path | None, default=typer.Option(None, "--omics", help="expression table keyed by patient_id, for models that use it")),
         P("gene_groups", kw, annotation=Path | None, default=typer.Option(None, "--gene-groups", help="gene groups of --omics: JSON, CSV or GMT")),
@@ -378,11 +744,11 @@ def _train_signature() -> inspect.Signature:
         P("aux_weight", kw, annotation=list[str], default=typer.Option([], "--aux-weight", help="weight of a model's auxiliary loss, e.g. --aux-weight recon=0.3")),
         P("freeze", kw, annotation=list[str], default=typer.Option([], "--freeze", help="parameter group kept fixed with --init: encoder, projection, aggregator, head (repeatable)")),
         P("cache_float16", kw, annotation=bool | None, default=typer.Option(None, "--cache-float16/--cache-stored", help="hold features as float16 in memory")),
-        P("config", kw, annotation=Path | None, default=typer.Option(None, "--config", help="YAML/JSON file of settings")),
+        P("config", kw, annotation=Path | None, default=typer.Option(None, "--config", help="study file (oncoslide init): its paths and train settings fill what is not given here; or a YAML/JSON file of settings")),
         P("splits", kw, annotation=Path | None, default=typer.Option(None, "--splits", help="reuse a splits.csv")),
         P("overwrite", kw, annotation=bool, default=typer.Option(False, "--overwrite", help="replace another run in --out")),
         P("skip_bad_features", kw, annotation=bool, default=typer.Option(False, "--skip-bad-features", help="leave out slides whose feature file is missing, unreadable or empty (listed)")),
-        P("progress", kw, annotation=bool, default=typer.Option(True, "--progress/--no-progress")),
+        P("progress", kw, annotation=bool, default=typer.Option(True, "--progress/--no-progress", help="bars on a terminal, else a line per epoch and fold; run.log has the lines either way")),
     ]  # fmt: skip
     generated = [
         _config_option(name, field)
@@ -399,31 +765,34 @@ app.command("train")(_friendly(_train))
 def _print_fit_all(result: Any, seconds: float) -> None:
     trained = result.model
     parts = result.splits["part"].value_counts().to_dict()
+    what = escape(f"{trained.name} · {trained.task.name} ({trained.task.kind})")
     console.print(
-        f"[green]trained[/] {trained.name} · {trained.task.name} ({trained.task.kind}) on "
+        f"[green]trained[/] {what} on "
         f"{parts.get('train', 0)} patients, validation {parts.get('val', 0)}"
         + (" (already trained: nothing to do)" if result.resumed else f" in {seconds:.0f} s")
     )
+    folder = escape(str(result.out_dir))
     console.print(
-        f"  model folder {result.out_dir} (model.json, weights.pt, patients.csv, history.csv); "
-        f"apply it with `oncoslide predict {result.out_dir} --cohort ... --features ...`"
+        f"  model folder {folder} (model.json, weights.pt, patients.csv, history.csv); "
+        f"apply it with `oncoslide predict {folder} --cohort ... --features ...`",
+        highlight=False,
     )
 
 
 def print_run_summary(result: Any, seconds: float | None = None) -> None:
     cfg, task = result.config, result.task
     title = f"{cfg.model} · {task.name} ({task.kind}) · {cfg.folds}-fold x {cfg.repeats} seed(s)"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("95% CI", justify="right")
     table.add_column("sd over folds", justify="right")
     for row in result.summary.itertuples():
         ci = "-" if row.n_boot == 0 else f"[{row.ci_lower:.3f}, {row.ci_upper:.3f}]"
-        table.add_row(row.metric, f"{row.mean:.3f}", ci, f"{row.std:.3f}")
+        table.add_row(escape(str(row.metric)), f"{row.mean:.3f}", escape(ci), f"{row.std:.3f}")
     console.print(table)
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}", highlight=False)
     stats = result.cache_stats
     if stats:
         console.print(
@@ -432,7 +801,8 @@ def print_run_summary(result: Any, seconds: float | None = None) -> None:
         )
     tail = f" in {seconds:.0f} s" if seconds is not None else ""
     console.print(
-        f"[green]done[/]{tail}: {result.out_dir}/ (metrics.csv, predictions.parquet, splits.csv, summary.csv, config.json)"
+        f"[green]done[/]{tail}: {escape(str(result.out_dir))}/ (metrics.csv, predictions.parquet, "
+        "splits.csv, summary.csv, config.json)"
     )
 
 
@@ -443,12 +813,23 @@ def print_run_summary(result: Any, seconds: float | None = None) -> None:
 @_friendly
 def predict(
     model: Path = typer.Argument(..., help="a model folder, or a run folder with --fold"),
-    cohort: Path = typer.Option(..., "--cohort", "-c", help="cohort table (CSV or Parquet)"),
-    features: Path = typer.Option(..., "--features", "-f", help="folder of per-slide features"),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", "-c", help="cohort table (CSV or Parquet) [default: paths.cohort]"
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", "-f", help="folder of per-slide features [default: paths.features]"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="folder for predictions and embeddings"),
     seed: int | None = typer.Option(None, "--seed", help="run folder: the seed (default: first)"),
     fold: int | None = typer.Option(None, "--fold", help="run folder: the fold's model"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="bags per forward pass"),
+    num_threads: int | None = typer.Option(
+        None,
+        "--num-threads",
+        "--threads",
+        min=1,
+        help="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)",
+    ),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings"),
     skip_bad_features: bool = typer.Option(False, "--skip-bad-features"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -456,6 +837,7 @@ def predict(
         None, "--omics", help="expression table, for models that read omics at test time"
     ),
     gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene groups of --omics"),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
     from oncoslide.errors import ConfigError
@@ -477,6 +859,16 @@ def predict(
         raise ConfigError("--seed and --fold name a fold of a run folder, not of a model folder")
     trained = load_model_folder(folder)
     task = trained.task
+    study = _study(study_file)
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _need(features, "--features", study, "features")
+    if omics is None and study.paths.omics is not None:
+        from oncoslide.training.side_inputs import declared_side_inputs
+
+        # the study's omics table only for a model that reads omics when predicting
+        if declared_side_inputs(trained.name).get("omics") == "always":
+            omics = study.path("omics")
+            gene_groups = _optional(gene_groups, study, "gene_groups")
     columns = _table_columns(cohort)
     has_targets = (
         {task.time_col, task.event_col} <= columns if task.is_survival else task.name in columns
@@ -492,16 +884,23 @@ def predict(
     )
     side = _side_inputs(omics, gene_groups, None)
     result = predict_cohort(
-        trained, c, out, batch_size=batch_size, embeddings=embeddings, side=side
+        trained,
+        c,
+        out,
+        batch_size=batch_size,
+        embeddings=embeddings,
+        side=side,
+        num_threads=num_threads,
     )
     console.print(
-        f"[green]predicted[/] {len(result.predictions)} patients with {trained.name} "
-        f"({task.name}) -> {out}/predictions.parquet"
+        f"[green]predicted[/] {len(result.predictions)} patients with "
+        + escape(f"{trained.name} ({task.name}) -> {out}/predictions.parquet")
     )
     if embeddings:
         console.print(
-            f"  embeddings ({trained.model.embed_dim}-d): {result.patient_embeddings_dir}, "
-            f"{result.slide_embeddings_dir} (slide-level feature files: a benchmark "
+            f"  embeddings ({trained.model.embed_dim}-d): "
+            f"{escape(str(result.patient_embeddings_dir))}, "
+            f"{escape(str(result.slide_embeddings_dir))} (slide-level feature files: a benchmark "
             "`level: slide` feature set reads them)"
         )
     if has_targets:
@@ -547,8 +946,13 @@ def _print_scores(preds: Any, task: Any) -> None:
 @app.command()
 @_friendly
 def extract(
-    slides: Path = typer.Option(..., "--slides", "-s", help="folder of slides, or a CSV list"),
-    out: Path = typer.Option(..., "--out", "-o", help="feature folder to write"),
+    ctx: typer.Context,
+    slides: Path | None = typer.Option(
+        None, "--slides", "-s", help="folder of slides, or a CSV list [default: paths.slides]"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="feature folder to write [default: paths.features]"
+    ),
     encoder: str = typer.Option(
         "efficientnet-lite0", "--encoder", "-e", help="see `oncoslide encoders`"
     ),
@@ -574,9 +978,23 @@ def extract(
     gpus_per_slide: float = typer.Option(
         0.0, "--gpus-per-slide", help="ray: GPUs each slide's task reserves (e.g. 1 or 0.5)"
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        help="bars on a terminal, else a line per slide; OUT/run.log has the lines either way",
+    ),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="replace the features in --out that were extracted with other settings "
+        "(those of the same settings are kept)",
+    ),
 ) -> None:
-    """Cut tissue into patches at a physical resolution and embed them: one feature file per slide."""
+    """Cut tissue into patches at a physical resolution and embed them: one feature file per slide.
+
+    --out holds one extraction (its settings in OUT/extraction.json): the same command resumes
+    it; other settings are refused unless --overwrite."""
     from oncoslide.features.extract import (
         ExtractConfig,
         extract_slides,
@@ -586,6 +1004,18 @@ def extract(
     )
     from oncoslide.training.progress import make_progress
 
+    study = _study(study_file)
+    slides = _need(slides, "--slides", study, "slides")
+    out = _output(out, "--out", study, "features")
+    given = study.extract  # the study's extraction settings, under the command line's
+    encoder = _pick(ctx, "encoder", encoder, given.encoder)
+    weights = _pick(ctx, "weights", weights, given.weights)
+    mpp = _pick(ctx, "mpp", mpp, given.mpp)
+    patch_size = _pick(ctx, "patch_size", patch_size, given.patch_size)
+    overlap = _pick(ctx, "overlap", overlap, given.overlap)
+    min_tissue = _pick(ctx, "min_tissue", min_tissue, given.min_tissue)
+    mpp_override = _pick(ctx, "mpp_override", mpp_override, given.mpp_override)
+    dtype = _pick(ctx, "dtype", dtype, given.dtype)
     config = ExtractConfig(
         encoder=encoder, weights=None if weights is None else str(weights), target_mpp=mpp,
         patch_size=patch_size, overlap=overlap, min_tissue_fraction=min_tissue, dtype=dtype,  # type: ignore[arg-type]
@@ -594,10 +1024,11 @@ def extract(
     )  # fmt: skip
     jobs = find_slides(slides)
     for note in settings_notes(config):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     started = time.perf_counter()
-    bar = make_progress(console, enabled=progress)
-    with bar:
+    view = _progress_view(progress)
+    bar = make_progress(console, enabled=view == "bars")
+    with bar, _shown(view):
         manifest = extract_slides(
             jobs,
             out,
@@ -606,15 +1037,20 @@ def extract(
             address=address,
             gpus_per_slide=gpus_per_slide,
             progress=bar,
+            overwrite=overwrite,
         )
     counts = summarise_manifest(manifest)
     console.print(
         f"[green]extracted[/] {counts['done']} slide(s), skipped {counts['skipped']} already done, "
         f"{counts['no_tissue']} without tissue, [red]{counts['failed']} failed[/] "
-        f"in {time.perf_counter() - started:.0f} s -> {out}/ (manifest.csv, thumbnails/, masks/)"
+        f"in {time.perf_counter() - started:.0f} s -> {escape(str(out))}/ (extraction.json, "
+        "manifest.csv, thumbnails/, masks/)"
     )
     for row in manifest[manifest["status"] == "failed"].itertuples():
-        err_console.print(f"[red]failed[/] {row.slide_id}: {row.error}", highlight=False)
+        err_console.print(
+            f"[red]failed[/] {escape(str(row.slide_id))}: {escape(str(row.error))}",
+            highlight=False,
+        )
     if counts["failed"]:
         raise typer.Exit(1)
 
@@ -623,26 +1059,57 @@ def extract(
 @_friendly
 def heatmap(
     run: Path = typer.Argument(..., help="run folder written by `oncoslide train`"),
-    cohort: Path = typer.Option(..., "--cohort", "-c", help="the run's cohort table"),
-    features: Path = typer.Option(..., "--features", "-f", help="the run's feature folder"),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", "-c", help="the run's cohort table [default: the one it recorded]"
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", "-f", help="the run's feature folder [default: the one it recorded]"
+    ),
     patient: list[str] = typer.Option(..., "--patient", "-p", help="patient id (repeatable)"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder for the images and tables"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="folder for the images and tables [default: RUN/heatmaps]"
+    ),
     seed: int = typer.Option(0, "--seed", help="which seed's models"),
     fold: int | None = typer.Option(
         None, "--fold", help="default: the fold that held the patient out (out-of-fold)"
     ),
     slides: Path | None = typer.Option(
-        None, "--slides", help="folder of the slide files (default: the path recorded by extract)"
+        None,
+        "--slides",
+        help="folder of the slide files (default: the run's, else the path extract recorded)",
     ),
-    max_side: int = typer.Option(2048, "--max-side", help="image size (longer side, px)"),
+    max_side: int = typer.Option(
+        2048, "--max-side", min=1, help="PNG size (longer side, px; at most the slide's level 0)"
+    ),
+    full_resolution: bool = typer.Option(
+        False,
+        "--full-resolution",
+        help="also write <slide>.ome.tif: the overlay at level 0, tiled and pyramidal",
+    ),
+    tiff_mpp: float | None = typer.Option(
+        None, "--tiff-mpp", help="µm/px of that TIFF instead of level 0 (implies --full-resolution)"
+    ),
+    geojson: bool = typer.Option(
+        True, "--geojson/--no-geojson", help="<slide>.geojson: one QuPath detection per patch"
+    ),
     stamp_mpp: float | None = typer.Option(
         None, help="level-0 µm/px of the slides, for STAMP files that do not record it"
     ),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
-    """Draw a trained attention model's attention on a patient's slides (out-of-fold)."""
+    """Draw a trained attention model's attention on a patient's slides (out-of-fold).
+
+    Per slide: <slide>.png (the overlay, --max-side px), figures/<slide>.png (with title and
+    colour bar), <slide>.geojson (for QuPath) and, with --full-resolution, <slide>.ome.tif.
+
+    The cohort table, features and slides default to those the run was trained on (it records
+    them); --config study.yaml or the options name others.
+    """
     from oncoslide.report.attention import attention_heatmaps, read_run
 
     config, _ = read_run(run)
+    cohort, features, slides = _run_data(run, cohort, features, slides, _study(study_file))
+    out = out or run / "heatmaps"
     c = _load_cohort(
         cohort,
         features,
@@ -662,17 +1129,91 @@ def heatmap(
             slides_dir=slides,
             max_side=max_side,
             stamp_mpp=stamp_mpp,
+            geojson=geojson,
+            full_resolution=full_resolution,
+            tiff_mpp=tiff_mpp,
         )
         att = result.attention
         view = "out-of-fold" if att.out_of_fold else "[yellow]trained on this patient[/]"
         prediction = ", ".join(f"{k} {v:.3g}" for k, v in att.prediction.items())
         console.print(
-            f"[green]{pid}[/]: seed {att.seed} fold {att.fold} ({view}), {len(att.table)} "
-            f"patches, prediction {prediction} -> {out / pid}/ "
-            f"({len(result.images)} image(s), attention.csv)"
+            f"[green]{escape(pid)}[/]: seed {att.seed} fold {att.fold} ({view}), {len(att.table)} "
+            f"patches, prediction {escape(prediction)} -> {escape(str(out / pid))}/ "
+            f"({_heatmap_files(result)})"
         )
         for note in result.notes:
-            console.print(f"[dim]note:[/] {note}")
+            console.print(f"[dim]note:[/] {escape(note)}", highlight=False)
+
+
+def _heatmap_files(result: Any) -> str:
+    """What attention_heatmaps wrote, counted: "2 image(s), 1 GeoJSON, attention.csv"."""
+    parts = [f"{len(result.images)} image(s)"]
+    if result.geojson:
+        parts.append(f"{len(result.geojson)} GeoJSON")
+    if result.tiffs:
+        parts.append(f"{len(result.tiffs)} OME-TIFF")
+    return ", ".join([*parts, "attention.csv"])
+
+
+def _run_data(
+    run: Path, cohort: Path | None, features: Path | None, slides: Path | None, study: Any
+) -> tuple[Path, Path, Path | None]:
+    """A run's cohort table, features and slides: the command line's, else the study's
+    (--config), else the paths the run recorded when it was trained (paths.json)."""
+    from oncoslide.errors import ConfigError
+    from oncoslide.study import DATA_PATHS_FILE, read_data_paths
+
+    recorded = read_data_paths(run)
+    record = run / DATA_PATHS_FILE
+    used: list[str] = []
+
+    def pick(value: Path | None, option: str, key: str, what: str) -> Path | None:
+        if value is not None:
+            return value
+        kept = None if recorded is None else getattr(recorded, key)
+        for candidate, source in (
+            (getattr(study.paths, key), study.where(f"paths.{key}")),
+            (None if kept is None else Path(kept), f"recorded in {record}"),
+        ):
+            if candidate is None:
+                continue
+            if candidate.exists():
+                if source.startswith("recorded"):
+                    used.append(f"{key} {candidate}")
+                return candidate
+            if key == "slides":  # optional: the feature files name their slides too
+                console.print(
+                    f"[dim]note:[/] the slides folder {escape(f'{candidate} ({source})')} "
+                    "does not exist: "
+                    "the slide paths in the feature files are tried (or pass --slides)",
+                    highlight=False,
+                )
+                return None
+            if source.startswith("recorded"):
+                raise ConfigError(
+                    f"the {what} the run was trained on, {candidate} ({source}), no longer "
+                    f"exists: give {option}"
+                )
+            raise ConfigError(f"the {what} {candidate} ({source}) does not exist: give {option}")
+        return None
+
+    found_cohort = pick(cohort, "--cohort", "cohort", "cohort table")
+    found_features = pick(features, "--features", "features", "feature folder")
+    for value, option, what in (
+        (found_cohort, "--cohort", "cohort table"),
+        (found_features, "--features", "feature folder"),
+    ):
+        if value is None:
+            why = (
+                f"{run} does not record its data paths (trained by an earlier release)"
+                if recorded is None
+                else f"{record} records no {what} (the run was given it as data, not a path)"
+            )
+            raise ConfigError(f"give {option}: {why}")
+    found_slides = pick(slides, "--slides", "slides", "slides folder")
+    if used:
+        console.print(f"[dim]as recorded by the run:[/] {escape('; '.join(used))}", highlight=False)
+    return cast(Path, found_cohort), cast(Path, found_features), found_slides
 
 
 @app.command("encoders")
@@ -686,8 +1227,9 @@ def list_encoders_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")
     for name in list_encoders(pattern):
         info = encoder_info(name)
         table.add_row(
-            name, str(info.out_dim), str(info.input_size),
-            "-" if info.native_mpp is None else str(info.native_mpp), info.weights_description,
+            escape(name), str(info.out_dim), str(info.input_size),
+            "-" if info.native_mpp is None else str(info.native_mpp),
+            escape(info.weights_description),
         )  # fmt: skip
     console.print(table)
 
@@ -697,13 +1239,35 @@ def list_encoders_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")
 
 @app.command("models")
 def list_models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) -> None:
-    """List the registered MIL models."""
+    """List the registered MIL models: attention (what `oncoslide heatmap` draws), inputs."""
     from oncoslide.models import MODELS, list_models
 
+    table = Table()
+    for col in ("name", "attention", "inputs", "description"):
+        table.add_column(col)
     for name in list_models(pattern):
         meta = MODELS.metadata(name)
-        desc = meta.get("description", "") if isinstance(meta, dict) else ""
-        console.print(f"{name:14s} {desc}")
+        table.add_row(
+            escape(name),
+            "yes" if meta.get("has_attention") else "no",
+            escape(_model_inputs(meta)),
+            escape(str(meta.get("description", ""))),
+        )
+    console.print(table)
+    console.print(
+        "attention yes: `oncoslide heatmap` draws where the model looks on the slides",
+        highlight=False,
+    )
+
+
+def _model_inputs(meta: dict[str, Any]) -> str:
+    """What a model reads, from its registry metadata: "patches + omics (training only)"."""
+    parts = ["patches"] if meta.get("uses_patches", True) else []
+    for name, when in (meta.get("side_inputs") or {}).items():
+        parts.append(f"{name} (training only)" if when == "train" else str(name))
+    if meta.get("needs_experts"):
+        parts.append("a model zoo")
+    return " + ".join(parts) or "-"
 
 
 # --------------------------------------------------------------------------------- bench
@@ -711,6 +1275,7 @@ def list_models_cmd(pattern: str = typer.Argument("*", help="fnmatch pattern")) 
 bench_app = typer.Typer(
     help="Benchmarks: tasks x feature sets x models, a results store and a leaderboard.",
     no_args_is_help=True,
+    cls=_PlainHelpGroup,
 )
 app.add_typer(bench_app, name="bench")
 
@@ -718,8 +1283,13 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("run")
 @_friendly
 def bench_run(
-    spec: Path = typer.Argument(..., help="benchmark YAML (see docs/bench.md)"),
-    out: Path = typer.Option(..., "--out", "-o", help="benchmark folder (results.sqlite, ...)"),
+    spec: Path | None = typer.Argument(
+        None, help="benchmark YAML (see docs/bench.md) [default: paths.bench_spec]"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="benchmark folder (results.sqlite, ...) [default: paths.bench]"
+    ),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     executor: str = typer.Option("local", "--executor", help="local (processes) or ray"),
     workers: int | None = typer.Option(
         None, "--workers", "-j", help="local worker processes (0: in this process)"
@@ -734,9 +1304,26 @@ def bench_run(
     gpus_per_cell: float = typer.Option(
         0.0, "--gpus-per-cell", help="ray: GPUs each cell reserves (e.g. 1 or 0.5)"
     ),
+    num_threads: int | None = typer.Option(
+        None,
+        "--num-threads",
+        "--threads",
+        min=1,
+        help="torch threads per worker (default: OMP_NUM_THREADS, else usable cores / workers; "
+        "ray: the CPUs each cell reserves, default 1)",
+    ),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        help="bars on a terminal, else a line per cell; OUT/run.log has the lines either way",
+    ),
 ) -> None:
     """Run the cells of a benchmark that its folder does not hold yet."""
     from oncoslide.bench.runner import run_benchmark
+
+    study = _study(study_file)
+    spec = _need(spec, "the benchmark YAML (SPEC)", study, "bench_spec")
+    out = _output(out, "--out", study, "bench")
     from oncoslide.bench.spec import load_spec
 
     if executor not in ("local", "ray"):
@@ -751,33 +1338,42 @@ def bench_run(
             ) from None
     started = time.perf_counter()
     bench_spec = load_spec(spec)
-    run = run_benchmark(
-        bench_spec,
-        out,
-        executor=cast(Literal["local", "ray"], executor),
-        workers=workers,
-        address=address,
-        cache_gb=cache_gb,
-        gpus=gpu_ids,
-        gpus_per_cell=gpus_per_cell,
-        console=console,
-    )
+    view = _progress_view(progress)
+    with _shown(view):
+        run = run_benchmark(
+            bench_spec,
+            out,
+            executor=cast(Literal["local", "ray"], executor),
+            workers=workers,
+            address=address,
+            cache_gb=cache_gb,
+            gpus=gpu_ids,
+            gpus_per_cell=gpus_per_cell,
+            num_threads=num_threads,
+            # the lines view: the per-cell lines say what the library would print (failures)
+            console=None if view == "lines" else console,
+            progress=view == "bars",
+        )
     for note in run.notes:
-        console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {escape(note)}", highlight=False)
     console.print(
         f"{run.n_cells} cells: {run.n_already_done} already done, {run.n_ran} run now, "
         f"{len(run.failures)} failed ({time.perf_counter() - started:.0f} s); "
-        f"leaderboard: oncoslide bench leaderboard {out}"
+        f"leaderboard: oncoslide bench leaderboard {escape(str(out))}"
     )
     if run.failures:
-        err_console.print(f"[red]{len(run.failures)} cell(s) failed[/]: see {out / 'failures.csv'}")
+        err_console.print(
+            f"[red]{len(run.failures)} cell(s) failed[/]: see {escape(str(out / 'failures.csv'))}"
+        )
         raise typer.Exit(1)
 
 
 @bench_app.command("leaderboard")
 @_friendly
 def bench_leaderboard(
-    folder: Path = typer.Argument(..., help="benchmark folder written by `bench run`"),
+    folder: Path | None = typer.Argument(
+        None, help="benchmark folder written by `bench run` [default: paths.bench]"
+    ),
     html: Path | None = typer.Option(
         None, "--html", help="page to write (default FOLDER/index.html)"
     ),
@@ -787,30 +1383,45 @@ def bench_leaderboard(
     n_boot: int | None = typer.Option(
         None, "--n-boot", help="bootstrap replicates (default: spec)"
     ),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Statistics and the static leaderboard page of a benchmark folder."""
     from oncoslide.bench.report import build_leaderboard, print_leaderboard
 
+    folder = _output(folder, "the benchmark FOLDER", _study(study_file), "bench")
+
     board = build_leaderboard(folder, html=html, csv=csv, n_boot=n_boot)
     print_leaderboard(board, console)
-    console.print(f"leaderboard: {board.html_path}  (scores: {board.csv_path})")
+    console.print(
+        escape(f"leaderboard: {board.html_path}  (scores: {board.csv_path})"), highlight=False
+    )
 
 
 @bench_app.command("shuffle-features")
 @_friendly
 def bench_shuffle_features(
-    cohort: Path = typer.Option(..., "--cohort", help="cohort table (one row per slide)"),
-    features: Path = typer.Option(..., "--features", help="folder of feature files"),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", help="cohort table (one row per slide) [default: paths.cohort]"
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", help="folder of feature files [default: paths.features]"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the shuffled feature set"),
     seed: int = typer.Option(0, "--seed", "-s"),
     copy: bool = typer.Option(False, "--copy", help="copy files instead of symbolic links"),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """A negative-control feature set: each slide gets another patient's features."""
     from oncoslide.bench.shuffle import shuffle_features
 
+    study = _study(study_file)
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _need(features, "--features", study, "features")
+
     mapping = shuffle_features(cohort, features, out, seed=seed, copy=copy)
     console.print(
-        f"{len(mapping)} slides shuffled across patients into {out} (map: shuffle_map.csv)"
+        f"{len(mapping)} slides shuffled across patients into {escape(str(out))} "
+        "(map: shuffle_map.csv)"
     )
 
 
@@ -822,8 +1433,22 @@ def bench_shuffle_features(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o"),
     quick: bool = typer.Option(False, "--quick", help="a smaller cohort, fewer epochs"),
+    heatmap: bool = typer.Option(
+        False,
+        "--heatmap",
+        help="instead: attention heatmaps on the bundled real slide (docs/heatmaps.md)",
+    ),
 ) -> None:
-    """The main job on embedded data: simulate a cohort, cross-validate models, print results."""
+    """The main job on embedded data: simulate a cohort, cross-validate models, print results.
+
+    With --heatmap: extract the bundled real slide, train ABMIL on simulated patients planted on
+    its patches and draw the slide's out-of-fold attention (PNG, GeoJSON, OME-TIFF).
+    """
+    if heatmap:
+        from oncoslide.demo_heatmap import run_heatmap_demo
+
+        run_heatmap_demo(out, console=console)
+        return
     from oncoslide.demo import run_demo
 
     run_demo(out, quick=quick, console=console)
@@ -842,11 +1467,13 @@ if __name__ == "__main__":
 zoo_app = typer.Typer(
     help="A zoo of per-cancer survival models (CROPKT's off-the-shelf models).",
     no_args_is_help=True,
+    cls=_PlainHelpGroup,
 )
 app.add_typer(zoo_app, name="zoo")
 transfer_app = typer.Typer(
     help="Cross-cancer transfer: how each cancer's model does on the others.",
     no_args_is_help=True,
+    cls=_PlainHelpGroup,
 )
 app.add_typer(transfer_app, name="transfer")
 
@@ -854,19 +1481,33 @@ app.add_typer(transfer_app, name="transfer")
 @zoo_app.command("train")
 @_friendly
 def zoo_train(
-    cohort: Path = typer.Option(..., "--cohort", help="pan-cancer cohort table"),
-    features: Path = typer.Option(..., "--features", help="feature folder"),
+    ctx: typer.Context,
+    cohort: Path | None = typer.Option(
+        None, "--cohort", help="pan-cancer cohort table [default: paths.cohort]"
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", help="feature folder [default: paths.features]"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="zoo folder"),
     by: str = typer.Option("cohort", "--by", help="patient-level column naming the cancer"),
     min_patients: int = typer.Option(200, "--min-patients", help="inclusion: patients"),
     min_event_rate: float = typer.Option(0.05, "--min-event-rate", help="inclusion: events/n"),
     config_file: Path | None = typer.Option(
-        None, "--config", help="YAML/JSON training settings (docs/training.md)"
+        None,
+        "--config",
+        help="study file (its paths and train settings), or YAML/JSON training settings",
     ),
     model: str = typer.Option("abmil", "--model", "-m"),
     folds: int | None = typer.Option(None, "--folds"),
     epochs: int | None = typer.Option(None, "--epochs"),
     seed: int | None = typer.Option(None, "--seed"),
+    num_threads: int | None = typer.Option(
+        None,
+        "--num-threads",
+        "--threads",
+        min=1,
+        help="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -874,25 +1515,36 @@ def zoo_train(
     from oncoslide.training import make_config
     from oncoslide.transfer import build_zoo
 
-    settings: dict[str, Any] = _read_config_file(config_file) if config_file else {}
-    settings.update({"task": "survival", "model": model, "progress": progress})
-    for key, value in (("folds", folds), ("epochs", epochs), ("seed", seed)):
+    view = _progress_view(progress)
+    study = _study(config_file)
+    settings: dict[str, Any] = study.train_settings()
+    model = _pick(ctx, "model", model, settings.get("model"))
+    settings.update({"task": "survival", "model": model, "progress": view == "bars"})
+    for key, value in (
+        ("folds", folds),
+        ("epochs", epochs),
+        ("seed", seed),
+        ("num_threads", num_threads),
+    ):
         if value is not None:
             settings[key] = value
     config = make_config(**settings)
-    c = _load_cohort(cohort, features, show_progress=progress)
-    zoo, notes = build_zoo(
-        c,
-        config,
-        out,
-        by=by,
-        min_patients=min_patients,
-        min_event_rate=min_event_rate,
-        overwrite=overwrite,
-        on_step=lambda cancer: console.print(f"training the {cancer} model"),
-    )
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _need(features, "--features", study, "features")
+    c = _load_cohort(cohort, features, show_progress=view == "bars")
+    with _shown(view):
+        zoo, notes = build_zoo(
+            c,
+            config,
+            out,
+            by=by,
+            min_patients=min_patients,
+            min_event_rate=min_event_rate,
+            overwrite=overwrite,
+            on_step=lambda cancer: console.print(f"training the {escape(cancer)} model"),
+        )
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     _print_zoo(zoo)
 
 
@@ -908,12 +1560,14 @@ def zoo_list(zoo_dir: Path = typer.Argument(..., help="zoo folder")) -> None:
 def _print_zoo(zoo: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"model zoo {zoo.path} (by {zoo.by}; encoder {zoo.contract.encoder})")
+    table = Table(
+        title=escape(f"model zoo {zoo.path} (by {zoo.by}; encoder {zoo.contract.encoder})")
+    )
     for col in ("cancer", "patients", "events", "CV C-index [95% CI]"):
         table.add_column(col)
     for e in zoo.entries:
         table.add_row(
-            e.cancer,
+            escape(e.cancer),
             str(e.n_patients),
             str(e.n_events),
             f"{e.c_index:.3f} [{e.lower:.2f}, {e.upper:.2f}]",
@@ -925,18 +1579,26 @@ def _print_zoo(zoo: Any) -> None:
 @_friendly
 def transfer_matrix_cmd(
     zoo_dir: Path = typer.Option(..., "--zoo", help="zoo folder (oncoslide zoo train)"),
-    cohort: Path = typer.Option(..., "--cohort", help="cohort table with the target cancers"),
-    features: Path = typer.Option(..., "--features", help="feature folder"),
+    cohort: Path | None = typer.Option(
+        None, "--cohort", help="cohort table with the target cancers [default: paths.cohort]"
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", help="feature folder [default: paths.features]"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     n_boot: int = typer.Option(500, "--n-boot", help="bootstrap replicates per cell"),
+    study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Score every zoo model, unchanged, on every cancer's patients it never saw."""
     from oncoslide.transfer import load_zoo, transfer_matrix
 
+    study = _study(study_file)
+    cohort = _need(cohort, "--cohort", study, "cohort")
+    features = _need(features, "--features", study, "features")
+
     zoo = load_zoo(zoo_dir)
     c = _load_cohort(cohort, features)
     result = transfer_matrix(zoo, c, out, n_boot=n_boot)
-    console.print(result.wide.round(3).to_string(), highlight=False)
-    console.print(
-        f"[green]written[/] {out / 'matrix.csv'}, {out / 'matrix.png'}, {out / 'index.html'}"
-    )
+    console.print(result.wide.round(3).to_string(), highlight=False, markup=False)
+    written = ", ".join(str(out / name) for name in ("matrix.csv", "matrix.png", "index.html"))
+    console.print(f"[green]written[/] {escape(written)}", highlight=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from oncoslide._io import write_table, write_text
 
@@ -92,7 +93,10 @@ def run_demo(
     spec = spec_from_dict(raw, base_dir=out, source=str(spec_path))
     run = run_benchmark(spec, out / "bench", console=console)
     for failure in run.failures:
-        console.print(f"[red]failed[/] {failure['cell']}: {failure['error']}")
+        console.print(
+            f"[red]failed[/] {escape(str(failure['cell']))}: {escape(str(failure['error']))}",
+            highlight=False,
+        )
 
     console.rule("3. leaderboard")
     board = build_leaderboard(out / "bench")
@@ -105,7 +109,7 @@ def run_demo(
     )
     console.print(
         f"[green]demo finished[/] in {(time.perf_counter() - started) / 60:.1f} min; "
-        f"leaderboard: {board.html_path}; tidy scores: {out / 'results.csv'}"
+        + escape(f"leaderboard: {board.html_path}; tidy scores: {out / 'results.csv'}")
     )
     return results
 
@@ -121,18 +125,23 @@ def _extract_real_slide(out: Path, console: Console) -> None:
 
     console.rule("0. slide -> feature file, on a real H&E slide")
     if not REAL_SLIDE.is_file():
-        console.print(f"bundled slide not found at {REAL_SLIDE} (not a source checkout): skipped")
+        console.print(
+            escape(f"bundled slide not found at {REAL_SLIDE} (not a source checkout): skipped")
+        )
         return
     progress = make_progress(console)
     with progress:
         manifest = extract_slides(find_slides(REAL_SLIDE), out, ExtractConfig(), progress=progress)
     row = manifest.iloc[0]
     if row["status"] not in ("done", "skipped"):
-        console.print(f"[red]extraction failed[/]: {row['error']}")
+        console.print(f"[red]extraction failed[/]: {escape(str(row['error']))}", highlight=False)
         return
     sf = read_features(out / f"{row['slide_id']}.h5")
     console.print(
-        f"{REAL_SLIDE.name}: {sf.n_patches} patches of 224 px at 0.5 µm/px on tissue, "
-        f"{sf.dim}-d {sf.encoder} features -> {out / (row['slide_id'] + '.h5')}\n"
-        f"  check the tissue mask and patches: {out / 'thumbnails' / (row['slide_id'] + '.png')}"
+        escape(
+            f"{REAL_SLIDE.name}: {sf.n_patches} patches of 224 px at 0.5 µm/px on tissue, "
+            f"{sf.dim}-d {sf.encoder} features -> {out / (row['slide_id'] + '.h5')}\n"
+            f"  check the tissue mask and patches: "
+            f"{out / 'thumbnails' / (row['slide_id'] + '.png')}"
+        )
     )

@@ -46,6 +46,21 @@ class FeatureFileError(OncoslideError):
         super().__init__(f"feature file {self.path}: {reason}")
 
 
+class AmbiguousFeatureFileError(FeatureFileError):
+    """Several feature files for one slide in different subfolders of the features folder
+    (e.g. features of two encoders): ``folders`` are those subfolders, relative to it."""
+
+    def __init__(self, features_dir: object, slide_id: str, files: Iterable[str]) -> None:
+        self.features_dir, self.slide_id = str(features_dir), slide_id
+        self.files = tuple(files)
+        self.folders = tuple(sorted({os.path.dirname(f) or "." for f in self.files}))
+        super().__init__(
+            os.path.join(self.features_dir, slide_id),
+            f"ambiguous: several feature files for slide {slide_id!r} ({', '.join(self.files)}); "
+            "point features_dir at the folder of one encoder",
+        )
+
+
 class NonFiniteFeaturesError(FeatureFileError):
     """A feature file whose values include NaN or infinity (``n_bad`` of ``n_patches`` rows)."""
 
@@ -54,6 +69,12 @@ class NonFiniteFeaturesError(FeatureFileError):
         super().__init__(
             path, f"{n_bad} of {n_patches} patches have NaN or infinite feature values"
         )
+
+
+class StudyError(ProblemsError):
+    """A study file (``oncoslide init``'s ``study.yaml``) with unknown keys or bad values."""
+
+    what = "study file"
 
 
 class SplitLeakageError(OncoslideError):

@@ -1,14 +1,17 @@
-"""The static leaderboard page: structure, escaping, CSV export, and a real headless browser.
+"""The static leaderboard page: structure, escaping, CSV exports, ROC and reliability figures,
+and a real headless browser.
 
 The scores and ranking are computed here by hand from a synthetic prediction frame (lifelines'
 concordance index, scikit-learn's AUC, ranks by estimate), independently of the benchmark's
-statistics module.
+statistics module; so are the areas of the ROC curves (scikit-learn) and the reliability bins.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -346,11 +349,139 @@ def test_kaplan_meier_of_the_best_entry_at_its_first_seed(
     assert "Log-rank p = " in survival.find_all("figure", class_="km-best")[0].all_text()
 
 
+def _common(preds: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the (seed, patient) pairs every entry of the frame's task scored."""
+    n_entries = preds.groupby(["feature_set", "model"]).ngroups
+    size = preds.groupby(["seed", "patient_id"])["patient_id"].transform("size")
+    return preds[size == n_entries]
+
+
+def _fold_auc(rows: pd.DataFrame, classes: list[str]) -> float:
+    """scikit-learn's AUC (binary: classes[-1]; else the mean one-vs-rest AUC over the classes
+    present), within each (seed, fold) with two classes or more, averaged."""
+    values = []
+    for _, cell in rows.groupby(["seed", "fold"]):
+        present = [c for c in classes if (cell["label"] == c).any()]
+        if len(present) < 2:
+            continue
+        split = [classes[-1]] if len(classes) == 2 else present
+        values.append(
+            np.mean([roc_auc_score(cell["label"] == c, cell[f"prob_{c}"]) for c in split])
+        )
+    return float(np.mean(values))
+
+
+def _area(points: pd.DataFrame) -> float:
+    """Trapezoid area under the curve points, in their drawing order."""
+    points = points.sort_values("point")
+    x, y = points["fpr"].to_numpy(), points["tpr"].to_numpy()
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def _hand_calibration(rows: pd.DataFrame, classes: list[str]) -> list[tuple[int, float, float]]:
+    """Per bin [k/10, (k+1)/10) (the last one closed): n, mean predicted, observed frequency;
+    binary: P(classes[-1]) vs the share of classes[-1]; multiclass: the top probability vs the
+    share of patients whose first most probable class is theirs."""
+    pairs = []
+    for _, row in rows.iterrows():
+        probs = [float(row[f"prob_{c}"]) for c in classes]
+        if len(classes) == 2:
+            pairs.append((probs[1], float(row["label"] == classes[1])))
+        else:
+            top = probs.index(max(probs))
+            pairs.append((probs[top], float(row["label"] == classes[top])))
+    out = []
+    for k in range(10):
+        inside = [(p, y) for p, y in pairs if k / 10 <= p < (k + 1) / 10 or (k == 9 and p == 1.0)]
+        n = len(inside)
+        if n:
+            out.append((n, sum(p for p, _ in inside) / n, sum(y for _, y in inside) / n))
+        else:
+            out.append((0, math.nan, math.nan))
+    return out
+
+
+def _check_calibration(bins: pd.DataFrame, rows: pd.DataFrame, classes: list[str]) -> None:
+    hand = _hand_calibration(rows, classes)
+    bins = bins.sort_values("bin")
+    assert bins["n"].tolist() == [n for n, _, _ in hand]
+    np.testing.assert_allclose(bins["mean_predicted"], [m for _, m, _ in hand], atol=1e-12)
+    np.testing.assert_allclose(bins["observed"], [o for _, _, o in hand], atol=1e-12)
+    ece = sum(n * abs(m - o) for n, m, o in hand if n) / len(rows)
+    assert bins["ece"].iloc[0] == pytest.approx(ece, abs=1e-12)
+
+
+def test_classification_task_shows_roc_and_reliability_per_feature_set(
+    data: LeaderboardData, page: Path
+) -> None:
+    root = _parse(page)
+    (binary,) = root.find_all("section", data_task=BINARY)
+    (survival,) = root.find_all("section", data_task=SURVIVAL)
+    assert survival.find_all("img", class_="roc") == []
+    rows = data.predictions[data.predictions["task"] == BINARY]
+    common = _common(rows)
+    (about,) = binary.find_all("p", class_="roc-about")
+    assert f"{common['patient_id'].nunique()} test patients" in about.all_text()
+    assert "positive class MSS" in about.all_text() and "10 equal-width bins" in about.all_text()
+    (grid,) = binary.find_all("div", class_="roc-grid")
+    figures = grid.find_all("figure")
+    images = [f.find_all("img", class_="roc")[0] for f in figures]
+    assert sorted(i.attrs["data-feature-set"] for i in images) == sorted(FEATURE_SETS)
+
+    # the CSV links of each task, relative to the page
+    links = {
+        a.attrs["class"]: page.parent / unquote(a.attrs["href"])
+        for a in binary.find_all("p", class_="task-files")[0].find_all("a")
+    }
+    assert sorted(links) == ["calibration-link", "predictions-link", "roc-link"]
+    (survival_link,) = survival.find_all("p", class_="task-files")[0].find_all("a")
+    assert survival_link.attrs["class"] == "predictions-link"
+    roc = pd.read_csv(links["roc-link"])
+    calibration = pd.read_csv(links["calibration-link"])
+    assert list(roc.columns) == ["task", "feature_set", "model", "point", "fpr", "tpr"]
+    for figure, image in zip(figures, images, strict=True):
+        fs = image.attrs["data-feature-set"]
+        aucs = json.loads(image.attrs["data-auc"])
+        assert sorted(aucs) == sorted(MODELS)
+        for model, auc in aucs.items():
+            entry = common[(common["feature_set"] == fs) & (common["model"] == model)]
+            want = _fold_auc(entry, ["MSI", "MSS"])
+            points = roc[(roc["feature_set"] == fs) & (roc["model"] == model)]
+            assert _area(points) == pytest.approx(want, abs=1e-9)
+            assert auc == pytest.approx(want, abs=1e-9)
+            bins = calibration[(calibration["feature_set"] == fs) & (calibration["model"] == model)]
+            _check_calibration(bins, entry, ["MSI", "MSS"])
+            caption = figure.find_all("figcaption")[0].all_text()
+            assert f"{entry_name(fs, model)}: AUC {want:.3f}" in caption
+
+    # the predictions CSV holds every prediction of the task, with the columns it uses
+    exported = pd.read_csv(links["predictions-link"], dtype={"patient_id": str, "label": str})
+    want = rows.dropna(axis=1, how="all")
+    assert list(exported.columns[:7]) == [
+        "task",
+        "feature_set",
+        "model",
+        "protocol",
+        "seed",
+        "fold",
+        "patient_id",
+    ]
+    assert "risk" not in exported.columns and "time" not in exported.columns
+    pd.testing.assert_frame_equal(
+        exported, want[list(exported.columns)].reset_index(drop=True), check_dtype=False
+    )
+    assert set(exported.columns) == set(want.columns)
+    survival_rows = pd.read_csv(page.parent / unquote(survival_link.attrs["href"]))
+    assert len(survival_rows) == (data.predictions["task"] == SURVIVAL).sum()
+    assert "label" not in survival_rows.columns and "risk" in survival_rows.columns
+
+
 def test_page_is_self_contained_and_escaped(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     root = _parse(page)
     images = root.find_all("img")
-    assert len(images) == 1 + 1 + len(STRENGTH)  # heat map, best KM, one small KM per entry
+    # heat map, best KM, one small KM per entry, one ROC / reliability figure per feature set
+    assert len(images) == 1 + 1 + len(STRENGTH) + len(FEATURE_SETS)
     assert len(root.find_all("img", class_="heatmap")) == 1
     for img in images:
         prefix = "data:image/png;base64,"
@@ -369,7 +500,12 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
         "<script>alert(1)</script>"
     )
     assert root.find_all("title")[0].all_text() == "Pan-cancer <benchmark>"
-    assert sorted(p.name for p in page.parent.iterdir()) == ["leaderboard.csv", page.name]
+    assert sorted(p.name for p in page.parent.iterdir()) == [
+        "curves",
+        "leaderboard.csv",
+        page.name,
+        "predictions",
+    ]
 
 
 def test_csv_round_trips_and_is_linked(data: LeaderboardData, page: Path) -> None:
@@ -418,11 +554,15 @@ def test_bad_data_lists_every_problem(data: LeaderboardData) -> None:
     ):
         assert needle in message
     assert "5 problems" in message
+    # a classification task cannot be drawn (or exported) without labels and probabilities
+    with pytest.raises(ConfigError, match=r"label and prob_<class> columns"):
+        replace(data, predictions=data.predictions.drop(columns=["prob_MSI", "prob_MSS"]))
 
 
 # ------------------------------------------------------------------------------ from the store
 
 UNEVEN_TASKS = (("os", "survival", "easy"), ("msi", "binary", "hard"))
+_KINDS = {False: "binary", True: "multiclass"}
 
 
 def _independent_estimate(kind: str, rows: pd.DataFrame) -> float:
@@ -443,15 +583,16 @@ def _uneven_store(folder: Path, frames: dict[str, pd.DataFrame]) -> None:
     keys, tasks = [], []
     with ResultStore.in_dir(folder) as store:
         for task, frame in frames.items():
-            kind = "survival" if "risk" in frame.columns else "binary"
+            classes = sorted(c[len("prob_") :] for c in frame.columns if c.startswith("prob_"))
+            kind = "survival" if "risk" in frame.columns else _KINDS[len(classes) > 2]
             for (fs, model, seed, fold), cell in frame.groupby(
                 ["feature_set", "model", "seed", "fold"]
             ):
                 config = {"task": task, "fs": fs, "model": model, "seed": seed, "fold": fold}
                 key = cell_key(config)
                 columns = ["patient_id", "time", "event", "label"]
-                outputs = ["risk", "risk_threshold"] if kind == "survival" else ["prob_MSI"]
-                outputs += [] if kind == "survival" else ["prob_MSS"]
+                outputs = ["risk", "risk_threshold"] if kind == "survival" else []
+                outputs += [f"prob_{c}" for c in classes]
                 predictions = cell[[c for c in columns + outputs if c in cell.columns]]
                 store.record_cell(
                     CellRecord(
@@ -473,7 +614,7 @@ def _uneven_store(folder: Path, frames: dict[str, pd.DataFrame]) -> None:
                 {
                     "task": task,
                     "kind": kind,
-                    "classes": [] if kind == "survival" else ["MSI", "MSS"],
+                    "classes": classes,
                     "metric": "c_index" if kind == "survival" else "auc",
                     "n_patients": int(frame["patient_id"].nunique()),
                     "n_events": None,
@@ -567,6 +708,97 @@ def test_leaderboard_says_when_entries_share_no_patient(
     assert any("os" in note and "no test patient" in note for note in board.data.notes)
 
 
+def _multiclass_frame() -> pd.DataFrame:
+    """Task ``subtype`` (classes A < B < C), 60 patients, 3 folds, seeds 0 and 1: ``full · lin``
+    scores everyone, ``part · lin`` lacks 12 patients, and in seed 1 fold 0 of ``part`` class C
+    is absent (fold macro means over the classes present)."""
+    rng = np.random.default_rng(5)
+    n, classes = 60, np.array(["A", "B", "C"])
+    pid = np.array([f"s{i:03d}" for i in range(n)])
+    label = classes[rng.integers(0, 3, size=n)]
+    parts = []
+    for seed in (0, 1):
+        fold = np.random.default_rng(70 + seed).permutation(np.arange(n) % 3)
+        for fs, strength in (("full", 0.6), ("part", 1.5)):
+            logits = rng.normal(size=(n, 3)) + strength * (label[:, None] == classes[None, :])
+            probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            frame = pd.DataFrame(
+                {
+                    "cell_key": [f"{fs}/{seed}/{k}" for k in fold],
+                    "task": "subtype",
+                    "feature_set": fs,
+                    "model": "lin",
+                    "protocol": "linear",
+                    "seed": seed,
+                    "fold": fold,
+                    "patient_id": pid,
+                    "time": np.nan,
+                    "event": np.nan,
+                    "label": label,
+                    **{f"prob_{c}": probs[:, k] for k, c in enumerate(classes)},
+                }
+            )
+            if fs == "part":
+                drop = np.arange(n) < 12
+                drop |= (seed == 1) & (fold == 0) & (label == "C")
+                frame = frame.loc[~drop]
+            parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_leaderboard_from_the_store_draws_roc_and_writes_prediction_csvs(
+    uneven_frame: Callable[[str, str], pd.DataFrame], tmp_path: Path
+) -> None:
+    from oncoslide.bench.report import build_leaderboard
+    from oncoslide.bench.store import ResultStore
+
+    frames = {
+        "os": uneven_frame("survival", "easy"),
+        "msi": uneven_frame("binary", "hard"),
+        "subtype": _multiclass_frame(),
+    }
+    frames["os"]["risk_threshold"] = 0.0
+    _uneven_store(tmp_path / "bench", frames)
+    board = build_leaderboard(tmp_path / "bench", n_boot=50)
+    folder = board.html_path.parent
+    scores = board.data.scores.set_index(["task", "feature_set"])
+    with ResultStore.in_dir(tmp_path / "bench") as store:
+        stored = {task: store.predictions(task=task) for task in frames}
+    root = _parse(board.html_path)
+    for task, classes in (("msi", ["MSI", "MSS"]), ("subtype", ["A", "B", "C"])):
+        roc = pd.read_csv(folder / "curves" / f"{task}-roc.csv")
+        calibration = pd.read_csv(folder / "curves" / f"{task}-calibration.csv")
+        common = _common(stored[task])
+        for fs in ("full", "part"):
+            entry = common[common["feature_set"] == fs]
+            want = _fold_auc(entry, classes)
+            # the curve's area is the leaderboard's estimate, and scikit-learn's per-fold AUC
+            area = _area(roc[roc["feature_set"] == fs])
+            assert area == pytest.approx(scores.loc[(task, fs), "estimate"], abs=1e-9)
+            assert area == pytest.approx(want, abs=1e-9)
+            _check_calibration(calibration[calibration["feature_set"] == fs], entry, classes)
+        (section,) = root.find_all("section", data_task=task)
+        (about,) = section.find_all("p", class_="roc-about")
+        text = about.all_text()
+        assert f"{common['patient_id'].nunique()} test patients" in text
+        assert ("positive class MSS" in text) == (task == "msi")
+        assert ("macro one-vs-rest" in text) == (task == "subtype")
+        assert len(section.find_all("img", class_="roc")) == 2  # one per feature set
+    assert set(calibration["target"]) == {"top-label confidence"}
+    # the predictions CSVs hold the store's predictions of the plan, row for row
+    for task in frames:
+        exported = pd.read_csv(
+            folder / "predictions" / f"{task}.csv",
+            dtype={"patient_id": str, "label": str, "cell_key": str},
+        )
+        want = stored[task].dropna(axis=1, how="all")
+        assert set(exported.columns) == set(want.columns)
+        pd.testing.assert_frame_equal(
+            exported, want[list(exported.columns)].reset_index(drop=True), check_dtype=False
+        )
+    assert not (folder / "curves" / "os-roc.csv").exists()
+
+
 # ------------------------------------------------------------------------------ real browser
 
 
@@ -633,8 +865,19 @@ def test_page_in_a_real_browser(data: LeaderboardData, page: Path, browser: obje
     images = driver.execute_script(
         "return Array.from(document.images, i => [i.className, i.complete, i.naturalWidth]);"
     )
-    assert len(images) == 2 + len(STRENGTH)
+    assert len(images) == 2 + len(STRENGTH) + len(FEATURE_SETS)
     assert all(complete and width > 0 for _, complete, width in images), images
+    # the ROC figures show, one per feature set, and their CSV links resolve beside the page
+    roc = driver.execute_script(
+        "return Array.from(document.querySelectorAll('img.roc'),"
+        " i => [i.dataset.featureSet, i.naturalWidth > 300]);"
+    )
+    assert sorted(roc) == sorted([fs, True] for fs in FEATURE_SETS)
+    hrefs = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.task-files a'), a => a.href);"
+    )
+    assert len(hrefs) == 2 + 2  # predictions of both tasks, the curves of the binary one
+    assert all(Path(unquote(h.removeprefix("file://"))).is_file() for h in hrefs), hrefs
 
     # numeric column, both directions (values compared as numbers)
     for key in ("rank_sd", f"rank:{BINARY}"):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from oncoslide.bench.report import build_leaderboard
 from oncoslide.bench.shuffle import shuffle_features
+from oncoslide.bench.store import ResultStore
 from oncoslide.cli import app
 from oncoslide.simulate import SimulationConfig, simulate_cohort
 
@@ -56,6 +58,36 @@ def _assert_signal_beats_shuffled(scores: pd.DataFrame, models: list[str]) -> No
         assert sim["lower"] > shuf["upper"], (task, model, sim.to_dict(), shuf.to_dict())
 
 
+def _assert_prediction_csvs_and_curves(out: Path, scores: pd.DataFrame) -> None:
+    """Beside the page: each task's predictions equal the store's, the binary task's ROC
+    curves have the table's AUC as their area, and the page shows and links them."""
+    with ResultStore.in_dir(out) as store:
+        stored = {task: store.predictions(task=task) for task in ("os", "msi")}
+    for task, rows in stored.items():
+        exported = pd.read_csv(
+            out / "predictions" / f"{task}.csv",
+            dtype={"patient_id": str, "label": str, "cell_key": str},
+        )
+        want = rows.dropna(axis=1, how="all")
+        assert set(exported.columns) == set(want.columns)
+        assert len(exported) == 4 * 2 * 200  # entries x seeds x patients
+        pd.testing.assert_frame_equal(
+            exported, want[list(exported.columns)].reset_index(drop=True), check_dtype=False
+        )
+    roc = pd.read_csv(out / "curves" / "msi-roc.csv")
+    msi = scores[scores["task"] == "msi"].set_index(["feature_set", "model"])
+    for (fs, model), points in roc.groupby(["feature_set", "model"]):
+        x, y = points["fpr"].to_numpy(), points["tpr"].to_numpy()
+        area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+        assert area == pytest.approx(msi.loc[(fs, model), "estimate"], abs=1e-9)
+    assert (out / "curves" / "msi-calibration.csv").is_file()
+    assert not (out / "curves" / "os-roc.csv").exists()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert html.count('<img class="roc"') == 2  # one figure per feature set
+    for href in ("predictions/os.csv", "predictions/msi.csv", "curves/msi-roc.csv"):
+        assert f'href="{href}"' in html
+
+
 def test_cli_run_and_leaderboard_rank_signal_above_shuffled(
     signal_cohort: Path, tmp_path: Path
 ) -> None:
@@ -92,6 +124,7 @@ def test_cli_run_and_leaderboard_rank_signal_above_shuffled(
     scores = pd.read_csv(out / "index.csv")
     assert len(scores) == 2 * 4  # tasks x entries
     _assert_signal_beats_shuffled(scores, ["linear", "linear-meanmax"])
+    _assert_prediction_csvs_and_curves(out, scores)
     # the ranking puts both signal entries first
     result = build_leaderboard(out, html=tmp_path / "again.html", n_boot=200)
     top = result.data.ranking.head(2)

@@ -147,6 +147,48 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(
     assert (tmp_path / "b" / "failures.csv").exists()
 
 
+def test_bench_run_into_a_file_writes_a_line_per_cell_and_run_log(
+    bench_data: Path, small_spec: Any, write_spec: Any, tmp_path: Path
+) -> None:
+    """`oncoslide bench run ... > log 2>&1` with worker processes: the driver writes a line per
+    finished cell (score or failure, done/total) to the file and to OUT/run.log."""
+    raw = _linear_only(small_spec(bench_data))
+    raw["tasks"] = raw["tasks"][:1]
+    raw["models"].append(
+        {"name": "bad", "protocol": "mil", "model": "abmil", "kwargs": {"no_such_option": 1}}
+    )
+    spec = write_spec(tmp_path / "spec.yaml", raw)
+    out, log = tmp_path / "bench", tmp_path / "log"
+    cmd = [sys.executable, "-m", "oncoslide.cli", "bench", "run", str(spec), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    with log.open("w") as fh:
+        code = subprocess.run(
+            [*cmd, "--workers", "1"], stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=600
+        ).returncode
+    text = log.read_text()
+    assert code == 1, text  # the bad model's cells failed
+    with ResultStore.in_dir(out) as store:
+        done = store.cells()
+    cells = plan_cells(resolve_bench(spec_from_dict(raw)))
+    assert len(cells) == 12 and len(done) == 6
+    saved = (out / "run.log").read_text()
+    for cell in cells:
+        ok = cell.model == "linear"
+        line = f"{cell.label}: c_index " if ok else f"{cell.label}: failed: "
+        # once: in the lines view the library's own failure message is not printed as well
+        assert text.count(cell.label) == 1 and text.count(line) == 1, (cell.label, text)
+        assert saved.count(line) == 1
+    for index in range(1, 13):
+        assert text.count(f"[{index}/12] ") == 1
+    assert "==== benchmark tiny" in saved and "finished: 6 cell(s) run, 6 failed" in saved
+    assert text.index("finished: 6 cell(s) run") < text.index("12 cells: 0 already done")
+    assert "━" not in text and "\x1b" not in text
+    # a second invocation appends to the same run.log
+    subprocess.run([*cmd, "--workers", "0", "--no-progress"], env=env, capture_output=True)
+    again = (out / "run.log").read_text()
+    assert again.startswith(saved) and again.count("==== benchmark tiny") == 2
+
+
 def test_local_process_pool_gives_the_same_results_as_inline(
     bench_data: Path, small_spec: Any, tmp_path: Path
 ) -> None:
@@ -416,3 +458,47 @@ def test_survival_cells_store_the_median_risk_of_their_training_part(
         want = rec.predictions.set_index("patient_id")["risk_threshold"].sort_index()
         got = back.loc[rec.cell_key, "risk_threshold"].sort_index()
         np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+
+
+def test_bench_threads_per_worker_default_to_cores_over_workers(
+    bench_data: Path, small_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from oncoslide import _threads
+    from oncoslide.bench import runner
+    from oncoslide.errors import ConfigError
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_threads, "usable_cores", lambda: 6)
+    raw = small_spec(bench_data)
+    raw["models"] = [raw["models"][0]]  # linear only: quick
+    raw["tasks"] = raw["tasks"][:1]
+    raw["feature_sets"] = raw["feature_sets"][:1]
+    handed: list[int | None] = []
+
+    def pool(bench: Any, cells: Any, work: Any, workers: int, cache: Any, gpus: Any, threads: Any):
+        handed.append(threads)
+        return iter(())
+
+    monkeypatch.setattr(runner, "_run_pool", pool)
+    run_benchmark(spec_from_dict(raw), tmp_path / "a", workers=4, progress=False)
+    run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=2, progress=False)
+    run_benchmark(spec_from_dict(raw), tmp_path / "c", workers=4, num_threads=3, progress=False)
+    assert handed == [1, 3, 3]  # 6 cores over 4 workers, over 2, and an explicit value
+    assert "4 worker(s) x 1 thread(s)" in (tmp_path / "a" / "run.log").read_text()
+
+    # in this process (workers=0): every cell runs on the resolved or the explicit value
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(_threads, "usable_cores", lambda: 2)
+        done = run_benchmark(spec_from_dict(raw), tmp_path / "d", workers=0, progress=False)
+        assert done.n_ran == 3 and torch.get_num_threads() == 2
+        run_benchmark(spec_from_dict(raw), tmp_path / "e", workers=0, num_threads=1, progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert runner.default_workers(()) == 1  # one worker per 4 usable cores
+    with pytest.raises(ConfigError, match="at least 1"):
+        run_benchmark(spec_from_dict(raw), tmp_path / "f", workers=2, num_threads=0)

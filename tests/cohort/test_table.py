@@ -372,3 +372,30 @@ def test_bad_feature_files_are_listed_or_dropped(good: tuple[pd.DataFrame, Path]
         (feat_dir / f"{sid}.h5").unlink()
     with pytest.raises(CohortValidationError, match="no slide has usable features"):
         load_cohort(df, feat_dir, bad_features="drop")
+
+
+def test_feature_files_in_two_encoder_folders_are_one_problem_with_one_hint(
+    good: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    df, _ = good
+    root = tmp_path / "trident"
+    for sub in ("features_uni", "features_conch"):
+        for _, sid, *_, n in ROWS:
+            _features(root / "20x_256px_0px_overlap" / sub, sid, n)
+    features = root / "20x_256px_0px_overlap"
+    # a set-up mistake, not a bad file: refused with --skip-bad-features too
+    for bad in ("error", "drop"):
+        with pytest.raises(CohortValidationError) as exc:
+            load_cohort(df, features, bad_features=bad)
+        assert len(exc.value.problems) == 1, exc.value.problems
+        problem = exc.value.problems[0]
+        assert problem.startswith(
+            f"5 slide(s) have feature files in several subfolders of {features} "
+            "(features_conch/, features_uni/): "
+        )
+        assert problem.count("point the features folder at one of them") == 1
+        assert problem.endswith(f"e.g. {features / 'features_conch'}")
+        for sid in ("s1", "s2a", "s2b", "s3", "s4"):
+            assert problem.count(f"{sid},") + problem.count(f"{sid};") == 1, (sid, problem)
+    c = load_cohort(df, features / "features_uni")  # the way out the hint names
+    assert c.feature_dim == 4

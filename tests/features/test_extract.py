@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,12 @@ import pytest
 from oncoslide.encoders import create_encoder
 from oncoslide.errors import ConfigError
 from oncoslide.features import read_features
-from oncoslide.features.extract import ExtractConfig, extract_slides, find_slides
+from oncoslide.features.extract import (
+    ExtractConfig,
+    check_output_folder,
+    extract_slides,
+    find_slides,
+)
 from oncoslide.slides import TissueConfig, detect_tissue, open_slide
 
 FAST = dict(num_workers=0, batch_size=32)
@@ -84,20 +90,82 @@ def test_features_are_the_encoders_real_outputs(extracted: Path, svs_path: Path)
     assert np.isfinite(sf.features).all() and sf.features.std() > 0
 
 
-def test_rerun_skips_finished_slides_and_settings_change_redoes_them(
+def test_rerun_skips_finished_slides_and_other_settings_are_refused_unless_overwrite(
     extracted: Path, svs_path: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "feats"
     shutil.copytree(extracted, out)
-    before = (out / "cmu_small_region.h5").stat().st_mtime_ns
+    h5 = out / "cmu_small_region.h5"
+    before = h5.stat().st_mtime_ns
     manifest = extract_slides(find_slides(svs_path), out, ExtractConfig(**FAST))
     assert manifest["status"].tolist() == ["skipped"]
-    assert (out / "cmu_small_region.h5").stat().st_mtime_ns == before
+    assert h5.stat().st_mtime_ns == before
+    recorded = json.loads((out / "extraction.json").read_text())
+    assert recorded["settings"]["patch_size"] == 224 and recorded["weights_fingerprint"]
+    other = ExtractConfig(min_tissue_fraction=0.9, patch_size=256, **FAST)
+    said = (
+        r"holds features extracted with other settings \(stored -> requested: "
+        r"min_tissue_fraction 0.25 -> 0.9; patch_size 224 -> 256\); extract into another "
+        r"--out, or pass --overwrite to replace them"
+    )
+    with pytest.raises(ConfigError, match=said):
+        extract_slides(find_slides(svs_path), out, other)
+    # a folder from before extraction.json existed: its feature files say the same
+    (out / "extraction.json").unlink()
+    with pytest.raises(ConfigError, match=said):
+        extract_slides(find_slides(svs_path), out, other)
+    assert h5.stat().st_mtime_ns == before
+    stray = out / "kept.h5"  # not written by oncoslide extract: --overwrite leaves it alone
+    stray.write_bytes(b"not ours")
     changed = extract_slides(
-        find_slides(svs_path), out, ExtractConfig(min_tissue_fraction=0.9, **FAST)
+        find_slides(svs_path), out, ExtractConfig(min_tissue_fraction=0.9, **FAST), overwrite=True
     )
     assert changed["status"].tolist() == ["done"]
     assert changed["patches"].item() < manifest["patches"].item()
+    assert (
+        json.loads((out / "extraction.json").read_text())["settings"]["min_tissue_fraction"] == 0.9
+    )
+    assert stray.read_bytes() == b"not ours"
+
+
+def test_a_feature_file_of_another_slide_resolution_is_kept_and_its_slide_reported(
+    extracted: Path, svs_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "feats"
+    shutil.copytree(extracted, out)
+    h5 = out / "cmu_small_region.h5"
+    before = h5.read_bytes()
+    # the µm/px override describes slides, not the folder: the run goes on, that slide fails
+    manifest = extract_slides(find_slides(svs_path), out, ExtractConfig(mpp_override=0.25, **FAST))
+    assert manifest["status"].tolist() == ["failed"]
+    error = manifest["error"].item()
+    assert f"{h5} holds features extracted with other settings" in error
+    assert "slide µm/px from metadata -> 0.25 (override)" in error
+    assert "pass --overwrite to replace it" in error
+    assert h5.read_bytes() == before
+
+
+def test_other_encoder_weights_are_refused_once_the_encoder_is_loaded(
+    extracted: Path, svs_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "feats"
+    shutil.copytree(extracted, out)
+    record = json.loads((out / "extraction.json").read_text())
+    real = record["weights_fingerprint"]
+    record["weights_fingerprint"] = "0123456789abcdef"  # as if extracted with other weights
+    (out / "extraction.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"encoder weights 0123456789abcdef -> {real}"):
+        extract_slides(find_slides(svs_path), out, ExtractConfig(**FAST))
+    assert (out / "cmu_small_region.h5").is_file()
+
+
+def test_a_record_without_feature_files_binds_nothing(tmp_path: Path) -> None:
+    # a run that stopped before its first slide (a missing package, a wrong weights file)
+    out = tmp_path / "feats"
+    out.mkdir()
+    uni = ExtractConfig(encoder="uni")
+    (out / "extraction.json").write_text(json.dumps({"settings": uni.folder_settings()}))
+    assert check_output_folder(out, ExtractConfig()) is None
 
 
 def test_bad_slides_are_reported_and_the_rest_completes(
@@ -125,6 +193,12 @@ def test_bad_slides_are_reported_and_the_rest_completes(
     err = " ".join(proc.stderr.split())
     assert "no_mpp" in err and "mpp-override" in err and "broken" in err
     assert sorted(p.name for p in out.glob("*.h5")) == ["good.h5"]
+    # --no-progress: no per-slide lines on the console; run.log has one per slide regardless
+    log = (out / "run.log").read_text()
+    assert "==== extraction" in log and "good:" not in proc.stdout
+    for slide, status in (("good", "patches"), ("no_mpp", "failed: "), ("broken", "failed: ")):
+        assert sum(f"] {slide}: " in line and status in line for line in log.splitlines()) == 1
+    assert all(f"[{k}/3] " in log for k in (1, 2, 3))
 
     # the override rescues the slide without metadata
     fixed = extract_slides(
@@ -293,3 +367,15 @@ def test_extracted_files_feed_training_directly(extracted: Path, tmp_path: Path)
     cfg = make_config(task="survival", folds=2, epochs=1, batch_size=4, n_boot=10, progress=False)
     result = cross_validate(cohort, cfg, tmp_path / "run")
     assert len(result.predictions) == 8
+
+
+def test_a_slide_given_by_a_relative_path_is_recorded_absolute(
+    svs_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # heatmaps open the recorded slide later, from whatever folder they are run in
+    monkeypatch.chdir(svs_path.parent)
+    out = tmp_path / "feats"
+    extract_slides(find_slides(svs_path.name), out, ExtractConfig(**FAST))
+    with h5py.File(out / f"{svs_path.stem}.h5", "r") as f:
+        recorded = Path(f.attrs["slide_path"])
+    assert recorded.is_absolute() and recorded.samefile(svs_path)

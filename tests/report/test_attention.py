@@ -15,6 +15,7 @@ from oncoslide.cohort.table import load_cohort
 from oncoslide.errors import ConfigError, FeatureFileError
 from oncoslide.features.schema import PatchGrid, write_feature_file
 from oncoslide.report.attention import (
+    attention_geojson,
     attention_heatmaps,
     attention_overlay,
     held_out_fold,
@@ -174,14 +175,149 @@ def test_heatmap_command(slide_cohort: Path, trained_run: Path, tmp_path: Path) 
 
     args = ["heatmap", str(trained_run), "--cohort", str(slide_cohort / "cohort.csv")]
     args += ["--features", str(slide_cohort / "features"), "--out", str(tmp_path / "maps")]
-    result = CliRunner().invoke(app, [*args, "-p", "P01", "-p", "P02", "--max-side", "300"])
+    result = CliRunner().invoke(app, [*args, "-p", "P01", "-p", "P02", "--max-side", "2048"])
     assert result.exit_code == 0, result.output
-    assert "out-of-fold" in result.output
+    said = " ".join(result.output.split())  # rich wraps lines
+    assert "out-of-fold" in said and "1 GeoJSON" in said
     for pid in ("P01", "P02"):
         assert (tmp_path / "maps" / pid / "attention.csv").exists()
-        assert (tmp_path / "maps" / pid / f"{pid}-S1.png").exists()
+        assert max(Image.open(tmp_path / "maps" / pid / f"{pid}-S1.png").size) == 2048
+        assert (tmp_path / "maps" / pid / f"{pid}-S1.geojson").exists()
+        assert not (tmp_path / "maps" / pid / f"{pid}-S1.ome.tif").exists()
+    full = CliRunner().invoke(
+        app, [*args, "-p", "P01", "--max-side", "300", "--full-resolution", "--no-geojson"]
+    )
+    assert full.exit_code == 0, full.output
+    said = " ".join(full.output.split())
+    assert "1 OME-TIFF" in said and "GeoJSON" not in said
     bad = CliRunner().invoke(app, [*args, "-p", "NOBODY"])
     assert bad.exit_code == 2 and "not in the run's splits" in bad.output
+
+
+def test_max_side_is_the_size_of_the_png_and_never_beyond_level_0(
+    slide_cohort: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    """The PNG is the overlay pixel for pixel: its longer side is --max-side (the annotated
+    figure, with title and colour bar, is a separate file); beyond the slide's level 0 it is
+    capped there, with a note."""
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    result = attention_heatmaps(trained_run, cohort, "P05", tmp_path / "a", max_side=2048)
+    image = Image.open(result.images["P05-S1"])
+    assert image.size == (round(SVS_W * 2048 / SVS_H), 2048)  # (1532, 2048): width, height
+    assert "P05" in image.text["Title"] and "prediction" in image.text["Description"]
+    assert result.figures["P05-S1"] == tmp_path / "a" / "figures" / "P05-S1.png"
+    assert Image.open(result.figures["P05-S1"]).size[0] < 1000
+    assert result.notes == []
+
+    capped = attention_heatmaps(trained_run, cohort, "P05", tmp_path / "b", max_side=5000)
+    assert Image.open(capped.images["P05-S1"]).size == (SVS_W, SVS_H)
+    assert any("larger than the slide" in n and "2967 px" in n for n in capped.notes)
+    with pytest.raises(ConfigError, match="max_side"):
+        attention_heatmaps(trained_run, cohort, "P05", tmp_path / "c", max_side=0)
+
+
+def test_geojson_has_one_detection_per_patch_inside_the_slide(
+    slide_cohort: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from matplotlib import colormaps
+
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    result = attention_heatmaps(trained_run, cohort, "P06", tmp_path, max_side=256)
+    table = pd.read_csv(result.table_path)
+    collection = json.loads(result.geojson["P06-S1"].read_text())
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert len(features) == len(table) == 88
+    for feature, row in zip(features, table.itertuples(), strict=True):
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert feature["geometry"]["type"] == "Polygon" and ring.shape == (5, 2)
+        assert (ring[0] == ring[-1]).all()  # a closed ring
+        # level-0 px, QuPath's convention: the patch's square, inside the slide
+        assert (ring[:, 0].min(), ring[:, 1].min()) == (row.x, row.y)
+        assert (ring[:, 0].max(), ring[:, 1].max()) == (row.x + PATCH, row.y + PATCH)
+        assert ring[:, 0].min() >= 0 and ring[:, 0].max() <= SVS_W
+        assert ring[:, 1].min() >= 0 and ring[:, 1].max() <= SVS_H
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        # attention.csv keeps 15 significant digits; the GeoJSON the full double
+        measured = props["measurements"]
+        assert set(measured) == {"attention", "percentile"}
+        assert measured["attention"] == pytest.approx(row.attention, rel=1e-13)
+        assert measured["percentile"] == pytest.approx(row.percentile, rel=1e-13)
+        want = np.round(np.asarray(colormaps["turbo"](row.percentile)[:3]) * 255)
+        assert props["color"] == want.astype(int).tolist()
+
+
+def test_geojson_clips_patches_to_the_slide_and_leaves_out_those_beyond_it() -> None:
+    rows = pd.DataFrame(
+        {
+            "x": [0, SVS_W - 100, SVS_W + 10],
+            "y": [SVS_H - 50, 0, 0],
+            "attention": [0.5, 0.3, 0.2],
+            "percentile": [1.0, 2 / 3, 1 / 3],
+            "attention:g1": [0.1, 0.2, 0.7],
+            "percentile:g1": [1 / 3, 2 / 3, 1.0],
+        }
+    )
+    features = attention_geojson(rows, SVS_GRID)["features"]
+    assert len(features) == 2  # the third patch starts beyond the slide's right edge
+    rings = [np.asarray(f["geometry"]["coordinates"][0]) for f in features]
+    assert rings[0][:, 1].max() == SVS_H and rings[1][:, 0].max() == SVS_W
+    assert features[1]["properties"]["measurements"] == {
+        "attention": 0.3, "percentile": 2 / 3, "attention:g1": 0.2, "percentile:g1": 2 / 3,
+    }  # fmt: skip
+
+
+def test_full_resolution_overlay_is_a_pyramidal_ome_tiff_of_level_0(
+    slide_cohort: Path, trained_run: Path, svs_path: Path, svs_pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """Level 0 of the TIFF is the slide's level 0 with the patches blended in: a closed form
+    at patch centres (slide pixel and turbo colour, half and half), the slide itself elsewhere,
+    and the same pixels as the whole overlay drawn at once (tiles meet without seams)."""
+    import tifffile
+    from matplotlib import colormaps
+
+    cohort = load_cohort(slide_cohort / "cohort.csv", slide_cohort / "features")
+    result = attention_heatmaps(
+        trained_run, cohort, "P07", tmp_path / "full", max_side=300, full_resolution=True,
+        tiff_compression="zlib",
+    )  # fmt: skip
+    path = result.tiffs["P07-S1"]
+    assert path == tmp_path / "full" / "P07-S1.ome.tif"
+    rows = result.attention.table
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+        levels = [level.asarray() for level in tif.series[0].levels]
+        assert 'PhysicalSizeX="0.499"' in tif.ome_metadata
+    assert [lv.shape[:2] for lv in levels] == [(2967, 2220), (1484, 1110), (742, 555), (371, 278)]
+    full = levels[0]
+    for row in rows.itertuples():
+        cx, cy = row.x + PATCH // 2, row.y + PATCH // 2
+        colour = np.asarray(colormaps["turbo"](row.percentile)[:3]) * 255
+        want = 0.5 * svs_pixels[cy, cx].astype(float) + 0.5 * colour
+        np.testing.assert_allclose(full[cy, cx], want, atol=1.6)  # two JPEG decoders
+    # the slide's right margin holds no patch (patches stop at x = 2048)
+    np.testing.assert_allclose(full[:, 2100:], svs_pixels[:, 2100:], atol=1)
+    with open_slide(svs_path) as slide:
+        whole = slide.read_region(0, 0, 0, SVS_W, SVS_H)
+    np.testing.assert_array_equal(
+        full, attention_overlay(rows, SVS_GRID, max_side=SVS_H, background=whole)
+    )
+
+    # --tiff-mpp: a quarter of the pixels; finer than level 0 is written at level 0
+    coarse = attention_heatmaps(
+        trained_run, cohort, "P07", tmp_path / "coarse", max_side=300, tiff_mpp=4 * SVS_MPP
+    )
+    with tifffile.TiffFile(coarse.tiffs["P07-S1"]) as tif:
+        assert tif.series[0].levels[0].shape == (742, 555, 3)
+    fine = attention_heatmaps(
+        trained_run, cohort, "P07", tmp_path / "fine", max_side=300, tiff_mpp=0.25
+    )
+    with tifffile.TiffFile(fine.tiffs["P07-S1"]) as tif:
+        assert tif.series[0].levels[0].shape == (SVS_H, SVS_W, 3)
+    assert any("finer than the slide's level 0" in n for n in fine.notes)
 
 
 def test_classification_run_on_the_simulated_cohort(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Report figures: within-fold risk groups, Kaplan-Meier log-rank p-values, heat maps, PNGs."""
+"""Report figures: within-fold risk groups, Kaplan-Meier log-rank p-values, ROC curves and
+reliability bins (checked against scikit-learn and a hand computation), heat maps, PNGs."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import pandas as pd
 import pytest
 from lifelines.statistics import logrank_test
 from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from oncoslide.errors import ConfigError
-from oncoslide.report.plots import figure_png_base64, heatmap_figure, km_figure, risk_groups
+from oncoslide.report.plots import (
+    ClassifierCurves,
+    calibration_bins,
+    classification_figure,
+    figure_png_base64,
+    heatmap_figure,
+    km_figure,
+    mean_roc_curve,
+    risk_groups,
+)
 
 
 def _frame(risk: list[float], fold: list[int], **extra: list[object]) -> pd.DataFrame:
@@ -179,7 +190,222 @@ def test_figures_leave_pyplot_alone() -> None:
     before = plt.get_fignums()
     km_figure(risk_groups(_planted(n=40)), "os")
     heatmap_figure(pd.DataFrame({"a": [0.5]}, index=["t"]), "h")
+    preds = _classified(("MSI", "MSS"))
+    curves = ClassifierCurves(
+        "abmil", mean_roc_curve(preds, ["MSI", "MSS"]), calibration_bins(preds, ["MSI", "MSS"])
+    )
+    classification_figure([curves], "msi")
     assert plt.get_fignums() == before
+
+
+# ------------------------------------------------------------------------------ ROC, calibration
+
+
+def _classified(
+    classes: tuple[str, ...], n: int = 40, seeds: tuple[int, ...] = (0, 1), folds: int = 3
+) -> pd.DataFrame:
+    """One entry's test predictions with a signal, in several seeds and folds; probabilities
+    rounded to 0.05 so that many scores tie (ties are where ROC implementations differ)."""
+    rng = np.random.default_rng(len(classes))
+    rows = []
+    for seed in seeds:
+        label = rng.integers(0, len(classes), size=n)
+        logits = rng.normal(size=(n, len(classes)))
+        logits[np.arange(n), label] += 1.0
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        probs = np.round(probs / 0.05) * 0.05
+        probs[:, 0] = 1.0 - probs[:, 1:].sum(axis=1)  # rows still sum to 1
+        probs = np.clip(probs, 0.0, 1.0)
+        for i in range(n):
+            rows.append(
+                {
+                    "task": "t",
+                    "feature_set": "uni",
+                    "model": "abmil",
+                    "seed": seed,
+                    "fold": i % folds,
+                    "patient_id": f"p{i:02d}",
+                    "label": classes[label[i]],
+                    **{f"prob_{c}": probs[i, k] for k, c in enumerate(classes)},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _sklearn_auc(cell: pd.DataFrame, classes: list[str]) -> float:
+    """Binary AUC of classes[-1], or the mean one-vs-rest AUC over the classes present."""
+    if len(classes) == 2:
+        return float(roc_auc_score(cell["label"] == classes[-1], cell[f"prob_{classes[-1]}"]))
+    present = [c for c in classes if (cell["label"] == c).any()]
+    return float(np.mean([roc_auc_score(cell["label"] == c, cell[f"prob_{c}"]) for c in present]))
+
+
+def test_roc_of_one_fold_is_sklearns_curve() -> None:
+    preds = _classified(("MSI", "MSS"), seeds=(0,), folds=1)
+    curve = mean_roc_curve(preds, ["MSI", "MSS"])
+    fpr, tpr, _ = roc_curve(preds["label"] == "MSS", preds["prob_MSS"], drop_intermediate=False)
+    # the same path: scikit-learn's vertices with each vertical run reduced to its two ends
+    ends = pd.DataFrame({"fpr": fpr, "tpr": tpr}).groupby("fpr")["tpr"].agg(["min", "max"])
+    want = [(x, y) for x, row in ends.iterrows() for y in dict.fromkeys((row["min"], row["max"]))]
+    np.testing.assert_allclose(curve.fpr, [x for x, _ in want], atol=1e-12)
+    np.testing.assert_allclose(curve.tpr, [y for _, y in want], atol=1e-12)
+    assert len(want) < fpr.size  # there were vertical runs to reduce
+    assert curve.n_cells == 1
+    assert curve.auc == pytest.approx(roc_auc_score(preds["label"] == "MSS", preds["prob_MSS"]))
+    frame = curve.frame()
+    assert list(frame.columns) == ["point", "fpr", "tpr"] and len(frame) == len(want)
+
+
+@pytest.mark.parametrize("classes", [("MSI", "MSS"), ("A", "B", "C", "D")])
+def test_mean_roc_area_is_the_mean_per_fold_auc(classes: tuple[str, ...]) -> None:
+    preds = _classified(classes, n=36)
+    if len(classes) > 2:
+        # a fold without class D (it drops out of that fold's macro mean) and one with a single
+        # class (no AUC: left out, as the benchmark's statistics do)
+        preds = preds[~((preds["seed"] == 0) & (preds["fold"] == 1) & (preds["label"] == "D"))]
+        single = (preds["seed"] == 1) & (preds["fold"] == 2)
+        preds = preds[~single | (preds["label"] == "A")]
+    cells = [cell for _, cell in preds.groupby(["seed", "fold"])]
+    want = [_sklearn_auc(c, list(classes)) for c in cells if c["label"].nunique() > 1]
+    assert len(want) == (6 if len(classes) == 2 else 5)
+    curve = mean_roc_curve(preds, list(classes))
+    assert curve.n_cells == len(want)
+    assert curve.auc == pytest.approx(float(np.mean(want)), abs=1e-12)
+    # a curve from (0, 0) to (1, 1), never going back
+    assert (curve.fpr[0], curve.tpr[0], curve.fpr[-1], curve.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert (np.diff(curve.fpr) >= 0).all() and (np.diff(curve.tpr) >= -1e-12).all()
+    # between vertices it is the vertical mean of scikit-learn's per-fold (per-class) curves
+    x = np.random.default_rng(3).uniform(0.01, 0.99, size=25)
+    per_cell = []
+    for cell in cells:
+        present = [c for c in classes if (cell["label"] == c).any()]
+        if len(present) < 2:
+            continue
+        split = [classes[-1]] if len(classes) == 2 else present
+        ys = []
+        for c in split:
+            fpr, tpr, _ = roc_curve(cell["label"] == c, cell[f"prob_{c}"], drop_intermediate=False)
+            ys.append(np.interp(x, fpr, tpr))
+        per_cell.append(np.mean(ys, axis=0))
+    np.testing.assert_allclose(np.interp(x, curve.fpr, curve.tpr), np.mean(per_cell, axis=0))
+
+
+def test_roc_without_any_fold_with_two_classes_is_empty() -> None:
+    preds = _classified(("MSI", "MSS")).assign(label="MSS")
+    curve = mean_roc_curve(preds, ["MSI", "MSS"])
+    assert curve.n_cells == 0 and curve.fpr.size == 0 and math.isnan(curve.auc)
+
+
+def _hand_bins(p: list[float], y: list[float], n_bins: int) -> list[tuple[int, float, float]]:
+    """(n, mean predicted, observed) of each bin [k/n, (k+1)/n), the last one closed."""
+    out = []
+    for k in range(n_bins):
+        lo, hi = k / n_bins, (k + 1) / n_bins
+        inside = [i for i, v in enumerate(p) if lo <= v < hi or (k == n_bins - 1 and v == 1.0)]
+        if inside:
+            mean_p = sum(p[i] for i in inside) / len(inside)
+            obs = sum(y[i] for i in inside) / len(inside)
+            out.append((len(inside), mean_p, obs))
+        else:
+            out.append((0, math.nan, math.nan))
+    return out
+
+
+def test_binary_calibration_bins_equal_a_hand_computation() -> None:
+    # values on bin edges (0, 0.3, 0.5, 1) go to the bin they open (1 to the last)
+    p = [0.0, 0.05, 0.3, 0.29, 0.31, 0.5, 0.5, 0.55, 0.7, 0.95, 1.0, 1.0]
+    y = [0, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1, 0]
+    preds = pd.DataFrame(
+        {
+            "seed": [0] * 6 + [1] * 6,
+            "fold": [0, 1] * 6,
+            "label": ["pos" if v else "neg" for v in y],
+            "prob_neg": [1 - v for v in p],
+            "prob_pos": p,
+        }
+    )
+    cal = calibration_bins(preds, ["neg", "pos"])
+    assert cal.target == "P(pos)" and cal.n == len(p)
+    bins = cal.bins
+    assert list(bins.columns) == ["bin", "lower", "upper", "n", "mean_predicted", "observed"]
+    assert bins["lower"].tolist() == [k / 10 for k in range(10)]
+    hand = _hand_bins(p, [float(v) for v in y], 10)
+    assert bins["n"].tolist() == [n for n, _, _ in hand]
+    np.testing.assert_allclose(bins["mean_predicted"], [m for _, m, _ in hand])
+    np.testing.assert_allclose(bins["observed"], [o for _, _, o in hand])
+    ece = sum(n * abs(m - o) for n, m, o in hand if n) / len(p)
+    assert cal.ece == pytest.approx(ece)
+    assert cal.brier == pytest.approx(sum((a - b) ** 2 for a, b in zip(p, y, strict=True)) / len(p))
+    # 4 bins: a different grid, the same rule
+    four = calibration_bins(preds, ["neg", "pos"], n_bins=4).bins
+    assert four["n"].tolist() == [n for n, _, _ in _hand_bins(p, [float(v) for v in y], 4)]
+
+
+def test_multiclass_calibration_bins_the_top_label_confidence() -> None:
+    probs = np.array(
+        [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.34, 0.33, 0.33], [0.1, 0.1, 0.8], [0.45, 0.45, 0.1]]
+    )
+    labels = ["A", "A", "C", "C", "B"]
+    preds = pd.DataFrame(
+        {
+            "seed": 0,
+            "fold": 0,
+            "label": labels,
+            **{f"prob_{c}": probs[:, k] for k, c in enumerate("ABC")},
+        }
+    )
+    cal = calibration_bins(preds, ["A", "B", "C"])
+    assert cal.target == "top-label confidence"
+    # top labels A, B, A, C, A (a tie goes to the first class): right, wrong, wrong, right, wrong
+    hand = _hand_bins([0.6, 0.7, 0.34, 0.8, 0.45], [1.0, 0.0, 0.0, 1.0, 0.0], 10)
+    assert cal.bins["n"].tolist() == [n for n, _, _ in hand]
+    np.testing.assert_allclose(cal.bins["observed"], [o for _, _, o in hand])
+    onehot = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0]])
+    assert cal.brier == pytest.approx(float(((probs - onehot) ** 2).sum(axis=1).mean()))
+
+
+def test_classification_inputs_list_every_problem() -> None:
+    preds = _classified(("MSI", "MSS"))
+    bad = preds.assign(model=["a", "b"] * (len(preds) // 2))
+    bad.loc[0, "prob_MSS"] = np.nan
+    bad.loc[1, "label"] = "MSX"
+    with pytest.raises(ConfigError) as info:
+        mean_roc_curve(bad, ["MSI", "MSS"])
+    for needle in ("more than one model", "non-finite", "labels not in classes"):
+        assert needle in str(info.value)
+    with pytest.raises(ConfigError, match="prob_MSS"):
+        calibration_bins(preds.drop(columns="prob_MSS"), ["MSI", "MSS"])
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        calibration_bins(preds.assign(prob_MSS=preds["prob_MSS"] + 1), ["MSI", "MSS"])
+    with pytest.raises(ConfigError, match="n_bins"):
+        calibration_bins(preds, ["MSI", "MSS"], n_bins=0)
+
+
+def test_classification_figure_legends_give_auc_ece_and_brier() -> None:
+    classes = ["MSI", "MSS"]
+    entries = []
+    for name, preds in (
+        ("abmil", _classified(("MSI", "MSS"))),
+        ("flat", _classified(("MSI", "MSS")).assign(label="MSS")),
+    ):
+        entries.append(
+            ClassifierCurves(name, mean_roc_curve(preds, classes), calibration_bins(preds, classes))
+        )
+    fig = classification_figure(entries, "msi", colours=["#111111", "#222222"])
+    roc_ax, cal_ax = fig.axes
+    auc = entries[0].roc.auc
+    assert [t.get_text() for t in roc_ax.get_legend().get_texts()] == [
+        f"abmil (AUC {auc:.3f})",
+        "flat (AUC n/a)",
+    ]
+    cal = entries[0].calibration
+    assert cal_ax.get_legend().get_texts()[0].get_text() == (
+        f"abmil (ECE {cal.ece:.3f}, Brier {cal.brier:.3f})"
+    )
+    # the drawn ROC line is the curve itself
+    np.testing.assert_array_equal(roc_ax.get_lines()[1].get_xdata(), entries[0].roc.fpr)
+    with pytest.raises(ConfigError, match="at least one"):
+        classification_figure([], "none")
 
 
 # ------------------------------------------------------------------------------ heat map, PNG

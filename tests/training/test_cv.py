@@ -120,10 +120,17 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     monkeypatch.setattr(cv, "_run_fold", real_run_fold)
     resumed_calls = []
     monkeypatch.setattr(
-        cv, "_run_fold", lambda *a, **k: (resumed_calls.append(a[5]), real_run_fold(*a, **k))
+        cv, "_run_fold", lambda *a, **k: (resumed_calls.append(a[5]), real_run_fold(*a, **k))[1]
     )
     cross_validate(cohort, cfg, tmp_path / "resumed")
     assert resumed_calls == [2]  # only the missing fold ran
+    # run.log continues across the interruption: two invocations, each fold's lines once
+    log = (tmp_path / "resumed" / "run.log").read_text()
+    assert log.count("==== cross-validation") == 2 and "interrupted" in log
+    assert "2 fold(s) already done" in log
+    for fold in range(3):
+        assert log.count(f"seed 0 fold {fold} epoch 1/") == 1
+        assert log.count(f"seed 0 fold {fold} done") == 1
     assert (tmp_path / "resumed" / "metrics.csv").read_bytes() == (
         tmp_path / "whole" / "metrics.csv"
     ).read_bytes()
@@ -133,7 +140,12 @@ def test_another_run_in_the_same_folder_is_refused(tiny_cohort: Path, tmp_path: 
     cohort = _cohort(tiny_cohort)
     cross_validate(cohort, make_config(task="survival", **FAST), tmp_path / "run")
     changed = make_config(task="survival", **{**FAST, "epochs": 3})
-    with pytest.raises(ConfigError, match="holds another run"):
+    # the message names what differs, stored value first, and the ways out
+    with pytest.raises(
+        ConfigError,
+        match=r"holds another run with other settings \(stored -> requested: epochs 2 -> 3\); "
+        r"choose a new --out or pass --overwrite",
+    ):
         cross_validate(cohort, changed, tmp_path / "run")
     result = cross_validate(cohort, changed, tmp_path / "run", overwrite=True)
     assert result.config.epochs == 3

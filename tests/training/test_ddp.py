@@ -44,6 +44,13 @@ def test_two_processes_give_the_one_process_result(tiny_cohort: Path, tmp_path: 
     np.testing.assert_allclose(metrics["value_y"], metrics["value_x"], atol=1e-4)
     history = (tmp_path / "two" / "folds" / "seed0-fold0" / "history.csv").read_text()
     assert history.count("\n") == 1 + FIXED["epochs"]  # the workers' history came back
+    # the first worker writes the epoch lines into the parent's run.log (handlers are not
+    # inherited by spawned processes), the parent the fold lines
+    log = (tmp_path / "two" / "run.log").read_text()
+    for fold in range(FIXED["folds"]):
+        for epoch in range(1, FIXED["epochs"] + 1):
+            assert log.count(f"seed 0 fold {fold} epoch {epoch}/{FIXED['epochs']}:") == 1, log
+        assert f"seed 0 fold {fold} done" in log
 
 
 def test_processes_must_divide_the_accumulated_batches() -> None:

@@ -94,7 +94,11 @@ def test_fit_all_resumes_and_refuses_another_config(fitted: Path, tiny_cohort: P
     weights = (fitted / "weights.pt").read_bytes()
     again = fit_all(cohort, make_config(task="survival", **FAST), fitted)
     assert again.resumed and (fitted / "weights.pt").read_bytes() == weights
-    with pytest.raises(ConfigError, match="holds another model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds another model with other settings \(stored -> requested: "
+        r"epochs 2 -> 3\)",
+    ):
         fit_all(cohort, make_config(task="survival", **{**FAST, "epochs": 3}), fitted)
 
 

@@ -1,6 +1,6 @@
-"""The benchmark's static leaderboard: one self-contained HTML page plus a tidy CSV.
+"""The benchmark's static leaderboard: one self-contained HTML page plus tidy CSVs.
 
-``render_leaderboard(data, "bench/leaderboard.html")`` writes two files, each atomically:
+``render_leaderboard(data, "bench/leaderboard.html")`` writes, each file atomically:
 
 - ``leaderboard.html``: everything inline (CSS, a small vanilla-JS script, images as base64 PNG
   data URIs), so it opens from ``file://`` with no server and loads nothing from the network (a
@@ -31,13 +31,29 @@
     the median predicted risk of their fold's training part (``risk_threshold``; predictions
     stored without one fall back to the median of their own test fold, and the caption says
     which), with the log-rank p-value; then small curves for every entry
-    (``img.km.km-entry``).
+    (``img.km.km-entry``). Classification tasks add one figure per feature set
+    (``img.roc[data-feature-set]``, in ``div.roc-grid``, explained by ``p.roc-about``): the ROC
+    curve of each model on it, averaged over its (seed, fold) test parts so that its area is the
+    entry's estimate (``data-auc``: model -> AUC), beside a reliability diagram (10 equal-width
+    bins of the pooled test probabilities) with its ECE and Brier score; see
+    :func:`oncoslide.report.plots.mean_roc_curve` and
+    :func:`~oncoslide.report.plots.calibration_bins`. Every task with predictions links to its
+    CSVs (``p.task-files``).
 
 - ``leaderboard.csv`` (``csv_path``; by default the HTML path with suffix ``.csv``): the tidy
   scores table, one row per task x entry (task, kind, metric, feature_set, model, protocol,
   estimate, lower, upper, n_patients, and whatever else the scores hold: from
   :mod:`oncoslide.bench.report` also n_used, note, the paired comparison ``diff_vs_best`` /
   ``p_vs_best`` and secondary ``mean:<metric>`` columns).
+
+- Beside the page, per task with predictions: ``predictions/<task>.csv``, its test predictions
+  (one row per entry, seed and test patient: task, feature_set, model, protocol, seed, fold,
+  patient_id, the targets (time, event or label), the outputs (risk, risk_threshold or
+  prob_<class>) and the store's cell_key); for classification tasks also
+  ``curves/<task>-roc.csv`` (task, feature_set, model, point, fpr, tpr: the drawn ROC vertices
+  in order) and ``curves/<task>-calibration.csv`` (task, feature_set, model, bin, lower, upper,
+  n, mean_predicted, observed, target, ece, brier). The curves use the test patients common to
+  all entries of the task, as the statistics do; the prediction CSV holds every prediction.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +73,19 @@ import numpy as np
 import pandas as pd
 
 from oncoslide import _io
-from oncoslide.bench.stats import RANKING_COLUMNS, entry_name
-from oncoslide.errors import ConfigError
-from oncoslide.report.plots import figure_png_base64, heatmap_figure, km_figure, risk_groups
+from oncoslide.bench.stats import RANKING_COLUMNS, TaskInfo, common_rows, entry_name
+from oncoslide.errors import ConfigError, OncoslideError
+from oncoslide.report.plots import (
+    CALIBRATION_BINS,
+    ClassifierCurves,
+    calibration_bins,
+    classification_figure,
+    figure_png_base64,
+    heatmap_figure,
+    km_figure,
+    mean_roc_curve,
+    risk_groups,
+)
 
 SCORE_COLUMNS = (
     "task",
@@ -82,6 +109,23 @@ _KM_BEST_DPI = 100
 _KM_BEST_SIZE = (5.6, 4.4)
 _KM_ENTRY_DPI = 72
 _KM_ENTRY_SIZE = (4.2, 3.6)  # inches: thumbnails with legible text
+_ROC_DPI = 72
+_ROC_SIZE = (8.4, 3.9)  # inches: ROC and reliability side by side
+# folders beside the page: per-task test predictions, and the points the curves are drawn from
+PREDICTIONS_DIR, CURVES_DIR = "predictions", "curves"
+# the prediction CSV's leading columns; targets and outputs follow, then the store's cell key
+_PREDICTION_ORDER = (
+    "task",
+    "feature_set",
+    "model",
+    "protocol",
+    "seed",
+    "fold",
+    "patient_id",
+    "time",
+    "event",
+    "label",
+)
 _HEATMAP_DPI = 100
 
 
@@ -101,8 +145,9 @@ class LeaderboardData:
     test patients), optional n_used (the patients common to all entries of the task that the
     estimate uses), note (why an entry has no estimate), ``diff_vs_best``, ``p_vs_best`` and
     ``mean:<metric>`` columns). tasks: one row per task (task, kind, metric, n_patients, n_events,
-    split, excluded). predictions: the prediction frame of all tasks (for Kaplan-Meier curves; may
-    be empty, then no curves are drawn). Raises :class:`ConfigError` listing every problem.
+    split, excluded). predictions: the prediction frame of all tasks (for Kaplan-Meier curves, ROC
+    curves, reliability bins and the per-task prediction CSVs; may be empty, then none of them
+    is drawn or written). Raises :class:`ConfigError` listing every problem.
     """
 
     title: str
@@ -173,6 +218,13 @@ def _data_problems(data: LeaderboardData) -> list[str]:
         if "kind" in data.tasks.columns and (data.tasks["kind"] == "survival").any():
             if "event" not in data.predictions.columns or "risk" not in data.predictions.columns:
                 problems.append("predictions of survival tasks need event and risk columns")
+        kinds = data.tasks["kind"] if "kind" in data.tasks.columns else pd.Series(dtype=object)
+        if kinds.isin(("binary", "multiclass")).any():
+            probs = [c for c in data.predictions.columns if str(c).startswith("prob_")]
+            if "label" not in data.predictions.columns or not probs:
+                problems.append(
+                    "predictions of classification tasks need label and prob_<class> columns"
+                )
     return problems
 
 
@@ -526,6 +578,216 @@ def _km_grid(data: LeaderboardData, task: str, scores: pd.DataFrame) -> str:
     return '<div class="km-grid">\n' + "\n".join(figures) + "\n</div>"
 
 
+# ------------------------------------------------------------------------------ exports and ROC
+
+
+@dataclass(frozen=True)
+class _PanelSet:
+    """The ROC / reliability figures of one classification task, one per feature set."""
+
+    # feature set -> [(model, curves)], feature sets and models in the entries table's order
+    panels: list[tuple[str, list[tuple[str, ClassifierCurves]]]]
+    colours: dict[str, str]  # model -> colour, equal in every figure of the task
+    classes: list[str]
+    n_patients: int  # distinct patients common to all entries
+    roc: pd.DataFrame  # the curves' vertices, tidy
+    calibration: pd.DataFrame  # the reliability bins, tidy
+
+
+@dataclass(frozen=True)
+class _TaskExport:
+    """What the page shows and writes for one task beyond its table."""
+
+    predictions: pd.DataFrame
+    files: dict[str, Path]  # "predictions", "roc", "calibration" -> path relative to the page
+    curves: _PanelSet | None = None
+    message: str = ""  # why a classification task has no curves
+
+
+def _file_stems(tasks: Iterable[str]) -> dict[str, str]:
+    """A distinct file-name stem per task (spec names are already safe; others are made so)."""
+    stems: dict[str, str] = {}
+    for task in tasks:
+        stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(task)).lstrip(".") or "task"
+        candidate, n = stem, 1
+        while candidate.lower() in {v.lower() for v in stems.values()}:
+            n += 1
+            candidate = f"{stem}-{n}"
+        stems[str(task)] = candidate
+    return stems
+
+
+def _task_rows(preds: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One task's prediction rows, tidy: the columns it uses only, in a fixed order."""
+    rows = preds[preds["task"].astype(str) == task]
+    rows = rows.dropna(axis=1, how="all")
+    first = [c for c in _PREDICTION_ORDER if c in rows.columns]
+    last = [c for c in ("cell_key",) if c in rows.columns]
+    middle = [c for c in rows.columns if c not in first and c not in last]
+    return rows[[*first, *middle, *last]].reset_index(drop=True)
+
+
+def _classes(rows: pd.DataFrame) -> list[str]:
+    """A classification task's classes: its ``prob_<class>`` columns (sorted, as stored)."""
+    return sorted(str(c)[len("prob_") :] for c in rows.columns if str(c).startswith("prob_"))
+
+
+def _task_curves(rows: pd.DataFrame, task: str, kind: str, scores: pd.DataFrame) -> _PanelSet:
+    """ROC curves and reliability bins of every entry on the task's common patients.
+
+    The rows are those the task's statistics use (:func:`common_rows`), so each averaged ROC
+    curve's area is the entry's estimate in the table.
+    """
+    classes = _classes(rows)
+    common = common_rows(rows, TaskInfo(task, kind, tuple(classes)))
+    if common.empty:
+        raise ConfigError("no test patient is common to all entries of the task")
+    order = list(zip(scores["feature_set"].astype(str), scores["model"].astype(str), strict=True))
+    present = set(zip(common["feature_set"].astype(str), common["model"].astype(str), strict=True))
+    order = [e for e in order if e in present] + sorted(present - set(order))
+    models = list(dict.fromkeys(m for _, m in order))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    panels: dict[str, list[tuple[str, ClassifierCurves]]] = {}
+    roc_parts, cal_parts = [], []
+    for fs, model in order:
+        sub = common[
+            (common["feature_set"].astype(str) == fs) & (common["model"].astype(str) == model)
+        ]
+        curves = ClassifierCurves(
+            model, mean_roc_curve(sub, classes), calibration_bins(sub, classes)
+        )
+        panels.setdefault(fs, []).append((model, curves))
+        ids = {"task": task, "feature_set": fs, "model": model}
+        roc_parts.append(curves.roc.frame().assign(**ids))
+        cal = curves.calibration
+        cal_parts.append(cal.bins.assign(**ids, target=cal.target, ece=cal.ece, brier=cal.brier))
+    ids_first = ["task", "feature_set", "model"]
+    roc = pd.concat(roc_parts, ignore_index=True)
+    calibration = pd.concat(cal_parts, ignore_index=True)
+    return _PanelSet(
+        panels=list(panels.items()),
+        colours=colours,
+        classes=classes,
+        n_patients=int(common["patient_id"].nunique()),
+        roc=roc[ids_first + [c for c in roc.columns if c not in ids_first]],
+        calibration=calibration[ids_first + [c for c in calibration.columns if c not in ids_first]],
+    )
+
+
+def _exports(data: LeaderboardData, ranking: pd.DataFrame) -> dict[str, _TaskExport]:
+    """Per task with predictions: its prediction CSV and, for classification, its curves."""
+    if data.predictions.empty:
+        return {}
+    stems = _file_stems(data.tasks["task"].astype(str))
+    out = {}
+    for _, task in data.tasks.iterrows():
+        name = str(task["task"])
+        rows = _task_rows(data.predictions, name)
+        if rows.empty:
+            continue
+        stem = stems[name]
+        files = {"predictions": Path(PREDICTIONS_DIR) / f"{stem}.csv"}
+        if task["kind"] == "survival":
+            out[name] = _TaskExport(rows, files)
+            continue
+        scores = _order_by_estimate(data.scores[data.scores["task"].astype(str) == name], ranking)
+        try:
+            curves = _task_curves(rows, name, str(task["kind"]), scores)
+        except OncoslideError as exc:  # the table still stands; the page says why no curves
+            out[name] = _TaskExport(rows, files, message=str(exc))
+            continue
+        files["roc"] = Path(CURVES_DIR) / f"{stem}-roc.csv"
+        files["calibration"] = Path(CURVES_DIR) / f"{stem}-calibration.csv"
+        out[name] = _TaskExport(rows, files, curves)
+    return out
+
+
+def _href(path: Path) -> str:
+    return quote(path.as_posix())
+
+
+_FILE_LABELS = {
+    "predictions": "test predictions",
+    "roc": "ROC curve points",
+    "calibration": "reliability bins",
+}
+
+
+def _files_line(export: _TaskExport | None) -> str:
+    if export is None:
+        return ""
+    links = " · ".join(
+        f'<a class="{_e(kind)}-link" href="{_e(_href(path))}">{_e(_FILE_LABELS[kind])} (CSV)</a>'
+        for kind, path in export.files.items()
+    )
+    return f'<p class="task-files">{links}</p>'
+
+
+def _roc_about(curves: _PanelSet, kind: str) -> str:
+    if kind == "binary":
+        roc = f"positive class {curves.classes[-1]}"
+        binned = f"the predicted probability of {curves.classes[-1]}"
+        observed = f"the share of {curves.classes[-1]}"
+    else:
+        roc = "macro one-vs-rest over the classes present in each test part"
+        binned = "the top-label confidence (largest probability)"
+        observed = "the share whose most probable class is right"
+    return (
+        f"ROC curves (left) and reliability diagrams (right) of every entry, one figure per "
+        f"feature set, on the {curves.n_patients} test patients common to all entries. "
+        f"ROC ({roc}): each seed and fold is scored by its own model, so a curve is drawn "
+        "within each (seed, fold) and the curves are averaged; its area, the AUC in the legend, "
+        "is the mean per-fold AUC, the estimate in the table. Reliability: the test predictions "
+        f"of all folds and seeds pooled, {CALIBRATION_BINS} equal-width bins of {binned} against "
+        f"{observed}; ECE is the gap between the two averaged over bins weighted by their "
+        "numbers of patients, Brier the mean squared error of the probabilities."
+    )
+
+
+def _roc_section(export: _TaskExport | None, kind: str) -> str:
+    """The ROC / reliability figures of a classification task (or why there are none)."""
+    if export is None:
+        return '<p class="roc-missing">No predictions: no ROC curves.</p>'
+    if export.curves is None:
+        return f'<p class="roc-missing">No ROC curves: {_e(export.message)}.</p>'
+    curves = export.curves
+    figures = []
+    for fs, entries in curves.panels:
+        fig = classification_figure(
+            [c for _, c in entries],
+            f"feature set {fs}",
+            figsize=_ROC_SIZE,
+            colours=[curves.colours[m] for m, _ in entries],
+        )
+        aucs = {m: _json_value(c.roc.auc) for m, c in entries}
+        extra = f'data-feature-set="{_e(fs)}" data-auc="{_e(json.dumps(aucs))}" '
+        image = _img(
+            figure_png_base64(fig, dpi=_ROC_DPI),
+            "roc",
+            f"ROC curves and reliability diagram, feature set {fs}",
+            extra,
+        )
+        caption = "; ".join(
+            f"{entry_name(fs, m)}: AUC {_fixed(c.roc.auc)}, ECE {_fixed(c.calibration.ece)}, "
+            f"Brier {_fixed(c.calibration.brier)}"
+            for m, c in entries
+        )
+        figures.append(f"<figure>{image}<figcaption>{_e(caption)}</figcaption></figure>")
+    return (
+        f'<p class="roc-about">{_e(_roc_about(curves, kind))}</p>\n'
+        '<div class="roc-grid">\n' + "\n".join(figures) + "\n</div>"
+    )
+
+
+def _write_exports(exports: dict[str, _TaskExport], folder: Path) -> None:
+    """Each task's prediction CSV and curve CSVs, each written atomically."""
+    for export in exports.values():
+        _io.write_table(folder / export.files["predictions"], export.predictions)
+        if export.curves is not None:
+            _io.write_table(folder / export.files["roc"], export.curves.roc)
+            _io.write_table(folder / export.files["calibration"], export.curves.calibration)
+
+
 # ------------------------------------------------------------------------------ sections
 
 
@@ -563,7 +825,13 @@ def _common_patients(scores: pd.DataFrame) -> list[str]:
     return parts
 
 
-def _task_section(index: int, task: pd.Series, data: LeaderboardData, ranking: pd.DataFrame) -> str:
+def _task_section(
+    index: int,
+    task: pd.Series,
+    data: LeaderboardData,
+    ranking: pd.DataFrame,
+    export: _TaskExport | None,
+) -> str:
     name = str(task["task"])
     scores = _order_by_estimate(data.scores[data.scores["task"].astype(str) == name], ranking)
     excluded = "" if _is_missing(task["excluded"]) else str(task["excluded"]).strip()
@@ -579,9 +847,12 @@ def _task_section(index: int, task: pd.Series, data: LeaderboardData, ranking: p
         parts.append('<p class="empty">No scores for this task.</p>')
     else:
         parts.append(_entries_table(index, str(task["metric"]), scores))
+        parts.append(_files_line(export))
         if task["kind"] == "survival":
             parts.append(_km_best(data, name, str(task["metric"]), scores.iloc[0]))
             parts.append(_km_grid(data, name, scores))
+        else:
+            parts.append(_roc_section(export, str(task["kind"])))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -614,10 +885,16 @@ def _overall_section(ranking: pd.DataFrame, csv_name: str) -> str:
     )
 
 
-def _page(data: LeaderboardData, csv_href: str, csv_name: str) -> str:
-    ranking = _ordered_ranking(data.ranking)
+def _page(
+    data: LeaderboardData,
+    csv_href: str,
+    csv_name: str,
+    ranking: pd.DataFrame,
+    exports: dict[str, _TaskExport],
+) -> str:
     tasks = "\n".join(
-        _task_section(i, task, data, ranking) for i, (_, task) in enumerate(data.tasks.iterrows())
+        _task_section(i, task, data, ranking, exports.get(str(task["task"])))
+        for i, (_, task) in enumerate(data.tasks.iterrows())
     )
     return (
         "<!DOCTYPE html>\n"
@@ -640,10 +917,13 @@ def render_leaderboard(
     *,
     csv_path: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write the leaderboard page and its scores CSV (each atomically); return the HTML path.
+    """Write the leaderboard page, its scores CSV and the per-task CSVs beside the page (each
+    file atomically); return the HTML path.
 
-    ``csv_path`` defaults to ``html_path`` with suffix ``.csv``; the page links to it by a
-    relative address, so keep the two files together when moving them.
+    ``csv_path`` defaults to ``html_path`` with suffix ``.csv``. Beside the page go
+    ``predictions/<task>.csv`` (every task with predictions) and, for classification tasks,
+    ``curves/<task>-roc.csv`` and ``curves/<task>-calibration.csv``. The page links to all of
+    them by relative addresses, so keep them together when moving them.
     """
     html_path = Path(html_path)
     csv_path = html_path.with_suffix(".csv") if csv_path is None else Path(csv_path)
@@ -653,8 +933,12 @@ def render_leaderboard(
         raise ConfigError(f"the CSV and HTML paths are the same file: {html_path}")
     relative = os.path.relpath(csv_path.resolve(), html_path.resolve().parent)
     csv_href = quote(Path(relative).as_posix())
-    page = _page(data, csv_href, f"{html_path.stem}-ranking.csv")
-    _io.write_table(csv_path, data.scores)  # first: the page links to it
+    ranking = _ordered_ranking(data.ranking)
+    exports = _exports(data, ranking)
+    page = _page(data, csv_href, f"{html_path.stem}-ranking.csv", ranking, exports)
+    # the page links to every CSV: write them first
+    _write_exports(exports, html_path.parent)
+    _io.write_table(csv_path, data.scores)
     with _io.atomic_path(html_path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return html_path
@@ -679,9 +963,11 @@ tbody tr:hover { background: #f7fbff; }
 section.task { border-top: 2px solid #ccc; margin-top: 2em; }
 .task-meta, .exclusions, .common-patients { color: #444; margin: 0.3em 0; }
 .no-common { color: #a00; margin: 0.3em 0; }
-img.heatmap, img.km-best { max-width: 100%; height: auto; }
-.km-grid { display: flex; flex-wrap: wrap; gap: 0.5em; }
-.km-grid figure { margin: 0; font-size: 0.8em; }
+img.heatmap, img.km-best, img.roc { max-width: 100%; height: auto; }
+.km-grid, .roc-grid { display: flex; flex-wrap: wrap; gap: 0.5em; }
+.km-grid figure, .roc-grid figure { margin: 0; font-size: 0.8em; }
+.roc-grid figcaption { max-width: 620px; }
+.task-files, .roc-about { color: #444; margin: 0.3em 0; font-size: 0.9em; }
 figure.km-best figcaption { max-width: 640px; font-size: 0.9em; color: #444; }
 nav ul.toc { display: inline; padding-left: 1em; } nav ul.toc li { display: inline;
   margin-right: 0.8em; }

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from oncoslide._threads import apply_num_threads
 from oncoslide.bench.resolve import BenchTask, FeatureSet, ResolvedBench
 from oncoslide.bench.spec import ModelSpec
 from oncoslide.bench.store import CellRecord, cell_key
@@ -236,10 +237,8 @@ class CellRunner:
 
     def run(self, cell: Cell) -> CellRecord:
         """Train and score one cell; raises typed errors for bad data."""
-        if self.num_threads:
-            import torch
-
-            torch.set_num_threads(self.num_threads)
+        # None: the default for one process (usable cores, or OMP_NUM_THREADS, e.g. Ray's)
+        apply_num_threads(self.num_threads)
         started = time.perf_counter()
         task = self.bench.tasks[cell.task]
         fs = self.bench.feature_sets[cell.feature_set]

@@ -3,7 +3,9 @@
 Reads the results store (only the cells of the benchmark's current plan, so entries removed
 from the spec drop out), scores every task (bootstrap intervals over patients and seeds, seed spread),
 compares every entry with the task's best (paired bootstrap), ranks the entries across tasks, and
-renders the page and its CSV (:mod:`oncoslide.bench.leaderboard`). Within a task, estimates,
+renders the page and its CSVs (:mod:`oncoslide.bench.leaderboard`): the scores, each task's test
+predictions (``predictions/<task>.csv`` beside the page) and, for classification tasks, the
+points of the ROC curves and reliability bins drawn on the page (``curves/``). Within a task, estimates,
 intervals, ranks and comparisons all use the test patients common to every entry of the task
 (:func:`oncoslide.bench.stats.common_rows`); each entry's own and used patient counts are shown.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from oncoslide.bench.leaderboard import LeaderboardData, render_leaderboard
@@ -246,8 +249,8 @@ def print_leaderboard(board: Leaderboard, console: Console) -> None:
     for i, row in enumerate(ranking.itertuples(index=False), start=1):
         table.add_row(
             str(i),
-            entry_name(str(row.feature_set), str(row.model)),
-            str(row.protocol),
+            escape(entry_name(str(row.feature_set), str(row.model))),
+            escape(str(row.protocol)),
             f"{row.mean_rank:.2f}",
             f"[{row.rank_lo:.1f}, {row.rank_hi:.1f}]",
         )
@@ -258,7 +261,7 @@ def print_leaderboard(board: Leaderboard, console: Console) -> None:
     tasks = list(dict.fromkeys(scores["task"]))
     for t in tasks:
         metric = scores.loc[scores["task"] == t, "metric"].iloc[0]
-        per_task.add_column(f"{t} ({metric})", justify="right")
+        per_task.add_column(escape(f"{t} ({metric})"), justify="right")
     for row in ranking.itertuples(index=False):
         cells = []
         for t in tasks:
@@ -272,7 +275,7 @@ def print_leaderboard(board: Leaderboard, console: Console) -> None:
             else:
                 r = sel.iloc[0]
                 cells.append(f"{r['estimate']:.3f} [{r['lower']:.2f}, {r['upper']:.2f}]")
-        per_task.add_row(entry_name(str(row.feature_set), str(row.model)), *cells)
+        per_task.add_row(escape(entry_name(str(row.feature_set), str(row.model))), *cells)
     console.print(per_task)
 
 

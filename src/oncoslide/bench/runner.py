@@ -29,9 +29,12 @@ from typing import Any, Literal
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 
 from oncoslide._io import write_json, write_table
+from oncoslide._log import get_logger, number, run_log
 from oncoslide._ray import TaskFailed, map_unordered
+from oncoslide._threads import describe_threads, resolve_num_threads, usable_cores
 from oncoslide.bench.locks import CellLocks
 from oncoslide.bench.protocols import Cell, CellRunner, applies, plan_cells
 from oncoslide.bench.resolve import ResolvedBench, audit_bench_splits, resolve_bench
@@ -41,6 +44,8 @@ from oncoslide.errors import ConfigError, OncoslideError
 from oncoslide.training.progress import make_progress, quiet_lightning
 
 Executor = Literal["local", "ray"]
+
+_LOG = get_logger("bench")
 
 
 @dataclass
@@ -57,11 +62,11 @@ class BenchRun:
 
 
 def default_workers(gpus: Sequence[int] = ()) -> int:
-    """Worker processes for the local executor: one per GPU, else one per 4 cores (each
+    """Worker processes for the local executor: one per GPU, else one per 4 usable cores (each
     trains multi-threaded)."""
     if gpus:
         return len(gpus)
-    return max(1, (os.cpu_count() or 1) // 4)
+    return max(1, usable_cores() // 4)
 
 
 def visible_gpus() -> list[int]:
@@ -84,6 +89,7 @@ def run_benchmark(
     cache_gb: float = 4.0,
     gpus: Sequence[int] | None = None,
     gpus_per_cell: float = 0.0,
+    num_threads: int | None = None,
     console: Console | None = None,
     progress: bool = True,
 ) -> BenchRun:
@@ -93,6 +99,11 @@ def run_benchmark(
     CUDA device; ``[]`` for none) and by default runs one worker per GPU. The Ray executor
     reserves ``gpus_per_cell`` GPUs for every cell (e.g. 1, or 0.5 to share a GPU between two
     cells); with 0, Ray hides the GPUs and cells train on CPU.
+
+    Threads: ``num_threads`` torch threads per worker process; by default the cores this
+    process may use divided among the local workers (workers x threads <= cores; see
+    :mod:`oncoslide._threads`). The Ray executor reserves ``num_threads`` CPUs per cell (by
+    default one, and Ray gives each task as many threads as CPUs it reserved).
     """
     out = Path(out_dir)
     console = console or Console(quiet=not progress)
@@ -109,7 +120,12 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, bench)
     cells = plan_cells(bench)
-    with ResultStore.in_dir(out) as store, CellLocks(out) as locks:
+    # run.log: every invocation appends its cells' lines, terminal or not
+    with (
+        run_log(out, f"benchmark {spec.name}"),
+        ResultStore.in_dir(out) as store,
+        CellLocks(out) as locks,
+    ):
         store.set_meta("spec", spec.model_dump(mode="json"))
         store.set_meta("tasks", task_descriptions(bench))
         store.set_meta("plan", [c.key for c in cells])
@@ -154,6 +170,12 @@ def run_benchmark(
                     f"{fs.name}: slide embeddings; mil model(s) {skipped} need patch features "
                     "and do not run on it"
                 )
+        _LOG.info(
+            "benchmark %s: %d cells, %d already done, %d to run%s -> %s",
+            spec.name, run.n_cells, run.n_already_done, len(mine),
+            f", {len(elsewhere)} computed by another run" if elsewhere else "", out,
+            extra={"event": "start", "cells": run.n_cells, "done": run.n_already_done},
+        )  # fmt: skip
         if not mine and not elsewhere:
             return run
         gpu_ids = visible_gpus() if gpus is None else [int(g) for g in gpus]
@@ -162,7 +184,16 @@ def run_benchmark(
             raise ConfigError(f"workers must be >= 0, got {workers}")
         if gpus_per_cell < 0:
             raise ConfigError(f"gpus_per_cell must be >= 0, got {gpus_per_cell}")
-        placement = _Placement(tuple(gpu_ids), float(gpus_per_cell))
+        threads: int | None = num_threads
+        if executor == "local":
+            threads = resolve_num_threads(num_threads, workers=max(1, workers))
+            _LOG.info(
+                describe_threads(threads, max(1, workers)),
+                extra={"event": "threads", "threads": threads, "workers": workers},
+            )
+        elif num_threads is not None:
+            resolve_num_threads(num_threads)  # refuses a bad value before Ray starts
+        placement = _Placement(tuple(gpu_ids), float(gpus_per_cell), threads)
 
         def compute(todo: list[Cell]) -> None:
             if not todo:
@@ -171,21 +202,32 @@ def run_benchmark(
             bar = make_progress(console, enabled=progress)
             with bar:
                 overall = bar.add_task(f"{spec.name}: {len(todo)} cells", total=len(todo))
-                for cell, outcome in results:
+                for index, (cell, outcome) in enumerate(results, 1):
                     if isinstance(outcome, CellRecord):
                         outcome.info["data_key"] = cell.data_key
                         if store.record_cell(outcome):
                             run.n_ran += 1
                     else:
                         run.failures.append({"cell": cell.label, "key": cell.key, "error": outcome})
-                        console.print(f"[red]failed[/red] {cell.label}: {outcome.splitlines()[0]}")
+                        console.print(
+                            f"[red]failed[/red] {escape(cell.label)}: "
+                            f"{escape(outcome.splitlines()[0])}",
+                            highlight=False,
+                        )
+                    # once the store holds the cell: the line never names a cell a kill loses
+                    _log_cell(bench, cell, outcome, index, len(todo))
                     locks.release(cell.key)
-                    bar.update(overall, advance=1, description=f"{cell.label}")
+                    bar.update(overall, advance=1, description=escape(cell.label))
 
         compute(mine)
         if elsewhere:
             # wait for the other run's cells; compute the ones it did not finish (killed)
             console.print(f"waiting for {len(elsewhere)} cell(s) another run is computing")
+            _LOG.info(
+                "waiting for %d cell(s) another run is computing",
+                len(elsewhere),
+                extra={"event": "waiting"},
+            )
             for c in elsewhere:
                 locks.wait_claim(c.key)
             finished = store.done_keys()
@@ -199,12 +241,42 @@ def run_benchmark(
                     f"{run.n_elsewhere} cell(s) were computed by another run on this folder"
                 )
             compute(left)
+        _LOG.info(
+            "finished: %d cell(s) run, %d failed, %d already done",
+            run.n_ran, len(run.failures), run.n_already_done + run.n_elsewhere,
+            extra={"event": "finished", "ran": run.n_ran, "failed": len(run.failures)},
+        )  # fmt: skip
     failures_path = out / "failures.csv"
     if run.failures:
         write_table(failures_path, pd.DataFrame(run.failures))
     elif failures_path.exists():
         failures_path.unlink()
     return run
+
+
+def _log_cell(
+    bench: ResolvedBench, cell: Cell, outcome: CellRecord | str, index: int, total: int
+) -> None:
+    """One line per finished cell: its score on the task's main metric, or why it failed."""
+    fields: dict[str, Any] = {
+        "event": "cell", "cell_key": cell.key, "cell": cell.label, "index": index, "total": total,
+    }  # fmt: skip
+    if isinstance(outcome, str):
+        reason = outcome.splitlines()[0] if outcome else ""
+        _LOG.warning(
+            "[%d/%d] %s: failed: %s", index, total, cell.label, reason,
+            extra={**fields, "status": "failed", "error": reason},
+        )  # fmt: skip
+        return
+    task = bench.tasks.get(cell.task)
+    metric = "c_index" if task is None or task.kind == "survival" else "auc"
+    score = outcome.metrics.get(metric)
+    _LOG.info(
+        "[%d/%d] %s: %s %s (%.1f s)", index, total, cell.label, metric, number(score),
+        outcome.seconds,
+        extra={**fields, "status": "done", "metric": metric, "score": score,
+               "seconds": outcome.seconds},
+    )  # fmt: skip
 
 
 def _prune_scratch(work: Path, locks: CellLocks) -> None:
@@ -264,10 +336,12 @@ Outcome = tuple[Cell, "CellRecord | str"]
 
 @dataclass(frozen=True)
 class _Placement:
-    """Where cells may use GPUs: local workers' devices, and each Ray cell's share."""
+    """Where cells run: local workers' GPUs, each Ray cell's GPU share, and torch threads per
+    process (None: each process resolves its own, e.g. from Ray's OMP_NUM_THREADS)."""
 
     gpus: tuple[int, ...] = ()
     gpus_per_cell: float = 0.0
+    num_threads: int | None = None
 
 
 def _execute(
@@ -282,12 +356,14 @@ def _execute(
 ) -> Iterator[Outcome]:
     work = out / "work"
     if executor == "ray":
-        return _run_ray(bench, cells, work, address, cache_gb, placement.gpus_per_cell)
+        return _run_ray(
+            bench, cells, work, address, cache_gb, placement.gpus_per_cell, placement.num_threads
+        )
     if executor != "local":
         raise ConfigError(f"unknown executor {executor!r}: use 'local' or 'ray'")
     if workers == 0:
-        return _run_inline(bench, cells, work, cache_gb)
-    return _run_pool(bench, cells, work, workers, cache_gb, placement.gpus)
+        return _run_inline(bench, cells, work, cache_gb, placement.num_threads)
+    return _run_pool(bench, cells, work, workers, cache_gb, placement.gpus, placement.num_threads)
 
 
 def _describe(exc: BaseException) -> str:
@@ -297,9 +373,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _run_inline(
-    bench: ResolvedBench, cells: list[Cell], work: Path, cache_gb: float
+    bench: ResolvedBench, cells: list[Cell], work: Path, cache_gb: float, threads: int | None
 ) -> Iterator[Outcome]:
-    runner = CellRunner(bench, work_dir=work, cache_gb=cache_gb)
+    runner = CellRunner(bench, work_dir=work, cache_gb=cache_gb, num_threads=threads)
     try:
         with quiet_lightning():
             for cell in cells:
@@ -333,7 +409,7 @@ def _init_worker(
     bench: ResolvedBench,
     work: Path,
     cache_gb: float,
-    threads: int,
+    threads: int | None,
     gpus: tuple[int, ...],
     started: Any,
 ) -> None:
@@ -364,8 +440,8 @@ def _run_pool(
     workers: int,
     cache_gb: float,
     gpus: tuple[int, ...],
+    threads: int | None,
 ) -> Iterator[Outcome]:
-    threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
     started = ctx.Value("i", 0)
     with ProcessPoolExecutor(
@@ -390,10 +466,12 @@ def _run_pool(
                     yield cell, _describe(exc)
 
 
-def _ray_cell(cell: Cell, bench: ResolvedBench, work: str, cache_gb: float) -> CellRecord | str:
+def _ray_cell(
+    cell: Cell, bench: ResolvedBench, work: str, cache_gb: float, threads: int | None
+) -> CellRecord | str:
     global _WORKER
     if _WORKER is None or _WORKER.bench.spec != bench.spec:
-        _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb)
+        _WORKER = CellRunner(bench, work_dir=work, cache_gb=cache_gb, num_threads=threads)
     return _worker_run(cell)
 
 
@@ -404,10 +482,12 @@ def _run_ray(
     address: str | None,
     cache_gb: float,
     gpus_per_cell: float,
+    threads: int | None,
 ) -> Iterator[Outcome]:
     tasks = map_unordered(
-        _ray_cell, cells, bench, str(work), cache_gb, address=address, num_gpus=gpus_per_cell
-    )
+        _ray_cell, cells, bench, str(work), cache_gb, threads,
+        address=address, num_cpus=float(threads or 1), num_gpus=gpus_per_cell,
+    )  # fmt: skip
     for cell, outcome in tasks:
         yield cell, outcome.message if isinstance(outcome, TaskFailed) else outcome
 

@@ -12,6 +12,7 @@ whole cohort, or test patients would leak into training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -37,10 +38,14 @@ class Omics:
     Attributes:
         values: float64 DataFrame indexed by sorted ``patient_id``, one column per gene.
         groups: group name -> its genes (table order of the definition, duplicates dropped).
+        table_path, groups_path: the files they were read from (None when given as data);
+            runs record them beside the cohort's.
     """
 
     values: pd.DataFrame
     groups: dict[str, list[str]]
+    table_path: Path | None = None
+    groups_path: Path | None = None
 
     @property
     def genes(self) -> list[str]:
@@ -58,7 +63,7 @@ class Omics:
         """The table restricted to ``patient_ids`` (sorted); groups unchanged."""
         ids = sorted(set(patient_ids))
         self._check_known(ids)
-        return Omics(values=self.values.loc[ids], groups=self.groups)
+        return dataclasses.replace(self, values=self.values.loc[ids])
 
     def matrix(self, patient_ids: Sequence[str], genes: Sequence[str] | None = None) -> np.ndarray:
         """(patients, genes) float64 matrix with rows in ``patient_ids`` order."""
@@ -107,7 +112,12 @@ def load_omics(
         _check_groups(group_map, set(values.columns), problems)
     if problems or values is None:
         raise OmicsValidationError(problems, source)
-    return Omics(values=values, groups=group_map)
+    return Omics(
+        values=values,
+        groups=group_map,
+        table_path=None if source is None else Path(source),
+        groups_path=Path(groups) if isinstance(groups, str | os.PathLike) else None,
+    )
 
 
 def _read(

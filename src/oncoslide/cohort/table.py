@@ -26,7 +26,12 @@ import pandas as pd
 
 from oncoslide._io import read_table_file, separator_hint
 from oncoslide.cohort.tcga import parse_tcga_barcode
-from oncoslide.errors import CohortValidationError, ConfigError, FeatureFileError
+from oncoslide.errors import (
+    AmbiguousFeatureFileError,
+    CohortValidationError,
+    ConfigError,
+    FeatureFileError,
+)
 from oncoslide.features.readers import FeatureIndex, inspect_features
 from oncoslide.features.scan import scan_feature_file
 from oncoslide.survival.target import make_survival
@@ -53,6 +58,8 @@ class Cohort:
         feature_dim: the common feature dimension, ``None`` when features were not checked.
         notes: facts worth telling the user that are not errors (derived columns, files passed
             over in favour of others).
+        table_path: the table file it was read from (None for a DataFrame); runs record it so
+            that later commands (heatmap) find the cohort again.
     """
 
     slides: pd.DataFrame
@@ -64,6 +71,7 @@ class Cohort:
     features_dir: Path | None = None
     notes: tuple[str, ...] = field(default=())
     dropped: tuple[tuple[str, str, str], ...] = field(default=())
+    table_path: Path | None = None
 
     @property
     def dropped_slides(self) -> pd.DataFrame:
@@ -162,6 +170,7 @@ class Cohort:
             label_cols=self.label_cols,
             features_dir=self.features_dir,
             notes=self.notes,
+            table_path=self.table_path,
         )
 
     def _check_known(self, ids: Iterable[str]) -> None:
@@ -291,6 +300,7 @@ def load_cohort(
         features_dir=Path(features_dir) if features_dir is not None else None,
         notes=tuple(notes),
         dropped=tuple(dropped),
+        table_path=None if source is None else Path(source),
     )
 
 
@@ -551,6 +561,8 @@ def _attach_features(
         return None
     missing: list[str] = []
     unreadable: list[str] = []
+    # slides with files in several subfolders, by those subfolders: one hint for them all
+    ambiguous: dict[tuple[str, ...], list[str]] = defaultdict(list)
     passed_over = 0
     dims: dict[int, list[str]] = defaultdict(list)
     seen: dict[str, tuple[str | None, int | None]] = {}  # a duplicated row is checked once
@@ -588,6 +600,9 @@ def _attach_features(
                     dims[info.dim].append(sid)
                 else:
                     dims[info.dim].append(sid)
+        except AmbiguousFeatureFileError as exc:
+            # not a bad file to skip: the folder names several feature sets, a setting to fix
+            ambiguous[exc.folders].append(sid)
         except FeatureFileError as exc:
             unreadable.append(f"{sid}: {exc.reason}")
             if bad is not None:
@@ -613,6 +628,13 @@ def _attach_features(
     if bad is not None:
         bad.update({sid: "missing: no feature file" for sid in missing})
         missing, unreadable = [], []
+    for folders, sids in ambiguous.items():
+        shown = ", ".join(f"{f}/" for f in folders)
+        problems.append(
+            f"{len(sids)} slide(s) have feature files in several subfolders of {features_dir} "
+            f"({shown}): {_examples(sids)}; point the features folder at one of them, e.g. "
+            f"{features_dir / folders[0]}"
+        )
     _report_feature_problems(features_dir, missing, unreadable, dims, problems)
     return next(iter(dims)) if len(dims) == 1 else None
 

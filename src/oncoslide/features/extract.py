@@ -5,6 +5,11 @@ only on the slide file and the :class:`ExtractConfig`, and a slide whose feature
 holds the same extraction fingerprint is skipped. Every file is written atomically, so a killed
 run leaves finished slides and nothing partial; running it again finishes the set.
 
+An output folder holds one extraction: its settings are recorded in ``extraction.json``, and a
+run with other settings (encoder, weights, µm/px, patch size, ...) is refused rather than
+replacing the files, unless ``overwrite`` (then the earlier features are removed first). A
+feature file made with another per-slide µm/px override is kept and its slide reported, too.
+
 :func:`extract_slides` runs a list of slides in this process (patch decoding in DataLoader
 worker processes overlaps the encoder) or fans them out over a Ray cluster, and writes a
 manifest (slide, status, patches, seconds, error, resolution) after every slide, so a killed run
@@ -17,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +35,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from oncoslide._io import read_table_file, write_table
+from oncoslide._io import read_table_file, write_json, write_table
+from oncoslide._log import get_logger, run_log
 from oncoslide._ray import TaskFailed, map_unordered
 from oncoslide.errors import ConfigError, OncoslideError, WriteError
 from oncoslide.features.schema import write_feature_file
@@ -43,6 +52,9 @@ PREVIEW_SIDE = 1200  # px along the longer side of the preview PNG
 MANIFEST_COLUMNS = (
     "slide_id", "path", "status", "patches", "seconds", "error", "level0_mpp", "mpp_source",
 )  # fmt: skip
+SETTINGS_FILE = "extraction.json"  # the folder's extraction settings and encoder weights
+
+_LOG = get_logger("extract")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +99,13 @@ class ExtractConfig:
         """The settings that determine the feature file's content."""
         skip = {"batch_size", "num_workers", "device", "weights"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def folder_settings(self) -> dict[str, Any]:
+        """The output settings every feature file of one output folder shares, as JSON values:
+        all but the µm/px override, which describes slides (like a slide list's ``mpp``)."""
+        settings = self.output_settings()
+        settings.pop("mpp_override")
+        return dict(json.loads(json.dumps(settings, sort_keys=True, default=str)))
 
     def fingerprint(self, weights_fingerprint: str, mpp_override: float | None = None) -> str:
         payload = {
@@ -256,12 +275,16 @@ def extract_slide(
     encoder: Any,
     *,
     on_batch: Callable[[int, int], None] | None = None,
+    replace: bool = False,
 ) -> SlideResult:
     """Tissue, tiles, features and previews of one slide. Never raises for a bad slide.
 
     Writes ``<out>/<slide_id>.h5`` (the feature-file contract), ``<out>/thumbnails/<slide_id>.png``
     (tissue outline and kept patches) and ``<out>/masks/<slide_id>.geojson`` / ``.png`` (the
     tissue mask as polygons in level-0 px, and as an image at the mask's resolution).
+
+    A feature file of the same settings is kept (status ``skipped``); one of other settings is
+    kept too and the slide fails saying what differs, unless ``replace``.
     """
     from oncoslide.slides import (
         TilingConfig,
@@ -289,6 +312,14 @@ def extract_slide(
             result.level0_mpp = float(level0_mpp)
         if source is not None:
             result.mpp_source = str(source)
+        return result
+    if target.exists() and not replace:
+        differences = _file_differences(target, config, encoder.weights_fingerprint, mpp)
+        result.error = (
+            f"{target} holds features extracted with other settings ({differences}): kept; "
+            "pass --overwrite to replace it, or extract into another --out"
+        )
+        result.seconds = time.perf_counter() - started
         return result
     dataset = None
     try:
@@ -330,7 +361,8 @@ def extract_slide(
             attrs={
                 "extraction_fingerprint": fingerprint,
                 "extraction": json.dumps(config.output_settings(), sort_keys=True, default=str),
-                "slide_path": str(job.path),
+                # absolute, so a heatmap finds the slide from any working folder
+                "slide_path": os.path.abspath(job.path),
                 "mpp_source": info.mpp_source,
             },
         )
@@ -346,6 +378,57 @@ def extract_slide(
             dataset.close()
         result.seconds = time.perf_counter() - started
     return result
+
+
+def _file_differences(
+    path: Path, config: ExtractConfig, weights_fingerprint: str, mpp: float | None
+) -> str:
+    """What differs between the extraction that wrote ``path`` and this one, stored value
+    first: "patch_size 224 -> 256", "encoder weights ab12 -> cd34", "slide µm/px ..."."""
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("extraction")
+            weights = f["features"].attrs.get("weights_fingerprint") if "features" in f else None
+            source = f.attrs.get("mpp_source")
+            level0 = f["coords"].attrs.get("level0_mpp") if "coords" in f else None
+    except (OSError, KeyError) as exc:
+        return f"it cannot be read: {exc}"
+    if raw is None:
+        return "it was not written by oncoslide extract"
+    try:
+        stored = dict(json.loads(str(raw)))
+    except (ValueError, TypeError):
+        return "its recorded settings cannot be read"
+    stored_mpp = stored.pop("mpp_override", None)
+    items = setting_changes(stored, config.folder_settings())
+    if weights is not None and str(weights) != weights_fingerprint:
+        items.append(f"encoder weights {weights} -> {weights_fingerprint}")
+    if source == "override" and level0 is not None:
+        stored_mpp = float(level0)
+    if (stored_mpp is None) != (mpp is None) or (
+        stored_mpp is not None and mpp is not None and not np.isclose(stored_mpp, mpp)
+    ):
+        shown = [
+            f"{v:g} (override)" if v is not None else "from metadata" for v in (stored_mpp, mpp)
+        ]
+        items.append(f"slide µm/px {shown[0]} -> {shown[1]}")
+    return "; ".join(items) or "another extraction fingerprint"
+
+
+def setting_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """``"name stored -> requested"`` for every setting that differs (missing: "-")."""
+    changes = []
+    for name in sorted(set(stored) | set(requested)):
+        before, after = stored.get(name, "-"), requested.get(name, "-")
+        if before != after:
+            changes.append(f"{name} {_shown(before)} -> {_shown(after)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
 
 
 def _new_result(job: SlideJob, config: ExtractConfig) -> SlideResult:
@@ -430,6 +513,7 @@ def extract_slides(
     address: str | None = None,
     gpus_per_slide: float = 0.0,
     progress: Any = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Extract every slide, write ``manifest.csv`` and return it.
 
@@ -438,18 +522,137 @@ def extract_slides(
     slides run as Ray tasks on the cluster at ``address`` (a local instance when None), each
     reserving ``gpus_per_slide`` GPUs: Ray hides GPUs from tasks that reserve none, so encoding
     on GPUs needs e.g. 1 or 0.5.
+
+    Raises:
+        ConfigError: ``out_dir`` holds features extracted with other settings (see
+            ``extraction.json``) and ``overwrite`` is false; with ``overwrite`` the earlier
+            features, previews and manifest are removed first.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    record = check_output_folder(out, config, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
+    _write_record(out, config, record.get("weights_fingerprint") if record else None)
     manifest = _Manifest(out / "manifest.csv", jobs)
-    if executor == "ray":
-        _run_ray(jobs, out, config, address, gpus_per_slide, progress, manifest.add)
-    else:
-        _run_local(jobs, out, config, progress, manifest.add)
+    with run_log(out, "extraction"):
+        _LOG.info(
+            "extracting %d slide(s) with %s at %s µm/px -> %s",
+            len(jobs), config.encoder, config.target_mpp, out, extra={"event": "start"},
+        )  # fmt: skip
+        if executor == "ray":
+            _run_ray(jobs, out, config, address, gpus_per_slide, progress, manifest.add, overwrite)
+            if not (record or {}).get("weights_fingerprint"):
+                _write_record(out, config, _weights_of_folder(out))
+        else:
+            _run_local(jobs, out, config, progress, manifest.add, record, overwrite)
     return manifest.frame()
+
+
+def read_folder_record(out: Path) -> dict[str, Any] | None:
+    """The extraction an output folder holds: ``{"settings": ..., "weights_fingerprint": ...}``
+    from its ``extraction.json``, or, in a folder written before that file existed, from its
+    first feature file; None for a folder without a feature file of oncoslide extract (a run
+    that stopped before its first slide, e.g. on a missing package, binds nothing).
+
+    Raises:
+        ConfigError: ``extraction.json`` cannot be read.
+    """
+    record_file = out / SETTINGS_FILE
+    if not any(existing_fingerprint(path) is not None for path in out.glob("*.h5")):
+        return None
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+            settings = record["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"cannot read {record_file} ({type(exc).__name__}: {exc}): extract into "
+                "another --out, or pass --overwrite to replace the folder's features"
+            ) from None
+        return {"settings": settings, "weights_fingerprint": record.get("weights_fingerprint")}
+    return _record_from_feature_files(out)
+
+
+def _record_from_feature_files(out: Path) -> dict[str, Any] | None:
+    """The record of the first feature file in ``out`` written by oncoslide extract."""
+    if not out.is_dir():
+        return None
+    for path in sorted(out.glob("*.h5")):
+        try:
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("extraction")
+                weights = f["features"].attrs.get("weights_fingerprint")
+            if raw is None:
+                continue  # not written by oncoslide extract
+            settings = dict(json.loads(str(raw)))
+        except (OSError, KeyError, ValueError, TypeError):
+            continue
+        settings.pop("mpp_override", None)
+        return {
+            "settings": settings,
+            "weights_fingerprint": None if weights is None else str(weights),
+        }
+    return None
+
+
+def check_output_folder(
+    out: Path, config: ExtractConfig, *, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Refuse an output folder that holds an extraction with other settings (with
+    ``overwrite``: remove its features first). Returns the folder's record when it is kept."""
+    try:
+        record = read_folder_record(out)
+    except ConfigError:
+        if not overwrite:
+            raise
+        record = {"settings": {}, "weights_fingerprint": None}  # replaced below
+    if record is None:
+        return None
+    changes = setting_changes(record["settings"], config.folder_settings())
+    if not changes:
+        return record
+    _refuse_or_clear(out, changes, overwrite)
+    return None
+
+
+def _refuse_or_clear(out: Path, changes: list[str], overwrite: bool) -> None:
+    if not overwrite:
+        raise ConfigError(
+            f"{out} holds features extracted with other settings (stored -> requested: "
+            f"{'; '.join(changes)}); extract into another --out, or pass --overwrite to "
+            "replace them"
+        )
+    _LOG.info("--overwrite: removing the features extracted with other settings in %s", out)
+    remove_extraction(out)
+
+
+def remove_extraction(out: Path) -> None:
+    """Delete what ``oncoslide extract`` wrote in ``out`` (feature files carrying an extraction
+    fingerprint, previews, masks, manifest, settings); other files stay."""
+    for path in out.glob("*.h5"):
+        if existing_fingerprint(path) is not None:
+            path.unlink()
+    for name in ("thumbnails", "masks"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in ("manifest.csv", SETTINGS_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_record(out: Path, config: ExtractConfig, weights_fingerprint: str | None) -> None:
+    write_json(
+        out / SETTINGS_FILE,
+        {"settings": config.folder_settings(), "weights_fingerprint": weights_fingerprint},
+    )
+
+
+def _weights_of_folder(out: Path) -> str | None:
+    """The encoder weights fingerprint of a feature file the run left (Ray runs build the
+    encoder in the workers only)."""
+    record = _record_from_feature_files(out)
+    return None if record is None else record.get("weights_fingerprint")
 
 
 class _Manifest:
@@ -463,6 +666,16 @@ class _Manifest:
     def add(self, result: SlideResult) -> None:
         self.results[result.slide_id] = result
         write_table(self.path, self.frame())
+        done, total = len(self.results), len(self.order)
+        what = f"{result.patches} patches" if result.status == STATUS_DONE else result.status
+        if result.status == STATUS_FAILED:
+            what += f": {result.error.splitlines()[0] if result.error else ''}"
+        _LOG.log(
+            logging.WARNING if result.status == STATUS_FAILED else logging.INFO,
+            "[%d/%d] %s: %s (%.1f s)", done, total, result.slide_id, what, result.seconds,
+            extra={"event": "slide", "slide_id": result.slide_id, "status": result.status,
+                   "patches": result.patches, "seconds": result.seconds},
+        )  # fmt: skip
 
     def frame(self) -> pd.DataFrame:
         done = sorted(self.results.values(), key=lambda r: self.order[r.slide_id])
@@ -475,21 +688,35 @@ def _run_local(
     config: ExtractConfig,
     progress: Any,
     on_result: Callable[[SlideResult], None],
+    record: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> None:
     from oncoslide.encoders import create_encoder
 
     encoder = create_encoder(
         config.encoder, weights=config.weights, device=resolve_device(config.device)
     )
+    # the weights are known once loaded: other weights under the same encoder name are other
+    # features, refused (or replaced) like any other setting
+    stored = (record or {}).get("weights_fingerprint")
+    if stored and stored != encoder.weights_fingerprint:
+        _refuse_or_clear(
+            out, [f"encoder weights {stored} -> {encoder.weights_fingerprint}"], overwrite
+        )
+    _write_record(out, config, encoder.weights_fingerprint)
     overall = progress.add_task("slides", total=len(jobs)) if progress is not None else None
     for job in jobs:
-        task = progress.add_task(f"  {job.slide_id}", total=None) if progress is not None else None
+        task = (
+            progress.add_task(f"  {escape(job.slide_id)}", total=None)
+            if progress is not None
+            else None
+        )
 
         def on_batch(done: int, total: int, task: Any = task) -> None:
             if progress is not None:
                 progress.update(task, completed=done, total=total)
 
-        on_result(extract_slide(job, out, config, encoder, on_batch=on_batch))
+        on_result(extract_slide(job, out, config, encoder, on_batch=on_batch, replace=overwrite))
         if progress is not None:
             progress.remove_task(task)
             progress.advance(overall)
@@ -498,7 +725,7 @@ def _run_local(
 _WORKER_ENCODERS: dict[tuple[str, str | None, str], Any] = {}
 
 
-def _ray_extract(job: SlideJob, out: str, config: ExtractConfig) -> SlideResult:
+def _ray_extract(job: SlideJob, out: str, config: ExtractConfig, replace: bool) -> SlideResult:
     """The Ray task: one slide; the encoder is built once per worker process and reused."""
     from oncoslide.encoders import create_encoder
 
@@ -510,7 +737,7 @@ def _ray_extract(job: SlideJob, out: str, config: ExtractConfig) -> SlideResult:
         )
     # Ray tasks are the parallelism: decode patches in the task's own process
     local = dataclasses.replace(config, num_workers=0)
-    return extract_slide(job, out, local, _WORKER_ENCODERS[key])
+    return extract_slide(job, out, local, _WORKER_ENCODERS[key], replace=replace)
 
 
 def _run_ray(
@@ -521,10 +748,11 @@ def _run_ray(
     gpus_per_slide: float,
     progress: Any,
     on_result: Callable[[SlideResult], None],
+    replace: bool = False,
 ) -> None:
     overall = progress.add_task("slides (ray)", total=len(jobs)) if progress is not None else None
     tasks = map_unordered(
-        _ray_extract, jobs, str(out), config, address=address, num_gpus=gpus_per_slide
+        _ray_extract, jobs, str(out), config, replace, address=address, num_gpus=gpus_per_slide
     )
     for job, outcome in tasks:
         # a crashed worker is one failed slide, not a failed run

@@ -37,7 +37,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from oncoslide.errors import FeatureFileError, NonFiniteFeaturesError
+from oncoslide.errors import AmbiguousFeatureFileError, FeatureFileError, NonFiniteFeaturesError
 from oncoslide.features.schema import (
     GRID_ATTRS,
     LAYOUT_VERSION,
@@ -250,11 +250,8 @@ def _choose(features_dir: Path, slide_id: str, candidates: list[tuple[int, Path]
     best_rank = _suffix_rank(paths[0])
     best = [p for p in paths if _suffix_rank(p) == best_rank]
     if len(best) > 1:
-        listed = ", ".join(str(p.relative_to(features_dir)) for p in best)
-        raise FeatureFileError(
-            features_dir / slide_id,
-            f"ambiguous: several feature files for slide {slide_id!r} ({listed}); "
-            "point features_dir at the folder of one encoder",
+        raise AmbiguousFeatureFileError(
+            features_dir, slide_id, [str(p.relative_to(features_dir)) for p in best]
         )
     return Located(best[0], tuple(paths[1:]))
 

@@ -1,5 +1,28 @@
-"""Report figures: Kaplan-Meier curves of risk groups, metric heat maps, PNG encoding."""
+"""Report figures: Kaplan-Meier curves of risk groups, ROC curves and reliability diagrams of
+classifiers, metric heat maps, PNG encoding."""
 
-from oncoslide.report.plots import figure_png_base64, heatmap_figure, km_figure, risk_groups
+from oncoslide.report.plots import (
+    Calibration,
+    ClassifierCurves,
+    RocCurve,
+    calibration_bins,
+    classification_figure,
+    figure_png_base64,
+    heatmap_figure,
+    km_figure,
+    mean_roc_curve,
+    risk_groups,
+)
 
-__all__ = ["figure_png_base64", "heatmap_figure", "km_figure", "risk_groups"]
+__all__ = [
+    "Calibration",
+    "ClassifierCurves",
+    "RocCurve",
+    "calibration_bins",
+    "classification_figure",
+    "figure_png_base64",
+    "heatmap_figure",
+    "km_figure",
+    "mean_roc_curve",
+    "risk_groups",
+]

@@ -1,4 +1,5 @@
-"""Figures for reports: Kaplan-Meier curves of risk groups and metric heat maps.
+"""Figures for reports: Kaplan-Meier curves of risk groups, ROC curves and reliability
+(calibration) plots of classifiers, and metric heat maps.
 
 Every figure is a :class:`matplotlib.figure.Figure` drawn on its own Agg canvas; pyplot is never
 used, so nothing here touches (or leaks into) pyplot's global figure state or the user's backend.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,6 +22,7 @@ from lifelines.statistics import logrank_test
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from numpy.typing import NDArray
 
 from oncoslide.errors import ConfigError
 
@@ -28,6 +32,11 @@ _ENTRY_COLUMNS = ("task", "feature_set", "model")
 _RISK_COLUMNS = ("patient_id", "fold", "time", "event", "risk")
 # the median predicted risk of the fold's training part, written with the predictions
 THRESHOLD_COLUMN = "risk_threshold"
+# reliability plots: equal-width bins of the predicted probability on [0, 1]
+CALIBRATION_BINS = 10
+_CLASSIFICATION_COLUMNS = ("seed", "fold", "label")
+
+FloatArray = NDArray[np.float64]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -228,6 +237,302 @@ def km_figure(
     ax.grid(alpha=0.3)
     _draw_at_risk(ax, fig.add_subplot(grid[1]), groups, present)
     return fig, p_value
+
+
+# ------------------------------------------------------------------------------ classification
+
+
+def _classification_problems(preds: pd.DataFrame, classes: Sequence[str]) -> list[str]:
+    """Every reason ``preds`` is not one entry's classification predictions (empty when it is)."""
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        return [f"classes must be at least 2 distinct labels, got {list(classes)}"]
+    columns = [*_CLASSIFICATION_COLUMNS, *(f"prob_{c}" for c in classes)]
+    missing = [c for c in columns if c not in preds.columns]
+    if missing:
+        return [f"missing columns: {', '.join(missing)}"]
+    problems: list[str] = []
+    for column in _ENTRY_COLUMNS:
+        if column in preds.columns and preds[column].nunique(dropna=False) > 1:
+            values = ", ".join(map(str, sorted(preds[column].astype(str).unique())))
+            problems.append(f"more than one {column} ({values}): pass one entry")
+    probs = preds[[f"prob_{c}" for c in classes]].apply(pd.to_numeric, errors="coerce")
+    values = probs.to_numpy(dtype=float)
+    if not np.isfinite(values).all():
+        problems.append("probabilities have missing or non-finite values")
+    elif (values < 0).any() or (values > 1).any():
+        problems.append("probabilities must lie in [0, 1]")
+    labels = preds["label"]
+    if labels.isna().any():
+        problems.append(f"label is missing in {int(labels.isna().sum())} row(s)")
+    unknown = sorted(set(labels.dropna().astype(str)) - {str(c) for c in classes})
+    if unknown:
+        problems.append(f"labels not in classes {list(classes)}: {unknown[:10]}")
+    return problems
+
+
+def _check_classification(preds: pd.DataFrame, classes: Sequence[str], what: str) -> None:
+    problems = _classification_problems(preds, [str(c) for c in classes])
+    if problems:
+        raise ConfigError(f"cannot draw {what}: " + "; ".join(problems))
+
+
+def _roc_vertices(positive: np.ndarray, score: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The ROC curve of one split of positives vs the rest: (0, 0), then one vertex per distinct
+    score, highest first. Tied scores move along a diagonal, which the trapezoid rule credits
+    1/2 per tied pair, exactly as the Mann-Whitney AUC (and scikit-learn) does."""
+    order = np.argsort(-score, kind="stable")
+    s, pos = score[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # last row of each distinct score
+    tp = np.cumsum(pos)[last].astype(float)
+    fp = np.cumsum(~pos)[last].astype(float)
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
+def _limits(fpr: FloatArray, tpr: FloatArray, grid: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The TPR of a piecewise-linear ROC curve just left and just right of every grid FPR.
+
+    A curve can rise vertically at one FPR (several vertices share it), so it has two values
+    there: the lowest (reached from the left) and the highest (left to the right). Between its
+    own vertices the curve is the straight segment from the highest TPR at one vertex FPR to the
+    lowest at the next.
+    """
+    ux, first = np.unique(fpr, return_index=True)  # fpr is sorted: first = lowest TPR there
+    last = np.r_[first[1:] - 1, fpr.size - 1]
+    lo, hi = tpr[first], tpr[last]
+    k = np.searchsorted(ux, grid, side="right") - 1
+    exact = ux[k] == grid
+    nxt = np.minimum(k + 1, ux.size - 1)
+    span = ux[nxt] - ux[k]
+    frac = np.where(exact | (span <= 0), 0.0, (grid - ux[k]) / np.where(span > 0, span, 1.0))
+    between = hi[k] + frac * (lo[nxt] - hi[k])
+    return np.where(exact, lo[k], between), np.where(exact, hi[k], between)
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """An entry's ROC curve averaged over its (seed, fold) test parts.
+
+    ``fpr`` and ``tpr`` are the vertices in drawing order (from (0, 0) to (1, 1)); ``n_cells`` is
+    the number of (seed, fold) test parts averaged (those in which the AUC is defined); the
+    curve is empty when there is none.
+    """
+
+    fpr: FloatArray
+    tpr: FloatArray
+    n_cells: int
+
+    @property
+    def auc(self) -> float:
+        """The area under the curve (trapezoid rule); NaN for an empty curve."""
+        if self.n_cells == 0:
+            return math.nan
+        return float(np.sum(np.diff(self.fpr) * (self.tpr[1:] + self.tpr[:-1]) / 2.0))
+
+    def frame(self) -> pd.DataFrame:
+        """The vertices as a table: point (drawing order), fpr, tpr."""
+        return pd.DataFrame({"point": np.arange(self.fpr.size), "fpr": self.fpr, "tpr": self.tpr})
+
+
+def mean_roc_curve(preds: pd.DataFrame, classes: Sequence[str]) -> RocCurve:
+    """The ROC curve of one entry: the average of its (seed, fold) curves, whose area is the mean
+    over (seed, fold) of the AUC, i.e. the benchmark's estimate on the same rows.
+
+    Each fold has its own model and so its own score scale: pooling the scores of different
+    folds into one ranking would draw a curve of a classifier that never existed (and whose
+    area is not the benchmark's estimate). So a curve is drawn within every (seed, fold) and the
+    curves are averaged vertically, at every false-positive rate where any of them has a vertex
+    (just left and just right of it). Every curve is linear between those rates, so the average
+    is exact and its area equals the mean of the curves' areas.
+
+    Binary tasks (two ``classes``): the positive class is ``classes[-1]``, scored by its
+    ``prob_<class>``. Multiclass: each (seed, fold)'s curve is the macro average of its
+    one-vs-rest curves (class k vs the rest, scored by ``prob_<k>``) over the classes present in
+    that test part, so its area is the macro one-vs-rest AUC. A (seed, fold) with fewer than two
+    classes present has no AUC and is left out, as the benchmark's statistics do.
+
+    ``preds`` holds one entry's rows (any number of seeds and folds) with columns seed, fold,
+    label and ``prob_<class>`` for every class. Raises :class:`ConfigError` listing every
+    problem otherwise.
+    """
+    classes = [str(c) for c in classes]
+    _check_classification(preds, classes, "ROC curves")
+    curves: list[tuple[float, FloatArray, FloatArray]] = []  # (weight, fpr, tpr)
+    n_cells = 0
+    for _, cell in preds.groupby(["seed", "fold"], sort=True):
+        labels = cell["label"].astype(str).to_numpy()
+        present = [c for c in classes if (labels == c).any()]
+        if len(present) < 2:
+            continue
+        n_cells += 1
+        split = [classes[-1]] if len(classes) == 2 else present
+        for c in split:
+            score = cell[f"prob_{c}"].to_numpy(dtype=float)
+            fpr, tpr = _roc_vertices(labels == c, score)
+            curves.append((1.0 / len(split), fpr, tpr))
+    if not n_cells:
+        return RocCurve(np.empty(0), np.empty(0), 0)
+    grid = np.unique(np.concatenate([fpr for _, fpr, _ in curves]))
+    left, right = np.zeros(grid.size), np.zeros(grid.size)
+    for weight, fpr, tpr in curves:
+        lo, hi = _limits(fpr, tpr, grid)
+        left += weight * lo / n_cells
+        right += weight * hi / n_cells
+    x = np.repeat(grid, 2)
+    y = np.column_stack([left, right]).ravel()
+    # every curve starts at (0, 0) and ends at (1, 1); the weighted sums only up to rounding
+    y[0], y[-1] = 0.0, 1.0
+    keep = np.r_[True, (np.diff(x) != 0) | (np.diff(y) != 0)]  # no repeated vertices
+    return RocCurve(x[keep], y[keep], n_cells)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A reliability table: predicted probability in bins vs the observed frequency.
+
+    ``bins``: one row per bin (``bin``, ``lower``, ``upper``, ``n``, ``mean_predicted``,
+    ``observed``; the last two NaN for empty bins). ``target`` says what was binned.
+    ``ece``: expected calibration error, the n-weighted mean over non-empty bins of
+    |mean_predicted - observed|. ``brier``: the mean over patients of the squared error of the
+    probabilities (binary: (p - y)^2; multiclass: the sum over classes).
+    """
+
+    bins: pd.DataFrame
+    target: str
+    ece: float
+    brier: float
+    n: int
+
+
+def calibration_bins(
+    preds: pd.DataFrame, classes: Sequence[str], n_bins: int = CALIBRATION_BINS
+) -> Calibration:
+    """Reliability of one entry's probabilities, pooled over its folds and seeds.
+
+    Unlike risk scores, probabilities are on one absolute scale in every fold, so the test
+    predictions of all folds (and seeds) are pooled. Bins have equal width: bin i holds
+    ``i / n_bins <= p < (i + 1) / n_bins`` (the last one also p = 1). Binary tasks bin the
+    probability of the positive class ``classes[-1]`` against the share of positives;
+    multiclass tasks bin the top-label confidence (the largest probability) against the share
+    of patients whose most probable class is their class (ties go to the first class).
+
+    ``preds`` holds one entry's rows with columns seed, fold, label and ``prob_<class>`` for
+    every class; raises :class:`ConfigError` listing every problem otherwise.
+    """
+    classes = [str(c) for c in classes]
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}")
+    _check_classification(preds, classes, "a reliability plot")
+    labels = preds["label"].astype(str).to_numpy()
+    probs = preds[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+    onehot = (labels[:, None] == np.asarray(classes)[None, :]).astype(float)
+    if len(classes) == 2:
+        target = f"P({classes[-1]})"
+        predicted, observed = probs[:, 1], onehot[:, 1]
+        brier = float(np.mean((predicted - observed) ** 2)) if labels.size else math.nan
+    else:
+        target = "top-label confidence"
+        top = np.argmax(probs, axis=1)
+        predicted = probs[np.arange(labels.size), top]
+        observed = onehot[np.arange(labels.size), top]
+        brier = float(np.mean(((probs - onehot) ** 2).sum(axis=1))) if labels.size else math.nan
+    edges = np.arange(n_bins + 1) / n_bins  # k / n exactly, not accumulated steps
+    index = np.clip(np.searchsorted(edges, predicted, side="right") - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    sums = np.bincount(index, weights=predicted, minlength=n_bins)
+    hits = np.bincount(index, weights=observed, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted = np.where(counts > 0, sums / counts, np.nan)
+        frequency = np.where(counts > 0, hits / counts, np.nan)
+    bins = pd.DataFrame(
+        {
+            "bin": np.arange(n_bins),
+            "lower": edges[:-1],
+            "upper": edges[1:],
+            "n": counts,
+            "mean_predicted": mean_predicted,
+            "observed": frequency,
+        }
+    )
+    filled = counts > 0
+    gap = np.abs(mean_predicted[filled] - frequency[filled])
+    ece = float(np.sum(counts[filled] * gap) / counts.sum()) if labels.size else math.nan
+    return Calibration(bins, target, ece, brier, int(labels.size))
+
+
+@dataclass(frozen=True)
+class ClassifierCurves:
+    """What one entry contributes to a classification figure: its legend name, ROC curve and
+    reliability table."""
+
+    name: str
+    roc: RocCurve
+    calibration: Calibration
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def classification_figure(
+    entries: Sequence[ClassifierCurves],
+    title: str,
+    *,
+    figsize: tuple[float, float] = (8.4, 3.9),
+    colours: Sequence[str] | None = None,
+) -> Figure:
+    """ROC curves (left) and reliability diagrams (right) of several entries on one figure.
+
+    The ROC legend gives each entry's AUC (the area of its averaged curve, see
+    :func:`mean_roc_curve`), the reliability legend its ECE and Brier score; an entry without a
+    defined AUC is listed with ``n/a``. ``colours`` (one per entry) keeps an entry's colour equal
+    across figures.
+    """
+    if not entries:
+        raise ConfigError("a classification figure needs at least one entry")
+    palette = list(colours) if colours is not None else []
+    default = [f"C{i % 10}" for i in range(len(entries))]
+    colours = palette if len(palette) == len(entries) else default
+    fig = _new_figure(*figsize)
+    roc_ax, cal_ax = fig.subplots(1, 2)
+    for ax in (roc_ax, cal_ax):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8)
+        # a little room beyond [0, 1]: segments along the frame (e.g. at FPR 1) stay visible
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    for entry, colour in zip(entries, colours, strict=True):
+        roc, cal = entry.roc, entry.calibration
+        roc_ax.plot(
+            roc.fpr,
+            roc.tpr,
+            color=colour,
+            linewidth=1.4,
+            label=f"{entry.name} (AUC {_fmt(roc.auc)})",
+        )
+        filled = cal.bins[cal.bins["n"] > 0]
+        cal_ax.plot(
+            filled["mean_predicted"],
+            filled["observed"],
+            color=colour,
+            marker="o",
+            markersize=3.5,
+            linewidth=1.2,
+            label=f"{entry.name} (ECE {_fmt(cal.ece)}, Brier {_fmt(cal.brier)})",
+        )
+    roc_ax.set_xlabel("false positive rate")
+    roc_ax.set_ylabel("true positive rate")
+    roc_ax.set_title("ROC (mean over folds)", fontsize=9)
+    targets = sorted({e.calibration.target for e in entries})
+    cal_ax.set_xlabel(f"predicted {', '.join(targets)}")
+    cal_ax.set_ylabel("observed frequency")
+    n_bins = len(entries[0].calibration.bins)
+    cal_ax.set_title(f"reliability ({n_bins} equal-width bins)", fontsize=9)
+    for ax in (roc_ax, cal_ax):
+        ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 # ------------------------------------------------------------------------------ heat map

@@ -139,7 +139,12 @@ class TrainConfig(BaseModel):
         "stored", description="keep features as stored, or as float16 (half the memory)"
     )
     prefetch: bool = True
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads (default: OMP_NUM_THREADS, else the cores this process "
+        "may use)",
+    )
     progress: bool = True
     devices: int = Field(1, ge=1, description="processes (one per GPU, or CPU processes)")
     num_nodes: int = Field(1, ge=1, description="machines (Lightning multi-node)")
@@ -209,3 +214,48 @@ def make_config(**kwargs: Any) -> TrainConfig:
         raise ConfigError(
             "invalid training configuration:\n" + "\n".join(f"  - {line}" for line in lines)
         ) from None
+
+
+def setting_changes(stored: object, config: TrainConfig) -> list[str]:
+    """The settings that differ between a stored config (the ``config`` entry of a run's
+    config.json or a model's model.json) and ``config``: ``"epochs 20 -> 5"`` items, stored
+    value first. Execution-only fields are left out (they never make another run).
+
+    A stored config that no longer validates is compared on the fields it records, so a message
+    can still name what changed; an empty list means no field can be named.
+    """
+    if not isinstance(stored, dict):
+        return []
+    requested = config.model_dump(mode="json", exclude=set(EXECUTION_ONLY_FIELDS))
+    try:
+        old = TrainConfig.model_validate(stored).model_dump(
+            mode="json", exclude=set(EXECUTION_ONLY_FIELDS)
+        )
+    except ValidationError:  # damaged or from another version: the fields it does record
+        old = {k: v for k, v in stored.items() if k in requested}
+    return [
+        f"{name} {_shown(old[name])} -> {_shown(requested[name])}"
+        for name in sorted(old)
+        if old[name] != requested[name]
+    ]
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def other_run_text(stored: object, config: TrainConfig, stored_key: object) -> str:
+    """What makes a stored run another run than ``config``, for "FOLDER holds another run"
+    messages: the settings that differ, else (nothing to compare) the two run keys."""
+    changes = setting_changes(stored, config)
+    if not changes:
+        return f"(run key {stored_key}, this one {config.run_key()})"
+    shown = "; ".join(changes[:_MAX_CHANGES_SHOWN])
+    rest = len(changes) - _MAX_CHANGES_SHOWN
+    more = f"; and {rest} more" if rest > 0 else ""
+    return f"with other settings (stored -> requested: {shown}{more})"
+
+
+_MAX_CHANGES_SHOWN = 8

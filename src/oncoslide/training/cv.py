@@ -25,10 +25,13 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from oncoslide._io import write_json, write_table
+from oncoslide._log import get_logger, number, run_log
+from oncoslide._threads import apply_num_threads, describe_threads
 from oncoslide.cohort.fingerprint import DataRecord, data_record
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import (
@@ -43,6 +46,7 @@ from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import FeatureContract
 from oncoslide.models import MODELS, MILModel, create_model
+from oncoslide.study import DataPaths, record_data_paths
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import (
     BackgroundBatches,
@@ -55,7 +59,7 @@ from oncoslide.training.data import (
 )
 from oncoslide.training.model_folder import initialise_from, save_model_folder, versions
 from oncoslide.training.module import MILModule
-from oncoslide.training.progress import FoldProgress, make_progress, quiet_lightning
+from oncoslide.training.progress import EpochLog, FoldProgress, make_progress, quiet_lightning
 from oncoslide.training.run_folder import FoldFolder, RunFolder
 from oncoslide.training.side_inputs import SideScaler, check_side_inputs, part_side_arrays
 from oncoslide.training.summary import summarise_run
@@ -67,6 +71,8 @@ from oncoslide.training.tasks import (
     split_inputs,
     task_patients,
 )
+
+_LOG = get_logger("training")
 
 
 @dataclass
@@ -94,6 +100,7 @@ def cross_validate(
     console: Console | None = None,
     cache: FeatureCache | None = None,
     side: Mapping[str, Omics] | None = None,
+    slides_dir: str | Path | None = None,
 ) -> CVResult:
     """Run (or resume) cross-validation and write the run folder.
 
@@ -105,6 +112,8 @@ def cross_validate(
         splits: optional precomputed split table (audited against the task's patients).
         cache: a feature cache to share with other runs in the same process.
         side: per-patient tables the model declares (e.g. ``{"omics": load_omics(...)}``).
+        slides_dir: the folder of the slides behind the features, recorded with the paths of
+            the cohort table, features and side tables (``paths.json``) for later commands.
     """
     out = Path(out_dir)
     console = console or Console(quiet=not config.progress)
@@ -131,54 +140,84 @@ def cross_validate(
     _check_scoreable(cohort, task, config, patients)
     data = run_data_record(cohort, task, config, patients, side)
     run = RunFolder(out)
-    run.prepare(config.run_key(), overwrite, data)
-    splits = _resolve_splits(out, cohort, task, config, patients, splits)
-    _check_test_parts(cohort, task, splits)
-    save_splits(run.splits, splits)
-    run.write_payload(_resolved_config(cohort, config, task, notes, side, data), data)
+    run.prepare(config.run_key(), overwrite, data, config=config)
+    # run.log: every invocation appends (a resumed run continues its log), terminal or not
+    with run_log(out, "cross-validation"):
+        splits = _resolve_splits(out, cohort, task, config, patients, splits)
+        _check_test_parts(cohort, task, splits)
+        save_splits(run.splits, splits)
+        run.write_payload(_resolved_config(cohort, config, task, notes, side, data), data)
+        record_data_paths(out, DataPaths.of(cohort, side, slides_dir))
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    own_cache = cache is None
-    if cache is None:
-        cache = FeatureCache(
-            max_bytes=int(config.cache_gb * 2**30),
-            dtype=None if config.cache_dtype == "stored" else config.cache_dtype,
-        )
-    seeds = sorted(splits["seed"].unique())
-    folds = sorted(splits["fold"].unique())
-    progress = make_progress(console, enabled=config.progress)
-    try:
-        with progress, quiet_lightning():
-            overall = progress.add_task(
-                f"{config.model} · {task.name}", total=len(seeds) * len(folds)
+        threads = apply_num_threads(config.num_threads)
+        own_cache = cache is None
+        if cache is None:
+            cache = FeatureCache(
+                max_bytes=int(config.cache_gb * 2**30),
+                dtype=None if config.cache_dtype == "stored" else config.cache_dtype,
             )
-            for seed in seeds:
-                for fold in folds:
-                    fdir = run.fold(int(seed), int(fold))
+        seeds = sorted(splits["seed"].unique())
+        folds = sorted(splits["fold"].unique())
+        total = len(seeds) * len(folds)
+        n_done = sum(run.fold(int(s), int(k)).is_done for s in seeds for k in folds)
+        _LOG.info(
+            "%s · %s (%s): %d patients, %d folds x %d seed(s), %d fold(s) already done -> %s",
+            config.model, task.name, task.kind, len(patients), len(folds), len(seeds), n_done, out,
+            extra={"event": "start", "folds": total, "done": n_done},
+        )  # fmt: skip
+        _LOG.info(describe_threads(threads), extra={"event": "threads", "threads": threads})
+        for note in notes:
+            _LOG.info("note: %s", note, extra={"event": "note"})
+        progress = make_progress(console, enabled=config.progress)
+        try:
+            with progress, quiet_lightning():
+                label = escape(f"{config.model} · {task.name}") + f" · {threads} thread(s)"
+                overall = progress.add_task(label, total=total)
+                for i, (seed, fold) in enumerate(
+                    ((int(s), int(k)) for s in seeds for k in folds), 1
+                ):
+                    fdir = run.fold(seed, fold)
                     if not fdir.is_done:
-                        _run_fold(
-                            cohort,
-                            task,
-                            config,
-                            splits,
-                            int(seed),
-                            int(fold),
-                            fdir,
-                            cache,
-                            progress,
-                            side,
+                        outcome = _run_fold(
+                            cohort, task, config, splits, seed, fold, fdir, cache, progress, side
                         )
+                        _log_fold(outcome, task, i, total)
                     progress.advance(overall)
-    finally:
-        stats = dataclasses.asdict(cache.stats)
-        if own_cache:
-            cache.close()
+        finally:
+            stats = dataclasses.asdict(cache.stats)
+            if own_cache:
+                cache.close()
 
-    predictions, metrics = run.collect(seeds, folds)
-    summary = summarise_run(out, task, seeds, folds, n_boot=config.n_boot, seed=config.seed)
-    run.write_tables(predictions, metrics, summary)
+        predictions, metrics = run.collect(seeds, folds)
+        summary = summarise_run(out, task, seeds, folds, n_boot=config.n_boot, seed=config.seed)
+        run.write_tables(predictions, metrics, summary)
+        _log_summary(summary, out)
     return CVResult(out, config, task, splits, predictions, metrics, summary, notes, stats)
+
+
+def _log_fold(outcome: FoldOutcome, task: TaskSpec, index: int, total: int) -> None:
+    info = outcome.info
+    scores = ", ".join(f"{m} {number(outcome.metrics.get(m))}" for m in task.metric_names)
+    chosen = int(info["chosen_epoch"])  # -1: no epoch had a validation score
+    training = f"{int(info['epochs_run'])} epoch(s)" + (
+        f", chosen epoch {chosen + 1}" if chosen >= 0 else ""
+    )
+    _LOG.info(
+        "seed %d fold %d done (%d/%d): %s; %s, %.0f s",
+        outcome.seed, outcome.fold, index, total, scores, training, info["seconds"],
+        extra={
+            "event": "fold", "seed": outcome.seed, "fold": outcome.fold, "index": index,
+            "total": total, "metrics": dict(outcome.metrics), "seconds": info["seconds"],
+        },
+    )  # fmt: skip
+
+
+def _log_summary(summary: pd.DataFrame, out: Path) -> None:
+    parts = []
+    for row in summary.itertuples():
+        ci = "" if row.n_boot == 0 else f" [{number(row.ci_lower)}, {number(row.ci_upper)}]"
+        parts.append(f"{row.metric} {number(row.mean)}{ci}")
+    _LOG.info("finished: %s -> %s", ", ".join(parts), out, extra={"event": "finished"})
 
 
 # ---------------------------------------------------------------------------- run folder
@@ -388,11 +427,22 @@ def _run_fold(
     cache: FeatureCache,
     progress: Progress | None,
     side: Mapping[str, Omics] | None,
-) -> None:
+) -> FoldOutcome:
     outcome = train_fold(
-        cohort, task, config, splits, seed, fold, fdir.path, cache, progress, side=side
+        cohort,
+        task,
+        config,
+        splits,
+        seed,
+        fold,
+        fdir.path,
+        cache,
+        progress,
+        side=side,
+        log_label=f"seed {seed} fold {fold}",
     )
     _write_fold(fdir, cohort, task, config, outcome)
+    return outcome
 
 
 def train_fold(
@@ -408,13 +458,15 @@ def train_fold(
     *,
     exclude_from_test: frozenset[str] = frozenset(),
     side: Mapping[str, Omics] | None = None,
+    log_label: str | None = None,
 ) -> FoldOutcome:
     """Train one fold and predict its test part once; writes only checkpoints in ``work_dir``.
 
     ``exclude_from_test`` patients (e.g. seen while pre-training an encoder) still train when
     their split says so, but are neither predicted nor scored as test patients. ``side`` holds
     the per-patient tables the model declares (see :mod:`oncoslide.training.side_inputs`):
-    training-only ones reach the training part's batches and no other.
+    training-only ones reach the training part's batches and no other. With ``log_label``
+    (e.g. ``"seed 0 fold 2"``) every epoch is logged (:class:`~.progress.EpochLog`).
     """
     assert cohort.feature_dim is not None  # checked by the callers
     fdir = work_dir
@@ -501,6 +553,9 @@ def train_fold(
     if progress is not None and world == 1:
         total = config.epochs * len(train_loader)
         callbacks.append(FoldProgress(progress, f"  seed {seed} fold {fold}", total))
+    if log_label is not None:
+        score_name = "c_index" if task.is_survival else "auc"  # FoldTask.validation_score
+        callbacks.append(EpochLog(log_label, config.epochs, score_name, seed=seed, fold=fold))
     monitor, mode = ("val_loss", "min") if config.monitor == "loss" else ("val_score", "max")
     checkpoint_cb = None
     if has_val and config.checkpoint == "best":

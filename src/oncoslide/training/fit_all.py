@@ -7,9 +7,10 @@ is no test part: the validation part is carved from the patients as in cross-val
 use it. Its honest performance estimate is the cross-validation of the same configuration.
 
 The folder holds the model folder files (model.json, weights.pt, patients.csv; see
-:mod:`oncoslide.training.model_folder`) plus ``splits.csv`` (train / validation) and
-``history.csv``. Running the same command again on a finished folder does nothing; another
-configuration in the same folder is refused unless ``overwrite``.
+:mod:`oncoslide.training.model_folder`) plus ``splits.csv`` (train / validation),
+``history.csv``, ``data.json`` (the data record) and ``paths.json`` (where that data was).
+Running the same command again on a finished folder does nothing; another configuration in the
+same folder is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from rich.console import Console
 
 from oncoslide._io import check_folder_target, write_json, write_table
+from oncoslide._log import get_logger, run_log
+from oncoslide._threads import apply_num_threads, describe_threads
 from oncoslide.cohort.fingerprint import check_recorded_data
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import carve_validation
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
-from oncoslide.training.config import TrainConfig
+from oncoslide.study import DataPaths, record_data_paths
+from oncoslide.training.config import TrainConfig, other_run_text
 from oncoslide.training.model_folder import (
     MODEL_FILE,
     TrainedModel,
@@ -43,6 +46,8 @@ from oncoslide.training.tasks import resolve_task, split_inputs, task_patients
 
 # the data record of the model's training data (see oncoslide.cohort.fingerprint)
 DATA_FILE = "data.json"
+
+_LOG = get_logger("training")
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,12 @@ def fit_all(
     console: Console | None = None,
     cache: FeatureCache | None = None,
     side: Mapping[str, Omics] | None = None,
+    slides_dir: str | Path | None = None,
 ) -> FitAllResult:
     """Train on every patient with the task's targets; write the model folder ``out_dir``.
 
-    ``side`` holds the per-patient tables the model declares (e.g. ``{"omics": ...}``).
+    ``side`` holds the per-patient tables the model declares (e.g. ``{"omics": ...}``);
+    ``slides_dir`` is recorded with the data paths (``paths.json``) for later commands.
     """
     from oncoslide.training.cv import run_data_record, train_fold
 
@@ -85,11 +92,15 @@ def fit_all(
     data = run_data_record(cohort, task, config, patients, side)
     if is_model_folder(out):
         try:
-            previous = json.loads((out / MODEL_FILE).read_text()).get("run_key")
+            stored = json.loads((out / MODEL_FILE).read_text())
+            previous = stored.get("run_key")
         except (OSError, ValueError, AttributeError) as exc:
             raise ConfigError(f"cannot read {out / MODEL_FILE}: {exc}") from None
         if previous == config.run_key() and not overwrite:
             check_recorded_data(out / DATA_FILE, data, what="model")
+            record_data_paths(out, DataPaths.of(cohort, side, slides_dir))
+            with run_log(out, "fit on all patients"):
+                _LOG.info("already trained: nothing to do", extra={"event": "finished"})
             return FitAllResult(
                 out,
                 load_model_folder(out),
@@ -98,9 +109,9 @@ def fit_all(
                 resumed=True,
             )
         if not overwrite:
+            what = other_run_text(stored.get("config"), config, previous)
             raise ConfigError(
-                f"{out} holds another model (run key {previous}, this one {config.run_key()}); "
-                "choose a new --out or pass --overwrite"
+                f"{out} holds another model {what}; choose a new --out or pass --overwrite"
             )
     strata, sites = split_inputs(cohort, task, patients, site_preserving=config.site_preserving)
     splits = carve_validation(
@@ -111,8 +122,7 @@ def fit_all(
         seed=config.seed,
     )
     console = console or Console(quiet=not config.progress)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    threads = apply_num_threads(config.num_threads)
     own = cache is None
     cache = cache or FeatureCache(
         max_bytes=int(config.cache_gb * 2**30),
@@ -121,19 +131,43 @@ def fit_all(
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     progress = make_progress(console, enabled=config.progress)
-    try:
-        with progress, quiet_lightning():
-            outcome = train_fold(
-                cohort, task, config, splits, config.seed, 0, work, cache, progress, side=side
-            )
-    finally:
-        if own:
-            cache.close()
-    history = pd.DataFrame(outcome.history)
-    write_json(out / DATA_FILE, data.to_dict())
-    write_table(out / "splits.csv", splits)
-    write_table(out / "history.csv", history)
-    outcome.info["fit_all"] = 1
-    outcome.save_model(out, config)
-    shutil.rmtree(work, ignore_errors=True)
+    n_val = int((splits["part"] == "val").sum())
+    with run_log(out, "fit on all patients"):
+        _LOG.info(
+            "%s · %s (%s) on all patients: %d train, %d validation -> %s",
+            config.model, task.name, task.kind, len(splits) - n_val, n_val, out,
+            extra={"event": "start"},
+        )  # fmt: skip
+        _LOG.info(describe_threads(threads), extra={"event": "threads", "threads": threads})
+        try:
+            with progress, quiet_lightning():
+                outcome = train_fold(
+                    cohort,
+                    task,
+                    config,
+                    splits,
+                    config.seed,
+                    0,
+                    work,
+                    cache,
+                    progress,
+                    side=side,
+                    log_label="all patients",
+                )
+        finally:
+            if own:
+                cache.close()
+        history = pd.DataFrame(outcome.history)
+        write_json(out / DATA_FILE, data.to_dict())
+        record_data_paths(out, DataPaths.of(cohort, side, slides_dir))
+        write_table(out / "splits.csv", splits)
+        write_table(out / "history.csv", history)
+        outcome.info["fit_all"] = 1
+        outcome.save_model(out, config)
+        shutil.rmtree(work, ignore_errors=True)
+        _LOG.info(
+            "finished: %d epoch(s), %.0f s -> %s",
+            outcome.info["epochs_run"], outcome.info["seconds"], out,
+            extra={"event": "finished"},
+        )  # fmt: skip
     return FitAllResult(out, load_model_folder(out), splits, history)

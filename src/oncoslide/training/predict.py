@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from oncoslide._io import atomic_path, check_folder_target, write_json, write_table
+from oncoslide._threads import apply_num_threads
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
@@ -170,17 +171,20 @@ def predict_cohort(
     batch_size: int | None = None,
     embeddings: bool = True,
     side: Mapping[str, Omics] | None = None,
+    num_threads: int | None = None,
 ) -> Predictions:
     """Predict every patient of ``cohort`` with ``trained`` and write the outputs (see above).
 
     ``side`` holds the tables a model reads at prediction time (``side_inputs`` declared
     ``"always"``, e.g. ``{"omics": load_omics(...)}``); other models take none.
+    ``num_threads``: torch CPU threads (default: as training, see :mod:`oncoslide._threads`).
     """
     if cohort.feature_dim is None:
         raise ConfigError("load the cohort with its feature files to predict")
     out = check_folder_target(out_dir)
     patients = cohort.patient_ids
     arrays = prediction_side(trained, side, patients)
+    apply_num_threads(num_threads)
     own = cache is None
     cache = cache or FeatureCache()
     try:

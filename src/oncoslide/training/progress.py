@@ -1,8 +1,12 @@
-"""Rich progress bars for cross-validation: one bar over folds, one over the current fold's steps."""
+"""Progress of training: rich bars for a terminal (one over folds, one over the current fold's
+steps), and one log record per epoch (:class:`EpochLog`) for ``run.log`` and plain console lines
+(see :mod:`oncoslide._log`)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +21,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from oncoslide._log import attach_sinks, get_logger, number, sinks
 
 
 def make_progress(console: Console | None = None, *, enabled: bool = True) -> Progress:
@@ -60,6 +66,79 @@ class FoldProgress(pl.Callback):
 
     def _index(self) -> int:
         return next(i for i, t in enumerate(self.progress.tasks) if t.id == self.task)
+
+
+class EpochLog(pl.Callback):
+    """One INFO record per epoch on ``oncoslide.training``: train loss, validation loss and
+    score (named ``score_name``), seconds; ``extra`` fields ``event="epoch"``, ``epoch``
+    (1-based), ``epochs``, ``train_loss``, ``val_loss``, ``val_score``, ``seconds`` and the
+    given ``fields`` (seed, fold).
+
+    The record of an epoch is written when the module has completed its history row: at the
+    next epoch's start or at the end of training (Lightning calls a callback's
+    ``on_train_epoch_end`` before the module's). Only the first process writes; a spawned DDP
+    worker first attaches the handlers its parent had (they are not inherited).
+    """
+
+    def __init__(self, label: str, epochs: int, score_name: str = "score", **fields: Any) -> None:
+        self.label = label
+        self.epochs = epochs
+        self.score_name = score_name
+        self.fields = fields
+        self._sinks = sinks()
+        self._pid = os.getpid()
+        self._epoch: int | None = None
+        self._started = 0.0
+        self._stack: contextlib.ExitStack | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if os.getpid() != self._pid and trainer.is_global_zero and self._stack is None:
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(attach_sinks(self._sinks))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._emit(trainer, pl_module)
+        self._epoch = trainer.current_epoch
+        self._started = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._emit(trainer, pl_module)
+
+    def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, self._epoch = self._epoch, None
+        if epoch is None or not trainer.is_global_zero:
+            return
+        history: list[dict[str, float]] = getattr(pl_module, "history", [])
+        row: dict[str, float] = next((h for h in reversed(history) if h.get("epoch") == epoch), {})
+        seconds = time.perf_counter() - self._started
+        values = {k: row.get(k) for k in ("train_loss", "val_loss", "val_score")}
+        text = f"train loss {number(values['train_loss'], 4)}"
+        if values["val_loss"] is not None:
+            text += (
+                f", val loss {number(values['val_loss'], 4)}"
+                f", val {self.score_name} {number(values['val_score'])}"
+            )
+        get_logger("training").info(
+            "%s epoch %d/%d: %s (%.1f s)",
+            self.label,
+            epoch + 1,
+            self.epochs,
+            text,
+            seconds,
+            extra={
+                "event": "epoch",
+                **self.fields,
+                "epoch": epoch + 1,
+                "epochs": self.epochs,
+                **values,
+                "seconds": seconds,
+            },
+        )
 
 
 @contextlib.contextmanager

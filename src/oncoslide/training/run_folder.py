@@ -6,10 +6,14 @@
       config.json            run key, resolved config, task, cohort, data, versions
       data.json              the data record: digests of every patient's targets and every
                              feature file used (a resume on other data is refused)
+      paths.json             where that data was: absolute paths of the cohort table, features,
+                             side tables and slides (heatmap finds them again; not keyed)
       splits.csv             patient_id, seed, fold, part (train / val / test)
       predictions.parquet    one row per test patient per (seed, fold)
       metrics.csv            tidy rows: seed, fold, metric, value
       summary.csv            metric, mean, std, n_folds, 95% bootstrap interval
+      run.log                a line per epoch and fold, appended by every invocation
+                             (oncoslide._log.run_log)
       folds/seed<S>-fold<K>/
         model/               the fold's self-describing model folder (model.json, weights.pt)
         checkpoints/         Lightning's best.ckpt or last.ckpt
@@ -36,7 +40,7 @@ from pydantic import ValidationError
 from oncoslide._io import check_folder_target, write_json, write_table
 from oncoslide.cohort.fingerprint import DataRecord, check_recorded_data
 from oncoslide.errors import ConfigError
-from oncoslide.training.config import TrainConfig
+from oncoslide.training.config import TrainConfig, other_run_text
 
 # What a new run in a used folder replaces (with --overwrite).
 RUN_OUTPUTS = (
@@ -46,6 +50,7 @@ RUN_OUTPUTS = (
     "metrics.csv",
     "summary.csv",
     "data.json",
+    "paths.json",
 )
 
 
@@ -194,9 +199,16 @@ class RunFolder:
     def data(self) -> Path:
         return self.path / "data.json"
 
-    def prepare(self, run_key: str, overwrite: bool, data: DataRecord | None = None) -> None:
+    def prepare(
+        self,
+        run_key: str,
+        overwrite: bool,
+        data: DataRecord | None = None,
+        config: TrainConfig | None = None,
+    ) -> None:
         """Create the folder, resume the same run on the same data, or refuse (or replace,
-        with ``overwrite``) another run or the same run on other data."""
+        with ``overwrite``) another run or the same run on other data. With ``config`` (the
+        requested run's), a refusal names the settings that differ from the stored run's."""
         check_folder_target(self.path)
         if self.config.exists():
             try:
@@ -208,9 +220,14 @@ class RunFolder:
             previous = payload.get("run_key") if isinstance(payload, dict) else None
             if previous != run_key:
                 if not overwrite:
+                    if config is not None and config.run_key() == run_key:
+                        stored = payload.get("config") if isinstance(payload, dict) else None
+                        what = other_run_text(stored, config, previous)
+                    else:
+                        what = f"(run key {previous}, this one {run_key})"
                     raise ConfigError(
-                        f"{self.path} holds another run (run key {previous}, this one "
-                        f"{run_key}); choose a new --out or pass --overwrite"
+                        f"{self.path} holds another run {what}; choose a new --out or pass "
+                        "--overwrite"
                     )
             elif not overwrite:
                 check_recorded_data(self.data, data, what="run")
