@@ -29,3 +29,6 @@ def test_quick_demo_runs_and_reports_every_entry(tmp_path: Path) -> None:
     assert (tmp_path / "bench" / "index.html").is_file()
     assert (tmp_path / "real-slide" / "cmu_small_region.h5").is_file()
     assert "demo finished" in result.output
+    # not a terminal here: a plain line per benchmark cell, as under a batch scheduler
+    assert "[60/60]" in result.output
+    assert result.output.count("os · sim · abmil · seed 0 fold") == 5

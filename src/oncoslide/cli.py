@@ -1451,7 +1451,9 @@ def demo(
         return
     from oncoslide.demo import run_demo
 
-    run_demo(out, quick=quick, console=console)
+    view = _progress_view(True)
+    with _shown(view):
+        run_demo(out, quick=quick, console=console, bars=view == "bars")
 
 
 def main() -> None:

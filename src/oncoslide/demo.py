@@ -60,8 +60,10 @@ models:
 
 
 def run_demo(
-    out: str | Path, *, quick: bool = False, console: Console | None = None
+    out: str | Path, *, quick: bool = False, console: Console | None = None, bars: bool = True
 ) -> pd.DataFrame:
+    """The demo's steps; ``bars=False`` draws no progress bars (the command line then shows the
+    library's per-slide and per-cell lines instead, e.g. when the output goes to a file)."""
     from oncoslide.bench.report import build_leaderboard, print_leaderboard
     from oncoslide.bench.runner import run_benchmark
     from oncoslide.bench.shuffle import shuffle_features
@@ -71,7 +73,7 @@ def run_demo(
     console = console or Console()
     out = Path(out)
     started = time.perf_counter()
-    _extract_real_slide(out / "real-slide", console)
+    _extract_real_slide(out / "real-slide", console, bars)
     data = out / "data"
     # many patients with modest bags: tight intervals at the training cost of the default cohort
     sim = SimulationConfig(
@@ -91,7 +93,7 @@ def run_demo(
         raw["train"]["epochs"] = 4
         raw["n_boot"] = 300
     spec = spec_from_dict(raw, base_dir=out, source=str(spec_path))
-    run = run_benchmark(spec, out / "bench", console=console)
+    run = run_benchmark(spec, out / "bench", console=console, progress=bars)
     for failure in run.failures:
         console.print(
             f"[red]failed[/] {escape(str(failure['cell']))}: {escape(str(failure['error']))}",
@@ -117,7 +119,7 @@ def run_demo(
 REAL_SLIDE = Path(__file__).resolve().parents[2] / "tests" / "data" / "cmu_small_region.svs"
 
 
-def _extract_real_slide(out: Path, console: Console) -> None:
+def _extract_real_slide(out: Path, console: Console, bars: bool = True) -> None:
     """The slide-to-features chain on a real H&E slide (skipped outside a source checkout)."""
     from oncoslide.features import read_features
     from oncoslide.features.extract import ExtractConfig, extract_slides, find_slides
@@ -129,7 +131,7 @@ def _extract_real_slide(out: Path, console: Console) -> None:
             escape(f"bundled slide not found at {REAL_SLIDE} (not a source checkout): skipped")
         )
         return
-    progress = make_progress(console)
+    progress = make_progress(console, enabled=bars)
     with progress:
         manifest = extract_slides(find_slides(REAL_SLIDE), out, ExtractConfig(), progress=progress)
     row = manifest.iloc[0]
