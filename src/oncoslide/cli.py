@@ -513,7 +513,7 @@ _TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
     "num_threads": ("--threads",),
 }
 # TrainConfig fields given another way on the command line
-_TRAIN_SPECIAL = {"model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype"}
+_TRAIN_SPECIAL = {"model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype", "hierarchy"}
 
 
 def _config_option(name: str, field: Any) -> inspect.Parameter:
@@ -585,6 +585,7 @@ def _train(
     freeze: list[str],
     cache_float16: bool | None,
     progress: bool,
+    hierarchy: Path | None = None,
     **fields: Any,
 ) -> None:
     """Cross-validate a MIL model (patient-level folds, validation carved from training), or
@@ -613,6 +614,8 @@ def _train(
         }
     if freeze:
         settings["freeze"] = list(freeze)
+    if hierarchy is not None:  # read (and validated) by the config: the run keeps the tree
+        settings["hierarchy"] = str(hierarchy)
     if cache_float16 is not None:
         settings["cache_dtype"] = "float16" if cache_float16 else "stored"
     view = _progress_view(progress)
@@ -702,6 +705,10 @@ def _train_one(
         return
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 
+    if cfg.model == "slide-finetune" and c.feature_dim is not None:  # the trainable share
+        from oncoslide.models.slide_finetune import trainable_summary
+
+        console.print(escape(trainable_summary(c.feature_dim, cfg.model_kwargs, cfg.init)))
     with _shown(view):
         run = cross_validate(
             c, cfg, out, splits=given_splits, overwrite=overwrite, console=console, side=side,
@@ -742,6 +749,7 @@ def _train_signature() -> inspect.Signature:
         P("mutations", kw, annotation=Path | None, default=typer.Option(None, "--mutations", help="0/1 mutation table keyed by patient_id")),
         P("model_arg", kw, annotation=list[str], default=typer.Option([], "--model-arg", help="model keyword, e.g. --model-arg hidden_dim=256 (repeatable)")),
         P("aux_weight", kw, annotation=list[str], default=typer.Option([], "--aux-weight", help="weight of a model's auxiliary loss, e.g. --aux-weight recon=0.3")),
+        P("hierarchy", kw, annotation=Path | None, default=typer.Option(None, "--hierarchy", help="label tree (YAML: coarse class -> fine classes, e.g. label_tree.yaml) over the task's classes: metrics at both levels; needed by hmil")),
         P("freeze", kw, annotation=list[str], default=typer.Option([], "--freeze", help="parameter group kept fixed with --init: encoder, projection, aggregator, head (repeatable)")),
         P("cache_float16", kw, annotation=bool | None, default=typer.Option(None, "--cache-float16/--cache-stored", help="hold features as float16 in memory")),
         P("config", kw, annotation=Path | None, default=typer.Option(None, "--config", help="study file (oncoslide init): its paths and train settings fill what is not given here; or a YAML/JSON file of settings")),
@@ -838,6 +846,25 @@ def predict(
     ),
     gene_groups: Path | None = typer.Option(None, "--gene-groups", help="gene groups of --omics"),
     study_file: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    adapt: bool = typer.Option(
+        False,
+        "--adapt",
+        help="adapt the model to each site's unlabelled slides first: feature "
+        "re-standardisation, then entropy minimisation of normalisation parameters "
+        "(labels are never read; see docs/training.md)",
+    ),
+    adapt_steps: int = typer.Option(
+        10, "--adapt-steps", min=0, help="entropy steps per site (0: re-standardise only)"
+    ),
+    adapt_lr: float = typer.Option(0.01, "--adapt-lr", min=0.0, help="learning rate of --adapt"),
+    adapt_diversity: float = typer.Option(
+        1.0, "--adapt-diversity", min=0.0, help="weight of --adapt's diversity term (0: Tent)"
+    ),
+    adapt_restandardise: bool = typer.Option(
+        True,
+        "--adapt-restandardise/--adapt-no-restandardise",
+        help="--adapt: map each site's feature statistics onto training's first",
+    ),
 ) -> None:
     """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
     from oncoslide.errors import ConfigError
@@ -891,6 +918,7 @@ def predict(
         embeddings=embeddings,
         side=side,
         num_threads=num_threads,
+        adapt=_adapt_config(adapt, adapt_steps, adapt_lr, adapt_diversity, adapt_restandardise),
     )
     console.print(
         f"[green]predicted[/] {len(result.predictions)} patients with "
@@ -905,6 +933,22 @@ def predict(
         )
     if has_targets:
         _print_scores(result.predictions, task)
+    if adapt:
+        from oncoslide.cli_adapt import print_adaptation
+
+        print_adaptation(console, result.out_dir)
+
+
+def _adapt_config(adapt: bool, steps: int, lr: float, diversity: float, restandardise: bool) -> Any:
+    from oncoslide.errors import ConfigError
+    from oncoslide.training.adapt import AdaptConfig
+
+    config = AdaptConfig(steps=steps, lr=lr, diversity=diversity, restandardise=restandardise)
+    if not adapt:
+        if config != AdaptConfig():
+            raise ConfigError("the --adapt-... options need --adapt")
+        return None
+    return config
 
 
 def _table_columns(path: Path) -> set[str]:
@@ -1460,10 +1504,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --------------------------------------------------------------------------------- transfer
 
 zoo_app = typer.Typer(
@@ -1604,3 +1644,23 @@ def transfer_matrix_cmd(
     console.print(result.wide.round(3).to_string(), highlight=False, markup=False)
     written = ", ".join(str(out / name) for name in ("matrix.csv", "matrix.png", "index.html"))
     console.print(f"[green]written[/] {escape(written)}", highlight=False)
+
+
+# Commands defined in their own modules, which import this one's helpers. They register on the
+# package module only: run as a script (`python -m oncoslide.cli`, or re-run as __mp_main__ by a
+# spawned worker) this file is a second copy, and importing them here would be circular.
+if __name__ == "oncoslide.cli":
+    # slide-encoder pre-training (issue 14): `pretrain <method>` and `embed-slides`
+    from oncoslide.cli_explain import register as _register_explain
+    from oncoslide.cli_pretrain import embed_slides_cmd, pretrain_app
+
+    app.add_typer(pretrain_app, name="pretrain")
+    app.command("embed-slides")(embed_slides_cmd)
+    # explain (prototypes) and report (one page per patient)
+    _register_explain(app)
+
+
+if __name__ == "__main__":
+    from oncoslide.cli import main as _package_main  # the package module, with every command
+
+    _package_main()

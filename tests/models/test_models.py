@@ -25,6 +25,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "omics_snn": {"side_layout": {"omics": LAYOUT}},
     "fusion_late": {"attn_dim": 8, "omics_dim": 8, "side_layout": {"omics": LAYOUT}},
     "mome": {"attn_dim": 8, "omics_dim": 8, "side_layout": {"omics": LAYOUT}},
+    "hmil": {"attn_dim": 8},  # its label tree: see _model
+    "slide-finetune": {"finetune": "full"},  # a small Threads encoder (docs/pretrain.md)
 }
 LENGTHS = (23, 9, 1, 16)  # includes a one-patch bag and a perfect square
 
@@ -35,6 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _model(name: str, n_outputs: int = 3, seed: int = 0, **kw: Any) -> MILModel:
     torch.manual_seed(seed)
     options = {"in_dim": IN_DIM, "n_outputs": n_outputs, "hidden_dim": 16, **SMALL[name], **kw}
+    if MODELS.metadata(name).get("uses_label_tree"):  # a tree over n_outputs fine classes
+        options.setdefault("tree", {"A": [f"a{i}" for i in range(n_outputs - 1)], "B": ["b"]})
     return create_model(name, **options).eval()
 
 
@@ -130,6 +134,9 @@ def test_padding_gets_no_gradient_and_training_mode_runs(name: str) -> None:
         present = torch.tensor([True, True, False, True])
         side = {"omics": torch.randn(len(LENGTHS), 5), "omics_present": present}
         out = model(features, mask, side=side)
+        assert set(out.aux_losses) == set(MODELS.metadata(name).get("aux_losses", {}))
+    elif MODELS.metadata(name).get("uses_targets"):  # training steps get the labels
+        out = model(features, mask, targets={"label": torch.tensor([0, 1, 1, 2])})
         assert set(out.aux_losses) == set(MODELS.metadata(name).get("aux_losses", {}))
     else:
         out = model(features, mask)

@@ -110,6 +110,10 @@ def cell_config(
     if fs.missing:
         feature_set["missing"] = _digest(fs.missing)
     task_part = task.spec.model_dump(mode="json")
+    # a label tree keys its cells by the tree itself; cells without one stay as they were
+    task_part.pop("hierarchy", None)
+    if task.target.tree:
+        task_part["hierarchy"] = {c: list(f) for c, f in task.target.tree}
     # side tables are part of a cell's data only for models that read them (and, added since
     # the first release, they leave the keys of other cells as they were)
     uses = declared_side_inputs(model.registry_name) if model.protocol == "mil" else {}
@@ -180,7 +184,8 @@ def cell_data_key(task: BenchTask, fs: FeatureSet, *, side: bool) -> str:
     cohort = _task_cohort(fs.cohort, task)
     patients = [p for p in task.patients if p not in fs.missing and p in cohort.patients.index]
     columns = [*task.target.target_columns]
-    if task.spec.split.policy == "kfold" and task.spec.split.site_preserving:
+    split = task.spec.split
+    if (split.policy == "kfold" and split.site_preserving) or split.policy == "leave_one_site_out":
         columns.append("site")
     record = data_record(cohort, patients, columns, side=task.side if side else None)
     emb = fs.slide_embeddings
@@ -447,7 +452,12 @@ class CellRunner:
             probs = np.zeros((len(test_ids), len(classes)))
             probs[:, clf.classes_] = clf.predict_proba(x_test)
             y_test = labels(test_ids)
-            out = classification_metrics(y_test, probs, classes=list(range(len(classes))))
+            if task.target.tree:  # both levels (oncoslide.evaluation.hierarchy)
+                from oncoslide.evaluation.hierarchy import hierarchical_metrics
+
+                out = hierarchical_metrics(y_test, probs, task.target.tree_parent()[1])
+            else:
+                out = classification_metrics(y_test, probs, classes=list(range(len(classes))))
             metrics = {m: float(out[m]) for m in task.target.metric_names}
             frame["time"] = np.nan
             frame["event"] = np.nan

@@ -25,7 +25,12 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from oncoslide._io import read_table_file
 from oncoslide.bench.spec import BenchSpec, FeatureSetSpec, SplitSpec, TaskSpecEntry
 from oncoslide.cohort.omics import Omics, load_omics
-from oncoslide.cohort.splits import audit_splits, make_splits, survival_strata
+from oncoslide.cohort.splits import (
+    audit_splits,
+    leave_one_site_out,
+    make_splits,
+    survival_strata,
+)
 from oncoslide.cohort.table import GROUP_COLUMNS, Cohort, load_cohort
 from oncoslide.errors import (
     ConfigError,
@@ -107,6 +112,8 @@ class BenchTask:
         if s.policy == "train_test":
             test = int((self.splits.query("seed == @self.seeds[0]")["part"] == "test").sum())
             return f"train/test, external test set {_filter_text(s.test_filter)} ({test} patients)"
+        if s.policy == "leave_one_site_out":
+            return f"leave-one-site-out ({len(self.folds)} sites), seeds {self.seeds}"
         site = ", site-preserving" if s.site_preserving else ""
         return f"{len(self.folds)}-fold patient-level CV{site}, seeds {self.seeds}"
 
@@ -243,10 +250,10 @@ def _column_problems(spec: BenchSpec, table: pd.DataFrame) -> list[str]:
     problems = []
     for t in spec.tasks:
         used = [*t.target_columns, *(t.filter or {}), *(t.split.test_filter or {})]
-        if t.split.site_preserving:
+        if t.split.uses_sites:
             used.append("site")
         missing = [c for c in dict.fromkeys(used) if c not in cols]
-        if t.split.site_preserving and "site" in missing and "slide_id" in cols:
+        if t.split.uses_sites and "site" in missing and "slide_id" in cols:
             missing.remove("site")  # may come from TCGA barcodes; checked after loading
         if missing:
             problems.append(
@@ -335,6 +342,28 @@ def _filter_text(flt: dict[str, list] | None) -> str:
     return ", ".join(f"{c} in {sorted(map(label_str, v))}" for c, v in flt.items())
 
 
+def _task_tree(
+    spec: BenchSpec,
+    t: TaskSpecEntry,
+    cohort: Cohort,
+    patients: list[str],
+    classes: tuple[str, ...],
+    problems: list[str],
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The task's label tree (``hierarchy``), checked against its patients' labels."""
+    from oncoslide.cohort.label_tree import LabelTreeError, load_label_tree
+
+    assert t.hierarchy is not None
+    try:
+        tree = load_label_tree(spec.path(t.hierarchy))
+    except LabelTreeError as exc:
+        problems.extend(f"task {t.name}: hierarchy {p}" for p in exc.problems)
+        return ()
+    found = tree.cohort_problems(cohort.labels(str(t.target), patients), task=str(t.target))
+    problems.extend(f"task {t.name}: hierarchy: {p}" for p in found)
+    return tree.restricted(classes).tree
+
+
 def _resolve_task(
     spec: BenchSpec, t: TaskSpecEntry, cohort: Cohort, problems: list[str]
 ) -> BenchTask | None:
@@ -377,12 +406,15 @@ def _resolve_task(
                 f"task {t.name}: multiclass target has {len(classes)} class(es) {classes}; "
                 "use kind: binary"
             )
-        target = TaskSpec(str(t.target), t.kind, classes=classes)
+        tree: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        if t.hierarchy is not None:
+            tree = _task_tree(spec, t, cohort, patients, classes, problems)
+        target = TaskSpec(str(t.target), t.kind, classes=classes, tree=tree)
     if len(problems) > n_before:
         return None
 
     sites = None
-    if t.split.site_preserving:
+    if t.split.uses_sites:
         if "site" not in cohort.patients.columns:
             problems.append(f"task {t.name}: site-preserving splits need a 'site' column")
             return None
@@ -390,6 +422,11 @@ def _resolve_task(
     try:
         if t.split.policy == "kfold":
             splits = _kfold(spec, t, patients, strata, sites, problems)
+        elif t.split.policy == "leave_one_site_out":
+            assert sites is not None
+            splits = leave_one_site_out(
+                patients, sites, seeds=spec.seeds, strata=strata, val_fraction=spec.val_fraction
+            )
         else:
             splits = _train_test(spec, t, cohort, patients, strata, problems)
     except (ConfigError, SplitLeakageError) as exc:
@@ -533,9 +570,9 @@ def _problem_text(where: str, problems: list[str]) -> str:
 def audit_bench_splits(bench: ResolvedBench) -> None:
     """Re-audit every task's splits (run before any training)."""
     for task in bench.tasks.values():
-        if task.spec.split.policy == "kfold":
+        if task.spec.split.policy in ("kfold", "leave_one_site_out"):
             sites = None
-            if task.spec.split.site_preserving:
+            if task.spec.split.uses_sites:
                 cohort = bench.cohort or next(iter(bench.feature_sets.values())).cohort
                 sites = {p: str(cohort.patients.loc[p, "site"]) for p in task.patients}
             audit_splits(task.splits, patient_ids=list(task.patients), sites=sites)

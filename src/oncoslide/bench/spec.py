@@ -16,6 +16,7 @@ encoder saw in pre-training) and **models** (an aggregator and its protocol). Ex
       - {name: msi, kind: binary, target: msi}
       - {name: os-external, kind: survival,
          split: {policy: train_test, test_filter: {cohort: [SIM-C]}}}
+      - {name: msi-new-site, kind: binary, target: msi, split: leave-one-site-out}
     models:
       - {name: abmil, protocol: mil, train: {epochs: 10}}
       - {name: linear, protocol: linear}
@@ -77,17 +78,37 @@ class FeatureSetSpec(_Strict):
 
 
 class SplitSpec(_Strict):
-    """How a task's patients are split: K-fold CV, or a fixed train/test split."""
+    """How a task's patients are split: K-fold CV, a fixed train/test split, or one fold per
+    site whose test part is that site (leave-one-site-out)."""
 
-    policy: Literal["kfold", "train_test"] = "kfold"
+    policy: Literal["kfold", "train_test", "leave_one_site_out"] = "kfold"
     folds: int | None = Field(None, ge=2, description="K-fold only; default: the benchmark's")
     site_preserving: bool = False
     test_filter: dict[str, FilterValues] | None = Field(
         None, description="train_test only: patients matching this filter form the test set"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spelling(cls, data: Any) -> Any:
+        # `policy: leave-one-site-out` reads as leave_one_site_out
+        if isinstance(data, dict) and isinstance(data.get("policy"), str):
+            return {**data, "policy": data["policy"].replace("-", "_")}
+        return data
+
+    @property
+    def uses_sites(self) -> bool:
+        """The split keeps sites apart (site-preserving K-fold or leave-one-site-out)."""
+        return self.site_preserving or self.policy == "leave_one_site_out"
+
     @model_validator(mode="after")
     def _consistent(self) -> SplitSpec:
+        if self.policy == "leave_one_site_out":
+            if self.folds is not None:
+                raise ValueError("leave_one_site_out has one fold per site; folds does not apply")
+            if self.test_filter is not None:
+                raise ValueError("test_filter applies to train_test splits only")
+            return self
         if self.policy == "train_test":
             if not self.test_filter:
                 raise ValueError("a train_test split needs test_filter (e.g. {cohort: [X]})")
@@ -117,6 +138,19 @@ class TaskSpecEntry(_Strict):
     )
     gene_groups: Path | None = Field(None, description="gene groups of omics: JSON, CSV or GMT")
     mutations: Path | None = Field(None, description="0/1 mutation table keyed by patient_id")
+    hierarchy: Path | None = Field(
+        None,
+        description="label tree (YAML, coarse -> fine) over a classification target's classes: "
+        "metrics at both levels; read by models such as hmil",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_shorthand(cls, data: Any) -> Any:
+        # `split: leave-one-site-out` (a policy name alone) means {policy: leave-one-site-out}
+        if isinstance(data, dict) and isinstance(data.get("split"), str):
+            return {**data, "split": {"policy": data["split"]}}
+        return data
 
     @model_validator(mode="after")
     def _target(self) -> TaskSpecEntry:
@@ -124,6 +158,8 @@ class TaskSpecEntry(_Strict):
             raise ValueError("survival tasks take time/event columns, not target")
         if self.kind != "survival" and not self.target:
             raise ValueError(f"{self.kind} tasks need target: <label column>")
+        if self.kind == "survival" and self.hierarchy is not None:
+            raise ValueError("a label tree (hierarchy) applies to classification tasks only")
         return self
 
     @property

@@ -166,6 +166,66 @@ def make_splits(
     return splits
 
 
+def leave_one_site_out(
+    patient_ids: Sequence[str],
+    sites: Sequence[object] | np.ndarray,
+    *,
+    seeds: Sequence[int] = (0,),
+    strata: Sequence[object] | np.ndarray | None = None,
+    val_fraction: float = 0.2,
+) -> pd.DataFrame:
+    """One fold per site (in sorted order of the site codes): the site's patients are the
+    fold's test part, every other site trains it.
+
+    The validation part is carved from the training sites only, as whole sites (site-disjoint
+    from training, at least one; stratified by ``strata`` when given), so checkpoints are
+    chosen on a site the model did not train on either; it changes with the seed, the test
+    parts do not. The result is audited as a site-preserving split.
+    """
+    ids = np.asarray([str(p) for p in patient_ids])
+    n = len(ids)
+    if len(set(ids)) != n:
+        raise ConfigError("patient ids given to leave_one_site_out must be unique")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    sites_arr = np.asarray([str(s) for s in sites])
+    strata_arr = None if strata is None else np.asarray([str(s) for s in strata])
+    for name, arr in (("strata", strata_arr), ("sites", sites_arr)):
+        if arr is not None and len(arr) != n:
+            raise ConfigError(f"{name} has {len(arr)} entries for {n} patients")
+    codes = sorted(set(sites_arr))
+    need = 3 if val_fraction > 0 else 2
+    if len(codes) < need:
+        raise ConfigError(
+            f"leave-one-site-out needs at least {need} sites"
+            + (" (one to test, one to train, one to validate)" if val_fraction > 0 else "")
+            + f", found {len(codes)}: {', '.join(codes)}"
+        )
+    rows = []
+    for seed in seeds:
+        for k, code in enumerate(codes):
+            part = np.where(sites_arr == code, "test", "train").astype(object)
+            rest = np.flatnonzero(sites_arr != code)
+            if val_fraction > 0:
+                n_sub_sites = len(np.unique(sites_arr[rest]))
+                n_val_splits = min(max(2, round(1 / val_fraction)), n_sub_sites)
+                sub_fold = _kfold_assign(
+                    len(rest),
+                    n_val_splits,
+                    None if strata_arr is None else strata_arr[rest],
+                    sites_arr[rest],
+                    int(seed) * 7919 + k + 1,
+                )
+                part[rest[sub_fold == 0]] = "val"
+            rows.append(
+                pd.DataFrame({"patient_id": ids, "seed": int(seed), "fold": k, "part": part})
+            )
+    splits = pd.concat(rows, ignore_index=True)
+    splits["part"] = splits["part"].astype(str)
+    audit_splits(splits, patient_ids=list(ids), sites=dict(zip(ids, sites_arr, strict=True)))
+    return splits
+
+
 def audit_splits(
     splits: pd.DataFrame,
     *,

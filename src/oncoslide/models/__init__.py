@@ -1,9 +1,10 @@
 """MIL aggregators behind one registry: ``create_model("abmil", in_dim=1536, n_outputs=4)``.
 
 Registered models: ``mean``, ``max`` (pooling baselines), ``abmil`` (gated attention),
-``abmil_plain`` (tanh attention), ``transmil``, ``ghanet`` and ``pathlupi`` (omics in
-training only), and the baselines that read omics at test time: ``omics_snn``, ``fusion_late``
-and ``mome``. See docs/models.md.
+``abmil_plain`` (tanh attention), ``transmil``, ``hmil`` (hierarchical labels), ``ghanet``
+and ``pathlupi`` (omics in training only), and the baselines that read omics at test time:
+``omics_snn``, ``fusion_late`` and ``mome``; ``roupkt``, ``zoo_finetune`` and ``zoo_probe``
+(transfer from a model zoo). See docs/models.md.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from typing import Any
 
 from oncoslide.models import abmil as _abmil  # noqa: F401  (registers abmil, abmil_plain)
 from oncoslide.models import genomic as _genomic  # noqa: F401  (registers ghanet, pathlupi)
+from oncoslide.models import hmil as _hmil  # noqa: F401  (registers hmil)
 from oncoslide.models import omics_baselines as _omics  # noqa: F401  (omics_snn, fusion_late, mome)
 from oncoslide.models import pooling as _pooling  # noqa: F401  (registers mean, max)
 from oncoslide.models import roupkt as _roupkt  # noqa: F401  (registers roupkt)
+from oncoslide.models import slide_finetune as _slide_ft  # noqa: F401  (slide-finetune)
 from oncoslide.models import transmil as _transmil  # noqa: F401  (registers transmil)
+from oncoslide.models import zoo_transfer as _zoo  # noqa: F401  (zoo_finetune, zoo_probe)
 from oncoslide.models.abmil import ABMIL
 from oncoslide.models.base import MODELS, MILModel, MILOutput
 from oncoslide.models.heads import (

@@ -16,6 +16,12 @@ passes it as keywords:
 - ``aux_losses={"name": default_weight}``: extra loss terms the model returns in
   :attr:`MILOutput.aux_losses`; the training step adds them with these weights (or the run's
   ``aux_weights``), while validation and checkpoint choice use the task loss or metric only.
+- ``uses_targets=True``: training steps (only) pass ``targets={"label": (B,) ...}`` (the
+  batch's targets), for loss terms that need labels (supervised contrastive, curricula); the
+  model may return :attr:`MILOutput.sample_weight` to re-weight its patients in the task loss.
+  A model with a ``set_training_progress(epoch, epochs)`` method is told each epoch's start.
+- ``uses_label_tree=True``: the model is built with ``tree={coarse: [fine, ...]}`` and
+  ``classes`` (the task's classes, the fine level) of the run's label tree (``--hierarchy``).
 
 Padded positions (``mask`` False) never influence any output. The heavy per-patch projection
 runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-multiply time.
@@ -49,6 +55,8 @@ class MILOutput:
         attention_maps: further named (B, N) maps over the patches (e.g. one per gene group
             of G-HANet), each a distribution over the valid patches like ``attention``;
             heatmaps draw one image per map.
+        sample_weight: (B,) weights of the bags in a training step's task loss (a model's
+            curriculum; classification only); None weighs them equally.
     """
 
     logits: Tensor
@@ -56,6 +64,8 @@ class MILOutput:
     attention: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     attention_maps: dict[str, Tensor] = field(default_factory=dict)
+    # (B,) weights of the patients in the task loss of a training step (None: equal)
+    sample_weight: Tensor | None = None
 
 
 class MILModel(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,6 +73,12 @@ class TrainConfig(BaseModel):
 
     # classification
     class_weights: Literal["balanced", "none"] = "balanced"
+    hierarchy: dict[str, Any] | None = Field(
+        None,
+        description="label tree over the task's classes (coarse -> fine): a YAML/JSON file or "
+        "{levels: [coarse_col, fine_col], tree: {coarse: [fine, ...]}}; metrics at both levels, "
+        "read by models such as hmil",
+    )
 
     # cross-validation
     folds: int = Field(5, ge=2)
@@ -153,6 +160,23 @@ class TrainConfig(BaseModel):
         description="multi-process strategy for devices x num_nodes > 1: ddp (the default), with "
         "spawned worker processes so that the command itself runs once",
     )
+
+    @field_validator("hierarchy", mode="before")
+    @classmethod
+    def _load_hierarchy(cls, v: object) -> object:
+        # a path is read here, so that the run key holds the tree itself, not where it lay
+        from oncoslide.cohort.label_tree import LabelTreeError, load_label_tree, parse_label_tree
+
+        if v is None:
+            return None
+        try:
+            tree = load_label_tree(v) if isinstance(v, str | os.PathLike) else parse_label_tree(v)
+        except LabelTreeError as exc:
+            raise ValueError(str(exc)) from None
+        out: dict[str, Any] = {"tree": tree.to_dict()}
+        if tree.levels is not None:
+            out["levels"] = list(tree.levels)
+        return out
 
     @field_validator("task")
     @classmethod

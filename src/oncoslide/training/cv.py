@@ -10,13 +10,14 @@ stopped. The run's tables (splits, predictions, metrics, summary) are assembled 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -57,8 +58,9 @@ from oncoslide.training.data import (
     collate_bags,
     length_sorted_order,
 )
+from oncoslide.training.feature_stats import FeatureStats
 from oncoslide.training.model_folder import initialise_from, save_model_folder, versions
-from oncoslide.training.module import MILModule
+from oncoslide.training.module import TARGET_KEYS, MILModule
 from oncoslide.training.progress import EpochLog, FoldProgress, make_progress, quiet_lightning
 from oncoslide.training.run_folder import FoldFolder, RunFolder
 from oncoslide.training.side_inputs import SideScaler, check_side_inputs, part_side_arrays
@@ -70,6 +72,7 @@ from oncoslide.training.tasks import (
     resolve_task,
     split_inputs,
     task_patients,
+    tree_model_kwargs,
 )
 
 _LOG = get_logger("training")
@@ -121,10 +124,14 @@ def cross_validate(
         raise ConfigError("the cohort was loaded without feature files; pass features_dir")
     # a wrong model name or keyword fails here, before any folder is written
     check_side_inputs(config.model, side or {})
-    create_model(
-        config.model, in_dim=cohort.feature_dim, n_outputs=1, **unfitted_model_kwargs(config, side)
-    )
     task = resolve_task(cohort, config)
+    create_model(
+        config.model,
+        in_dim=cohort.feature_dim,
+        n_outputs=len(task.classes) or 1,
+        **unfitted_model_kwargs(config, side),
+        **tree_model_kwargs(config.model, task),
+    )
     patients = task_patients(cohort, task)
     notes = []
     n_left_out = len(cohort.patient_ids) - len(patients)
@@ -387,6 +394,7 @@ class FoldOutcome:
     model: MILModel | None = None  # the chosen weights, on the CPU, in eval mode
     contract: FeatureContract | None = None
     parts: dict[str, list[str]] = field(default_factory=dict)
+    feature_stats: FeatureStats | None = None  # of the training part, for test-time adaptation
 
     def save_model(self, path: Path, config: TrainConfig) -> Path:
         """Write the fold's self-describing model folder (see training.model_folder)."""
@@ -400,6 +408,7 @@ class FoldOutcome:
             self.contract,
             parts={k: self.parts[k] for k in ("train", "val") if k in self.parts},
             info={"seed": self.seed, "fold": self.fold, **self.info},
+            feature_stats=self.feature_stats,
         )
 
     def prediction_frame(self, cohort: Cohort, task: TaskSpec) -> pd.DataFrame:
@@ -511,6 +520,7 @@ def train_fold(
         )
         for name, ids in _parts(train_ids, val_ids, test_ids)
     }
+    source_choice = _choose_on_validation(model, ftask, datasets["val"], config)
     sampler: EpochShuffleSampler | BalancedSampler
     if config.sampler == "balanced":
         strata = ftask.sampler_strata(cohort, train_ids)
@@ -546,6 +556,7 @@ def train_fold(
         steps_per_epoch=len(train_loader),
         aux_weights=aux_weights,
         uses_slide_index=bool(meta.get("uses_slide_index", False)),
+        uses_targets=bool(meta.get("uses_targets", False)),
         # worker processes hand their history back through this file
         history_path=fdir / "history.json" if world > 1 else None,
     )
@@ -635,6 +646,10 @@ def train_fold(
         else {}
     )
     trained = cast(MILModel, module.model).cpu().eval()
+    # every patch of the training part (no validation or test patient), for predict --adapt
+    feature_stats = FeatureStats.of(
+        cache.get(path).features for pid in train_ids for path in cohort.slide_paths(pid)
+    )
     return FoldOutcome(
         seed=seed,
         fold=fold,
@@ -658,11 +673,13 @@ def train_fold(
             "n_parameters": n_params,
             "trainable_share": n_trainable / max(1, n_params),
             **{k: v for k, v in transfer.items() if isinstance(v, int | float)},
+            **source_choice,
         },
         excluded=excluded,
         model=trained,
         contract=contract,
         parts={"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)},
+        feature_stats=feature_stats,
     )
 
 
@@ -742,6 +759,45 @@ def _check_experts(model: MILModel, contract: FeatureContract, held_out: Sequenc
         problems = theirs.mismatches(contract)
         if problems:
             raise ConfigError("the experts were trained on other features: " + "; ".join(problems))
+
+
+def _choose_on_validation(
+    model: MILModel, ftask: FoldTask, val: BagDataset, config: TrainConfig
+) -> dict[str, Any]:
+    """For models built on a choice among candidates (the transfer baselines' source model):
+    score every candidate, unchanged, on the fold's validation part and keep the best. The test
+    part is never read. Returns what to record in the fold's info ({} for other models)."""
+    if not callable(getattr(model, "candidates", None)):
+        return {}
+    chooser = cast(Any, model)  # ZooSource-like: candidates, use_source, zero_shot_logits
+    names = [str(n) for n in chooser.candidates()]
+    if len(names) > 1 and len(val) == 0:
+        raise ConfigError(
+            f"{config.model} chooses among {len(names)} candidates on the validation part, and "
+            "this fold has none: set val_fraction > 0 or name one (--model-arg source=...)"
+        )
+    scores: dict[str, float] = {}
+    if len(names) > 1:
+        loader = _loader(val, config, length_sorted_order(val), batch_size=PREDICT_BATCH)
+        was_training = model.training
+        model.eval()
+        for name in names:
+            chooser.use_source(name)
+            logits, targets = [], []
+            with torch.no_grad():
+                for batch in loader:
+                    logits.append(chooser.zero_shot_logits(batch["features"], batch["mask"]))
+                    targets.append({k: batch[k] for k in TARGET_KEYS if k in batch})
+            merged = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
+            score = ftask.validation_score(torch.cat(logits), merged)
+            scores[name] = score if np.isfinite(score) else -math.inf
+        model.train(was_training)
+    best = max(names, key=lambda n: scores.get(n, 0.0))  # ties: the zoo's order
+    chooser.use_source(best)
+    _LOG.info("%s: source %s chosen on validation (%s)", config.model, best,
+              ", ".join(f"{n} {v:.3f}" for n, v in scores.items()) or "the only candidate")  # fmt: skip
+    choice: dict[str, Any] = {"source": best}
+    return choice | {f"val_score_{n}": v for n, v in scores.items()}
 
 
 def _aux_weights(config: TrainConfig, meta: Mapping[str, object]) -> dict[str, float]:

@@ -11,6 +11,8 @@ in every cross-validation run) holds::
                    provenance (run key, seed, fold, epochs, versions)
     weights.pt     the model's state dict (torch.save; loads with weights_only=True)
     patients.csv   patient_id, part (train / val): who the model saw
+    feature_stats.npz  per-dimension mean and sd of the training part's patch features (read
+                   by test-time adaptation, ``predict --adapt``)
 
 Loading needs no training data: :func:`load_model_folder` rebuilds the model, its fitted task
 (predictions in the same units as the run's) and the contract that ``predict`` checks.
@@ -37,6 +39,7 @@ from oncoslide.errors import ConfigError
 from oncoslide.features.schema import FeatureContract
 from oncoslide.models import MILModel, create_model
 from oncoslide.training.config import TrainConfig
+from oncoslide.training.feature_stats import FeatureStats
 from oncoslide.training.tasks import FoldTask, TaskSpec
 
 MODEL_FORMAT = "oncoslide-model"
@@ -89,10 +92,17 @@ def save_model_folder(
     *,
     parts: dict[str, Sequence[str]],
     info: dict[str, Any],
+    feature_stats: FeatureStats | None = None,
 ) -> Path:
-    """Write a model folder (atomically, file by file; model.json last)."""
+    """Write a model folder (atomically, file by file; model.json last).
+
+    ``feature_stats``: the training part's patch-feature statistics (``feature_stats.npz``,
+    read by test-time adaptation).
+    """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    if feature_stats is not None:
+        feature_stats.save(out)
     # through a Python file: a full disk is then an OSError (ENOSPC) that names the cause;
     # torch's own file writer reports it as a RuntimeError without the reason
     with atomic_path(out / WEIGHTS_FILE, suffix=".pt.tmp") as tmp, tmp.open("wb") as fh:
@@ -187,7 +197,17 @@ def initialise_from(
     Parameters with the same name and shape are copied; others (e.g. a head with another
     number of outputs for a new task) keep their fresh initialisation and are listed. The
     source must be the same registered model, trained on features of the same contract.
+    A slide-encoder folder (``oncoslide pretrain ... --out``) initialises models that take one
+    (``load_encoder``, e.g. ``slide-finetune``).
     """
+    if (Path(folder) / "encoder.json").is_file():
+        load_encoder = getattr(model, "load_encoder", None)
+        if load_encoder is None:
+            raise ConfigError(
+                f"--init {folder} is a pre-trained slide encoder: fine-tune it with "
+                "--model slide-finetune"
+            )
+        return dict(load_encoder(folder, contract))
     source = load_model_folder(folder)
     if source.name != model_name:
         raise ConfigError(

@@ -57,6 +57,7 @@ class MILModule(pl.LightningModule):
         *,
         aux_weights: dict[str, float] | None = None,
         uses_slide_index: bool = False,
+        uses_targets: bool = False,
         history_path: Path | None = None,
     ) -> None:
         super().__init__()
@@ -67,6 +68,9 @@ class MILModule(pl.LightningModule):
         self.steps_per_epoch = max(1, math.ceil(steps_per_epoch / config.accumulate_grad_batches))
         self.aux_weights = dict(aux_weights or {})
         self.uses_slide_index = uses_slide_index
+        # models that declare ``uses_targets`` get the batch's targets in training steps only
+        # (supervised contrastive terms, curricula); never in validation or prediction
+        self.uses_targets = uses_targets
         self._aux_sums: dict[str, list[float]] = {}
         self.history_path = history_path
         self._val_logits: list[Tensor] = []
@@ -84,9 +88,25 @@ class MILModule(pl.LightningModule):
         )
 
     # -- training -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # a model with a schedule of its own (e.g. a curriculum) learns where training stands
+        hook = getattr(self.model, "set_training_progress", None)
+        if callable(hook):
+            hook(self.current_epoch, self.config.epochs)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self(batch)
-        task_loss = self.fold_task.loss(out.logits, batch)
+        if self.uses_targets:
+            targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
+            out = self.model(
+                batch["features"],
+                batch["mask"],
+                batch.get("coords"),
+                targets=targets,
+                **model_inputs(batch, self.uses_slide_index),
+            )
+        else:
+            out = self(batch)
+        task_loss = self.fold_task.loss(out.logits, batch, sample_weight=out.sample_weight)
         loss = task_loss
         for name, value in out.aux_losses.items():
             if name not in self.aux_weights:

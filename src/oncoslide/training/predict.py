@@ -8,6 +8,9 @@
       patient_embeddings/     <slide_id>.h5 per slide: the embedding of its patient's whole bag
       slide_embeddings/       <slide_id>.h5 per slide: the embedding of the slide alone
       prediction.json         the model, its feature contract, counts
+      predictions_unadapted.parquet, adaptation.json, adaptation.csv
+                              with ``adapt``: the outputs before test-time adaptation, what
+                              adapting did per site, and the metrics before / after
 
 Both embedding folders are slide-level feature files (dataset ``features`` of shape (E,), as
 TRIDENT writes slide embeddings) that a benchmark ``level: slide`` feature set reads; with
@@ -47,6 +50,12 @@ from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import FeatureContract
 from oncoslide.models import MODELS
+from oncoslide.training.adapt import (
+    AdaptConfig,
+    adapt_and_predict,
+    adapted_slide_embeddings,
+    write_adaptation,
+)
 from oncoslide.training.cv import PREDICT_BATCH
 from oncoslide.training.data import BagDataset, BagTargets, collate_bags, length_sorted_order
 from oncoslide.training.model_folder import TrainedModel
@@ -172,8 +181,14 @@ def predict_cohort(
     embeddings: bool = True,
     side: Mapping[str, Omics] | None = None,
     num_threads: int | None = None,
+    adapt: AdaptConfig | None = None,
 ) -> Predictions:
     """Predict every patient of ``cohort`` with ``trained`` and write the outputs (see above).
+
+    ``adapt``: adapt the model to each site's unlabelled slides first (test-time adaptation,
+    :mod:`oncoslide.training.adapt`); the outputs are then the adapted model's, and the folder
+    also gets the unadapted predictions and ``adaptation.json`` (with targets: before / after
+    metrics in ``adaptation.csv``).
 
     ``side`` holds the tables a model reads at prediction time (``side_inputs`` declared
     ``"always"``, e.g. ``{"omics": load_omics(...)}``); other models take none.
@@ -190,7 +205,12 @@ def predict_cohort(
     try:
         check_contract(trained, cohort, cache)
         size = batch_size or PREDICT_BATCH
-        logits, patient_emb = predict_logits(trained, cohort, patients, cache, arrays, size)
+        adapted = None
+        if adapt is None:
+            logits, patient_emb = predict_logits(trained, cohort, patients, cache, arrays, size)
+        else:
+            adapted = adapt_and_predict(trained, cohort, patients, cache, arrays, size, adapt)
+            logits, patient_emb = adapted.logits, adapted.embeddings
         frame = pd.concat(
             [pd.DataFrame({"patient_id": patients}), trained.fold_task.prediction_frame(logits)],
             axis=1,
@@ -200,7 +220,11 @@ def predict_cohort(
         slide_emb = torch.empty(0, trained.model.embed_dim)
         if embeddings:
             rows = {pid: i for i, pid in enumerate(patients)}
-            slide_emb = _slide_embeddings(trained, slides, cache, size, arrays, rows)
+            slide_emb = (
+                _slide_embeddings(trained, slides, cache, size, arrays, rows)
+                if adapted is None
+                else adapted_slide_embeddings(adapted, slides, cache, size, arrays, rows)
+            )
     finally:
         if own:
             cache.close()
@@ -210,6 +234,15 @@ def predict_cohort(
     slide_table = pd.DataFrame(slide_emb.numpy(), index=pd.Index(slide_ids, name="slide_id"))
     out.mkdir(parents=True, exist_ok=True)
     write_table(out / "predictions.parquet", frame)
+    if adapted is not None:
+        before = pd.concat(
+            [
+                pd.DataFrame({"patient_id": patients}),
+                trained.fold_task.prediction_frame(adapted.before_logits),
+            ],
+            axis=1,
+        )
+        write_adaptation(out, adapted, _with_targets(before, trained, cohort), frame, trained)
     if embeddings:
         row = {pid: i for i, pid in enumerate(patients)}
         for k, (pid, sid, _) in enumerate(slides):
@@ -227,6 +260,8 @@ def predict_cohort(
             "embedding_dim": int(trained.model.embed_dim),
             # patients whose row of each side input was read (the others predicted as missing)
             "side_inputs": {k: int(present.sum()) for k, (_, present) in arrays.items()},
+            # adapted to each site's slides before predicting (see adaptation.json)
+            **({"adapted": True} if adapted is not None else {}),
         },
     )
     return Predictions(out, frame, patient_table, slide_table)

@@ -29,6 +29,7 @@ import pandas as pd
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.bootstrap import GroupData, grouped_bootstrap_ci
 from oncoslide.evaluation.classification import balanced_accuracy, roc_auc
+from oncoslide.evaluation.hierarchy import COARSE_METRICS, hierarchical_metric
 from oncoslide.survival.metrics import (
     CensoringSupportError,
     TimeGridError,
@@ -78,7 +79,16 @@ def _auc(d: Mapping[str, np.ndarray], c: Mapping[str, Any]) -> float:
 
 
 def _bacc(d: Mapping[str, np.ndarray], c: Mapping[str, Any]) -> float:
+    if "parent" in c:  # a label tree: the top-down decision (oncoslide.evaluation.hierarchy)
+        return hierarchical_metric("balanced_accuracy", d["label"], d["probs"], c["parent"])
     return balanced_accuracy(d["label"], d["probs"], classes=c["classes"])
+
+
+def _coarse(metric: str) -> Metric:
+    def score(d: Mapping[str, np.ndarray], c: Mapping[str, Any]) -> float:
+        return hierarchical_metric(metric, d["label"], d["probs"], c["parent"])
+
+    return score
 
 
 METRIC_FUNCTIONS: dict[str, Metric] = {
@@ -88,6 +98,7 @@ METRIC_FUNCTIONS: dict[str, Metric] = {
     "ibs": _ibs,
     "auc": _auc,
     "balanced_accuracy": _bacc,
+    **{m: _coarse(m) for m in COARSE_METRICS},
 }
 
 
@@ -127,6 +138,8 @@ def _groups(fold_dirs: Sequence[tuple[int, int, Path]], task: TaskSpec) -> list[
         else:
             arrays = {"label": payload["label"], "probs": payload["probs"]}
             context = {"classes": list(range(payload["probs"].shape[1]))}
+            if task.tree:
+                context["parent"] = task.tree_parent()[1]
         n = len(next(iter(arrays.values())))
         groups.append(
             GroupData(arrays, context, name=name, patients=_patient_ids(fdir, payload, n))

@@ -16,11 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oncoslide.cohort.label_tree import LabelTree, parse_label_tree
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import survival_strata
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.classification import classification_metrics
+from oncoslide.evaluation.hierarchy import (
+    COARSE_METRICS,
+    coarse_probabilities,
+    hierarchical_metrics,
+    tree_decision,
+)
 from oncoslide.models import MODELS
 from oncoslide.models.heads import class_probs, discrete_risk, discrete_survival
 from oncoslide.survival.bins import TimeBins
@@ -44,10 +51,17 @@ class TaskSpec:
     classes: tuple[str, ...] = ()
     time_col: str = "time"
     event_col: str = "event"
+    # a label tree over the classes (coarse -> fine, the classes being the fine level): metrics
+    # and predictions at both levels (see oncoslide.evaluation.hierarchy)
+    tree: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def is_survival(self) -> bool:
         return self.kind == "survival"
+
+    def tree_parent(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """The coarse classes and, per class of the task, the index of its coarse class."""
+        return LabelTree(tree=self.tree).parent_index(self.classes)
 
     @property
     def target_columns(self) -> tuple[str, ...]:
@@ -55,16 +69,21 @@ class TaskSpec:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return SURVIVAL_METRICS if self.is_survival else CLASSIFICATION_METRICS
+        if self.is_survival:
+            return SURVIVAL_METRICS
+        return CLASSIFICATION_METRICS + (COARSE_METRICS if self.tree else ())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "classes": list(self.classes),
             "time_col": self.time_col,
             "event_col": self.event_col,
         }
+        if self.tree:  # only then: model folders without a tree stay as they were
+            out["tree"] = {c: list(f) for c, f in self.tree}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
@@ -74,11 +93,20 @@ class TaskSpec:
             classes=tuple(str(c) for c in data.get("classes", ())),
             time_col=str(data.get("time_col", "time")),
             event_col=str(data.get("event_col", "event")),
+            tree=tuple((str(c), tuple(map(str, f))) for c, f in data.get("tree", {}).items()),
         )
 
 
 def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
     """The task a config names, checked against the cohort's columns and values."""
+    uses_tree = bool(MODELS.metadata(config.model).get("uses_label_tree", False))
+    if uses_tree and config.hierarchy is None:
+        raise ConfigError(
+            f"model {config.model!r} needs a label tree over the task's classes: "
+            "--hierarchy tree.yaml (coarse class -> fine classes)"
+        )
+    if config.is_survival and config.hierarchy is not None:
+        raise ConfigError("a label tree (--hierarchy) applies to classification tasks only")
     if config.is_survival:
         missing = [c for c in (config.time_col, config.event_col) if c not in cohort.patients]
         if missing:
@@ -107,7 +135,42 @@ def resolve_task(cohort: Cohort, config: TrainConfig) -> TaskSpec:
             f"label column {col!r} has {len(classes)} distinct values; is it a continuous column?"
         )
     kind: Literal["binary", "multiclass"] = "binary" if len(classes) == 2 else "multiclass"
-    return TaskSpec(col, kind, classes=classes)
+    tree: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    if config.hierarchy is not None:
+        tree = _cohort_tree(cohort, config.hierarchy, col, values, classes)
+    return TaskSpec(col, kind, classes=classes, tree=tree)
+
+
+def _cohort_tree(
+    cohort: Cohort,
+    hierarchy: Mapping[str, Any],
+    col: str,
+    values: np.ndarray,
+    classes: tuple[str, ...],
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The label tree checked against the cohort, restricted to the classes it has."""
+    from oncoslide.cohort.label_tree import LabelTreeError
+
+    tree = parse_label_tree(hierarchy)
+    pairs: list[tuple[object, object]] = []
+    if tree.levels is not None:
+        coarse_col = tree.levels[0]
+        for table in (cohort.patients, cohort.slides):
+            if coarse_col in table.columns and col in table.columns:
+                rows = table[[coarse_col, col]].dropna()
+                pairs = list(zip(rows[coarse_col], rows[col], strict=True))
+                break
+    problems = tree.cohort_problems(values, task=col, coarse_pairs=pairs)
+    if not problems:
+        tree = tree.restricted(classes)
+        if len(tree.tree) < 2:
+            problems.append(
+                f"the cohort's classes of {col!r} lie under {len(tree.tree)} coarse class(es) of "
+                "the tree; a label tree needs at least 2"
+            )
+    if problems:
+        raise LabelTreeError(problems, f"for task {col!r}")
+    return tree.tree
 
 
 def label_str(value: object) -> str:
@@ -197,6 +260,12 @@ class FoldTask:
         kwargs = dict(self.config.model_kwargs)
         if MODELS.metadata(self.config.model).get("side_layout"):
             kwargs["side_layout"] = {k: v.layout() for k, v in self.side_scalers.items()}
+        kwargs.update(tree_model_kwargs(self.config.model, self.task))
+        if MODELS.metadata(self.config.model).get("encoder_init") and self.config.init:
+            # the architecture of the --init encoder folder (its weights come in initialise_from)
+            from oncoslide.models.slide_finetune import encoder_spec
+
+            kwargs.setdefault("encoder", encoder_spec(self.config.init))
         return kwargs
 
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> BagTargets:
@@ -228,7 +297,19 @@ class FoldTask:
         return np.asarray([lookup[label_str(v)] for v in values], dtype=np.int64)
 
     # -- loss ---------------------------------------------------------------------------------
-    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    def loss(
+        self, logits: Tensor, batch: dict[str, Tensor], sample_weight: Tensor | None = None
+    ) -> Tensor:
+        """The task loss of a batch; ``sample_weight`` (B,) re-weights its patients (a
+        model's curriculum, classification only)."""
+        if sample_weight is not None:
+            if self.task.is_survival:
+                raise ConfigError("per-patient loss weights apply to classification tasks only")
+            weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+            per = F.cross_entropy(logits, batch["label"], weight=weight, reduction="none")
+            w = sample_weight.to(per.dtype)
+            cw = weight[batch["label"]] if weight is not None else torch.ones_like(per)
+            return (w * per).sum() / (w * cw).sum().clamp_min(1e-12)
         if self.task.is_survival:
             if self.config.survival_loss == "cox":
                 return cox_ph_loss(
@@ -258,7 +339,17 @@ class FoldTask:
                     frame[f"surv_bin{k}"] = surv[:, k]
             return frame
         probs = class_probs(logits.double()).cpu().numpy()
-        return pd.DataFrame({f"prob_{c}": probs[:, i] for i, c in enumerate(self.task.classes)})
+        frame = pd.DataFrame({f"prob_{c}": probs[:, i] for i, c in enumerate(self.task.classes)})
+        if self.task.tree:
+            # both levels; never named prob_*, which readers take for the task's classes
+            coarse, parent = self.task.tree_parent()
+            pc = coarse_probabilities(probs, parent)
+            for i, c in enumerate(coarse):
+                frame[f"coarse_prob_{c}"] = pc[:, i]
+            pred_coarse, pred_fine = tree_decision(probs, parent)
+            frame["pred_coarse"] = [coarse[i] for i in pred_coarse]
+            frame["pred_fine"] = [self.task.classes[i] for i in pred_fine]
+        return frame
 
     def survival_function(self, logits: Tensor) -> Callable[[np.ndarray], np.ndarray] | None:
         """Predicted S(t) at given times, for the integrated Brier score."""
@@ -300,8 +391,11 @@ class FoldTask:
             return {m: float(out.get(m, np.nan)) for m in SURVIVAL_METRICS}
         probs = class_probs(logits.double()).cpu().numpy()
         labels = self.label_index(cohort, test_ids)
-        out = classification_metrics(labels, probs, classes=list(range(len(self.task.classes))))
-        return {m: float(out[m]) for m in CLASSIFICATION_METRICS}
+        if self.task.tree:
+            out = hierarchical_metrics(labels, probs, self.task.tree_parent()[1])
+        else:
+            out = classification_metrics(labels, probs, classes=list(range(len(self.task.classes))))
+        return {m: float(out[m]) for m in self.task.metric_names}
 
     def validation_score(self, logits: Tensor, batch_targets: dict[str, Tensor]) -> float:
         """The model-selection metric on the validation part (higher is better)."""
@@ -324,6 +418,13 @@ class FoldTask:
         """The loss over a whole part at once (Cox: every pair of the part is compared)."""
         with torch.no_grad():
             return float(self.loss(logits, targets))
+
+
+def tree_model_kwargs(model: str, task: TaskSpec) -> dict[str, Any]:
+    """For models that declare ``uses_label_tree``: the task's tree and its class order."""
+    if not MODELS.metadata(model).get("uses_label_tree") or not task.tree:
+        return {}
+    return {"tree": {c: list(f) for c, f in task.tree}, "classes": list(task.classes)}
 
 
 def fit_fold_task(
@@ -400,4 +501,5 @@ __all__ = [
     "resolve_task",
     "split_inputs",
     "task_patients",
+    "tree_model_kwargs",
 ]

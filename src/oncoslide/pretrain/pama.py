@@ -1,0 +1,466 @@
+"""PAMA: position-aware masked autoencoder for slide pre-training (seed 002, METHODS.md).
+
+One bag is one slide (one coordinate frame). Coordinates are converted to patch units (the
+grid step read from the coordinates). Per bag:
+
+- **Anchors** ("kernels"): k-means on the coordinates of all the bag's patches with
+  K = min(N // 18 + 1, ``max_anchors``) centres; the patch nearest each centre is an anchor's
+  position. Anchor tokens start as one learned token and gather what they know from the patches
+  around them (in pre-training the visible ones only: positions are not masked, contents are);
+  a CLS token joins the anchors without a position.
+- **PACA block**: bidirectional cross-attention with shared QKV: anchors attend to patches,
+  patches attend to anchors (both from the block's input tokens), then an MLP on both. The
+  attention logits get a bias per head: a learned table over the binned patch-anchor distance
+  (``n_distance_bins`` bins of sqrt(distance in patches) x 8, 64 by default) plus a learned
+  table over the binned polar angle of the patch seen from the anchor (8 bins). Distance
+  tables start as a locality prior (ALiBi-style: head h adds -distance / 2^(h+1)).
+- **KRO** (kernel reorientation): after each block, each anchor's main orientation is the angle
+  bin with the largest summed |attention| of the anchor over its patches; the next block's
+  angles are counted from it (rotation invariance).
+- **AD** (anchor dropout): in training each anchor is dropped with probability
+  ``anchor_dropout`` (0.2): removed from the patches' keys; the softmax over the kept anchors
+  renormalises their weights, which is the 1/(1-p) rescaling of dropout for attention weights.
+- **MAE**: 75 % of the patches are masked; the encoder sees the visible ones; the decoder gets the encoder's tokens, a learned mask token at every masked
+  patch, the encoder's anchors at their positions, and reconstructs the masked patches'
+  features (MSE on masked tokens only).
+- **Embedding**: LayerNorm'd CLS token and mean of the patch tokens, concatenated (``pool``).
+
+Ablations: ``kro=False``, ``anchor_dropout=0``, ``positions="off"`` (no position biases and
+anchors drawn at random instead of by k-means: no position reaches the model) and
+``positions="shuffled"`` (each bag's coordinates permuted among its patches).
+
+Paper sizes: width 1024, 8 heads, 4 encoder blocks, MLP x4, decoder 2 blocks of width 512, up
+to 2048 patches per slide. The defaults here are CPU-small (width 64, 4 heads, 2 encoder
+blocks, MLP x2, 1 decoder block of width 32); every size is a keyword.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oncoslide.errors import ConfigError
+from oncoslide.pretrain.base import PRETRAINERS, SLIDE_ENCODERS, Bag, PretrainMethod, SlideEncoder
+
+Positions = Literal["on", "off", "shuffled"]
+N_ANGLE_BINS = 8
+_EMBED_SEED = 20240917  # the fixed draw of embed-time randomness (positions off / shuffled)
+
+
+# ------------------------------------------------------------------------------- geometry
+def grid_step(coords: Tensor) -> float:
+    """The patch grid's step in coordinate units: the smallest positive gap between distinct
+    x (or y) values; 1 when the bag has a single column and row."""
+    gaps = []
+    for axis in range(2):
+        values = torch.unique(coords[:, axis])
+        if values.numel() > 1:
+            diff = values[1:] - values[:-1]
+            gaps.append(float(diff[diff > 0].min()))
+    return min(gaps) if gaps else 1.0
+
+
+def kmeans_anchors(pos: Tensor, k: int, iters: int = 8) -> Tensor:
+    """Indices of ``k`` anchor patches: k-means on ``pos`` (N, 2), then the patch nearest
+    each centre (duplicates removed, order of first occurrence). Deterministic: farthest-point
+    initialisation from the patch nearest the centroid."""
+    n = pos.shape[0]
+    k = max(1, min(k, n))
+    start = int(torch.argmin(((pos - pos.mean(0)) ** 2).sum(1)))
+    chosen = [start]
+    nearest = ((pos - pos[start]) ** 2).sum(1)
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(nearest))
+        chosen.append(nxt)
+        nearest = torch.minimum(nearest, ((pos - pos[nxt]) ** 2).sum(1))
+    centres = pos[chosen].clone()
+    for _ in range(iters):
+        assign = torch.cdist(pos, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, pos)
+        counts = torch.bincount(assign, minlength=k).to(pos.dtype).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    idx = torch.cdist(centres, pos).argmin(1)
+    seen: dict[int, None] = {}
+    for i in idx.tolist():
+        seen.setdefault(int(i), None)
+    return torch.tensor(list(seen), dtype=torch.long)
+
+
+def n_anchors(n_patches: int, max_anchors: int) -> int:
+    return max(1, min(max_anchors, n_patches // 18 + 1, n_patches))
+
+
+@dataclass
+class _Geometry:
+    """Distance and angle bins of every (anchor, patch) pair; -1 rows: no position (CLS)."""
+
+    dist_bin: Tensor  # (K, N) long
+    angle_bin: Tensor  # (K, N) long, absolute
+
+
+def _geometry(anchor_pos: Tensor, patch_pos: Tensor, n_dist_bins: int) -> _Geometry:
+    delta = patch_pos.unsqueeze(0) - anchor_pos.unsqueeze(1)  # (K, N, 2)
+    dist = delta.norm(dim=-1)
+    dist_bin = (dist.sqrt() * 8).floor().long().clamp(max=n_dist_bins - 1)
+    theta = torch.atan2(delta[..., 1], delta[..., 0])  # (-pi, pi]
+    angle_bin = ((theta + math.pi) / (2 * math.pi) * N_ANGLE_BINS).floor().long()
+    return _Geometry(dist_bin, angle_bin.clamp(0, N_ANGLE_BINS - 1))
+
+
+# ------------------------------------------------------------------------------- blocks
+class PACABlock(nn.Module):
+    """Bidirectional patch <-> anchor cross-attention with distance and angle biases."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, n_dist_bins: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"PAMA width {width} must be a multiple of heads {heads}")
+        self.heads = heads
+        self.n_dist_bins = n_dist_bins
+        self.norm_p = nn.LayerNorm(width)
+        self.norm_a = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)  # shared by patch and anchor tokens
+        self.proj_p = nn.Linear(width, width)
+        self.proj_a = nn.Linear(width, width)
+        # the last row of each table: "no position" (CLS, positions off). Distance biases start
+        # as a locality prior, ALiBi-style: head h adds -distance / 2^(h+1) (distance in
+        # patches, at each bin's lower edge); learned from there
+        dist = (torch.arange(n_dist_bins + 1, dtype=torch.float32) / 8) ** 2
+        slopes = 0.5 ** torch.arange(1, heads + 1, dtype=torch.float32)
+        prior = -slopes.unsqueeze(1) * dist.unsqueeze(0)
+        prior[:, -1] = 0.0
+        self.dist_table = nn.Parameter(prior)
+        self.angle_table = nn.Parameter(torch.zeros(heads, N_ANGLE_BINS + 1))
+        hidden = int(width * mlp_ratio)
+        self.mlp_norm_p = nn.LayerNorm(width)
+        self.mlp_norm_a = nn.LayerNorm(width)
+        self.mlp_p = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp_a = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, w = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = self.heads
+        return tuple(t.reshape(n, h, w // h).transpose(0, 1) for t in (q, k, v))  # type: ignore[return-value]
+
+    def forward(
+        self,
+        patches: Tensor,  # (N, W)
+        anchors: Tensor,  # (K, W), CLS included
+        dist_bin: Tensor,  # (K, N)
+        angle_bin: Tensor,  # (K, N), relative to each anchor's orientation
+        keep: Tensor,  # (K,) bool: anchors not dropped
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        qp, kp, vp = self._split(self.norm_p(patches))  # (H, N, d)
+        qa, ka, va = self._split(self.norm_a(anchors))  # (H, K, d)
+        scale = qp.shape[-1] ** -0.5
+        bias = self.dist_table[:, dist_bin] + self.angle_table[:, angle_bin]  # (H, K, N)
+        # anchors gather from patches
+        logits_a = qa @ kp.transpose(1, 2) * scale + bias
+        attn_a = logits_a.softmax(-1)
+        upd_a = (attn_a @ vp).transpose(0, 1).reshape(anchors.shape)
+        # patches gather from the kept anchors
+        logits_p = qp @ ka.transpose(1, 2) * scale + bias.transpose(1, 2)
+        logits_p = logits_p.masked_fill(~keep.view(1, 1, -1), float("-inf"))
+        attn_p = logits_p.softmax(-1)
+        upd_p = (attn_p @ va).transpose(0, 1).reshape(patches.shape)
+        patches = patches + self.proj_p(upd_p)
+        anchors = anchors + self.proj_a(upd_a)
+        patches = patches + self.mlp_p(self.mlp_norm_p(patches))
+        anchors = anchors + self.mlp_a(self.mlp_norm_a(anchors))
+        return patches, anchors, attn_a
+
+
+def _orientation(attn_a: Tensor, angle_abs: Tensor, positioned: Tensor) -> Tensor:
+    """KRO: per anchor, the absolute angle bin with the largest summed |attention|."""
+    weight = attn_a.detach().abs().mean(0)  # (K, N)
+    sums = torch.zeros(weight.shape[0], N_ANGLE_BINS + 1, dtype=weight.dtype)
+    sums = sums.to(weight.device).scatter_add_(1, angle_abs, weight)[:, :N_ANGLE_BINS]
+    main = sums.argmax(1)
+    return torch.where(positioned, main, torch.zeros_like(main))
+
+
+# ------------------------------------------------------------------------------- encoder
+@dataclass
+class Encoded:
+    patches: Tensor  # (N, W) final patch tokens (before the output norm)
+    anchors: Tensor  # (K + 1, W), CLS last
+    anchor_pos: Tensor  # (K, 2) patch units
+    patch_pos: Tensor  # (N, 2)
+    orientation: Tensor  # (K + 1,) angle bin each anchor's angles are counted from
+
+
+@SLIDE_ENCODERS.register("pama", description="PAMA slide encoder (PACA blocks)")
+class PAMAEncoder(SlideEncoder):
+    """The PAMA encoder: patch embedding, anchors, PACA blocks, CLS + mean pooling."""
+
+    name = "pama"
+    uses_coords = True
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        n_distance_bins: int = 64,
+        max_anchors: int = 128,
+        kro: bool = True,
+        anchor_dropout: float = 0.2,
+        positions: Positions = "on",
+        pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
+    ) -> None:
+        super().__init__()
+        if positions not in ("on", "off", "shuffled"):
+            raise ConfigError(f"positions must be on, off or shuffled, not {positions!r}")
+        if pool not in ("cls", "mean", "cls+mean"):
+            raise ConfigError(f"pool must be cls, mean or cls+mean, not {pool!r}")
+        if not 0.0 <= anchor_dropout < 1.0:
+            raise ConfigError(f"anchor_dropout must be in [0, 1), got {anchor_dropout}")
+        self.in_dim = in_dim
+        self.width = width
+        self.depth = depth
+        self.heads = heads
+        self.mlp_ratio = mlp_ratio
+        self.n_distance_bins = n_distance_bins
+        self.max_anchors = max_anchors
+        self.kro = kro
+        self.anchor_dropout = anchor_dropout
+        self.positions: Positions = positions
+        self.pool = pool
+        self.embed_dim = width * (2 if pool == "cls+mean" else 1)
+        self.patch_embed = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width))
+        self.anchor_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.blocks = nn.ModuleList(
+            PACABlock(width, heads, mlp_ratio, n_distance_bins) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_dim": self.in_dim,
+            "width": self.width,
+            "depth": self.depth,
+            "heads": self.heads,
+            "mlp_ratio": self.mlp_ratio,
+            "n_distance_bins": self.n_distance_bins,
+            "max_anchors": self.max_anchors,
+            "kro": self.kro,
+            "anchor_dropout": self.anchor_dropout,
+            "positions": self.positions,
+            "pool": self.pool,
+        }
+
+    def positions_of(self, coords: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
+        """Patch-unit positions (shuffled among the patches for the shuffled ablation)."""
+        if coords is None:
+            if self.positions == "on" or self.positions == "shuffled":
+                raise ConfigError("PAMA needs patch coordinates (the feature files have none)")
+            return torch.zeros(n, 2)
+        pos = coords.float() / grid_step(coords)
+        if self.positions == "shuffled":
+            perm = torch.randperm(n, generator=generator).to(pos.device)
+            pos = pos[perm]
+        return pos
+
+    def choose_anchors(self, pos: Tensor, generator: torch.Generator) -> Tensor:
+        k = n_anchors(pos.shape[0], self.max_anchors)
+        if self.positions == "off":  # no position may reach the model: random anchors
+            return torch.randperm(pos.shape[0], generator=generator)[:k].sort().values
+        return kmeans_anchors(pos.cpu(), k)
+
+    def encode(
+        self,
+        features: Tensor,
+        pos: Tensor,
+        anchor_pos: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        drop: bool = False,
+    ) -> Encoded:
+        """Encode patches at patch-unit positions ``pos`` with anchors at ``anchor_pos``.
+
+        Anchor tokens start as one learned token: what an anchor knows it gathers from the
+        patches around it (in pre-training, the visible ones only)."""
+        device = features.device
+        tokens = self.patch_embed(features)
+        k = anchor_pos.shape[0]
+        anchors = torch.cat([self.anchor_token.expand(k, -1), self.cls_token.unsqueeze(0)], dim=0)
+        geo = _geometry(anchor_pos, pos, self.n_distance_bins)
+        n = features.shape[0]
+        nodist = torch.full((1, n), self.n_distance_bins, dtype=torch.long, device=device)
+        noangle = torch.full((1, n), N_ANGLE_BINS, dtype=torch.long, device=device)
+        if self.positions == "off":
+            dist_bin = nodist.expand(k + 1, n)
+            angle_abs = noangle.expand(k + 1, n)
+        else:
+            dist_bin = torch.cat([geo.dist_bin, nodist])
+            angle_abs = torch.cat([geo.angle_bin, noangle])
+        positioned = torch.arange(k + 1, device=device) < k
+        if self.positions == "off":
+            positioned = torch.zeros_like(positioned)
+        keep = torch.ones(k + 1, dtype=torch.bool, device=device)
+        if drop and self.anchor_dropout > 0 and k > 1:
+            assert generator is not None
+            draw = torch.rand(k, generator=generator).to(device)
+            keep[:k] = draw >= self.anchor_dropout
+        orientation = torch.zeros(k + 1, dtype=torch.long, device=device)
+        for block in self.blocks:
+            angle = torch.where(
+                positioned.unsqueeze(1),
+                (angle_abs - orientation.unsqueeze(1)) % N_ANGLE_BINS,
+                angle_abs,
+            )
+            tokens, anchors, attn_a = block(tokens, anchors, dist_bin, angle, keep)
+            if self.kro:
+                orientation = _orientation(attn_a, angle_abs, positioned)
+        return Encoded(tokens, anchors, anchor_pos, pos, orientation)
+
+    def pooled(self, enc: Encoded) -> Tensor:
+        cls = self.norm(enc.anchors[-1])
+        mean = self.norm(enc.patches).mean(0)
+        if self.pool == "cls":
+            return cls
+        if self.pool == "mean":
+            return mean
+        return torch.cat([cls, mean])
+
+    def forward(self, features: Tensor, coords: Tensor | None = None) -> Tensor:
+        gen = torch.Generator().manual_seed(_EMBED_SEED + features.shape[0])
+        pos = self.positions_of(coords, features.shape[0], gen).to(features.device)
+        anchors = self.choose_anchors(pos, gen).to(features.device)
+        return self.pooled(self.encode(features, pos, pos[anchors]))
+
+
+# ------------------------------------------------------------------------------- method
+@PRETRAINERS.register(
+    "pama",
+    encoder="pama",
+    description="position-aware masked autoencoder (PACA, KRO, anchor dropout, 75% masking)",
+    reference="PAMA (seed 002); METHODS.md",
+)
+class PAMA(PretrainMethod):
+    """Masked reconstruction of patch features from visible patches and their positions."""
+
+    name = "pama"
+    encoder: PAMAEncoder
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        n_distance_bins: int = 64,
+        max_anchors: int = 128,
+        kro: bool = True,
+        anchor_dropout: float = 0.2,
+        positions: Positions = "on",
+        pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
+        decoder_width: int = 32,
+        decoder_depth: int = 1,
+        mask_ratio: float = 0.75,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction)
+        if not 0.0 < mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.encoder = PAMAEncoder(
+            in_dim=in_dim,
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            n_distance_bins=n_distance_bins,
+            max_anchors=max_anchors,
+            kro=kro,
+            anchor_dropout=anchor_dropout,
+            positions=positions,
+            pool=pool,
+        )
+        self.decoder_width = decoder_width
+        self.decoder_depth = decoder_depth
+        self.mask_ratio = mask_ratio
+        self.dec_embed = nn.Linear(width, decoder_width)
+        self.dec_anchor = nn.Linear(width, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_width))
+        self.dec_blocks = nn.ModuleList(
+            PACABlock(decoder_width, max(1, heads // 2), mlp_ratio, n_distance_bins)
+            for _ in range(decoder_depth)
+        )
+        self.dec_norm = nn.LayerNorm(decoder_width)
+        self.dec_out = nn.Linear(decoder_width, in_dim)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "decoder_width": self.decoder_width,
+            "decoder_depth": self.decoder_depth,
+            "mask_ratio": self.mask_ratio,
+        }
+
+    def bag_loss(self, bag: Bag, generator: torch.Generator) -> Tensor:
+        enc = self.encoder
+        feats = bag.features.to(self.device)
+        n = feats.shape[0]
+        if n < 2:
+            return feats.sum() * 0.0
+        pos = enc.positions_of(
+            None if bag.coords is None else bag.coords.to(self.device), n, generator
+        )
+        n_visible = max(1, round(n * (1 - self.mask_ratio)))
+        perm = torch.randperm(n, generator=generator).to(self.device)
+        visible, masked = perm[:n_visible].sort().values, perm[n_visible:].sort().values
+        # anchors from every patch's position (positions are not masked, contents are)
+        anchor_idx = enc.choose_anchors(pos, generator).to(self.device)
+        out = enc.encode(
+            feats[visible], pos[visible], pos[anchor_idx], generator=generator, drop=True
+        )
+        # decoder: every patch (visible: encoder tokens, masked: the mask token), the
+        # encoder's anchors at their positions
+        tokens = self.mask_token.expand(n, -1).clone()
+        tokens[visible] = self.dec_embed(out.patches)
+        anchors = self.dec_anchor(out.anchors)
+        k = anchor_idx.numel()
+        geo = _geometry(out.anchor_pos, pos, enc.n_distance_bins)
+        nodist = torch.full((1, n), enc.n_distance_bins, dtype=torch.long, device=self.device)
+        noangle = torch.full((1, n), N_ANGLE_BINS, dtype=torch.long, device=self.device)
+        if enc.positions == "off":
+            dist_bin, angle_abs = nodist.expand(k + 1, n), noangle.expand(k + 1, n)
+            positioned = torch.zeros(k + 1, dtype=torch.bool, device=self.device)
+        else:
+            dist_bin = torch.cat([geo.dist_bin, nodist])
+            angle_abs = torch.cat([geo.angle_bin, noangle])
+            positioned = torch.arange(k + 1, device=self.device) < k
+        keep = torch.ones(k + 1, dtype=torch.bool, device=self.device)
+        orientation = out.orientation if enc.kro else torch.zeros_like(out.orientation)
+        for block in self.dec_blocks:
+            angle = torch.where(
+                positioned.unsqueeze(1),
+                (angle_abs - orientation.unsqueeze(1)) % N_ANGLE_BINS,
+                angle_abs,
+            )
+            tokens, anchors, attn_a = block(tokens, anchors, dist_bin, angle, keep)
+            if enc.kro:
+                orientation = _orientation(attn_a, angle_abs, positioned)
+        pred = self.dec_out(self.dec_norm(tokens[masked]))
+        return F.mse_loss(pred, feats[masked])
+
+    def loss(self, bags: list[Bag], generator: torch.Generator) -> Tensor:
+        losses = [self.bag_loss(bag, generator) for bag in bags]
+        return torch.stack(losses).mean()
+
+
+__all__ = ["PAMA", "PACABlock", "PAMAEncoder", "grid_step", "kmeans_anchors", "n_anchors"]

@@ -1,0 +1,314 @@
+"""Test-time adaptation (``predict --adapt``): stored training statistics, re-standardisation,
+entropy minimisation of normalisation parameters only, and labels of the new site never read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oncoslide.cli import app
+from oncoslide.cohort.table import load_cohort
+from oncoslide.errors import ConfigError
+from oncoslide.features.cache import FeatureCache
+from oncoslide.simulate import make_simulation_config, simulate_cohort
+from oncoslide.training import make_config
+from oncoslide.training.adapt import (
+    ADAPTATION_FILE,
+    ADAPTATION_TABLE,
+    UNADAPTED_FILE,
+    AdaptConfig,
+    SiteAdaptedModel,
+    _log_distribution,
+)
+from oncoslide.training.feature_stats import FEATURE_STATS_FILE, FeatureStats
+from oncoslide.training.fit_all import fit_all
+from oncoslide.training.model_folder import load_model_folder
+from oncoslide.training.predict import predict_cohort
+
+FAST = dict(epochs=2, batch_size=8, n_boot=20, progress=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small site-shift world: 3 sites, the last scanned differently (preset settings kept)."""
+    out = tmp_path_factory.mktemp("site-shift")
+    config = make_simulation_config(
+        "site-shift",
+        {
+            "n_patients": 90,
+            "sites_per_cohort": 3,
+            "feature_dim": 16,
+            "patches_median": 30,
+            "patches_min": 10,
+            "n_genes": 24,
+            "seed": 5,
+        },
+    )
+    simulate_cohort(out, config)
+    return out
+
+
+def _tables(world: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = pd.read_csv(world / "cohort.csv", dtype={"patient_id": str})
+    shifted = json.loads((world / "truth.json").read_text())["site_shift"]["shifted_sites"]
+    is_shifted = table["site"].isin(shifted)
+    return table[~is_shifted], table[is_shifted]
+
+
+def _fit(world: Path, out: Path, **kw: object) -> Path:
+    source, _ = _tables(world)
+    task = str(kw.pop("task", "msi"))
+    labels = () if task == "survival" else (task,)
+    cohort = load_cohort(source, world / "features", label_cols=labels)
+    fit_all(cohort, make_config(task=task, **{**FAST, **kw}), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def msi_model(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _fit(world, tmp_path_factory.mktemp("msi") / "model")
+
+
+def _target(world: Path, table: pd.DataFrame | None = None, labels: tuple[str, ...] = ("msi",)):
+    return load_cohort(
+        _tables(world)[1] if table is None else table, world / "features", label_cols=labels
+    )
+
+
+def test_model_folder_stores_the_training_parts_feature_statistics(
+    msi_model: Path, world: Path
+) -> None:
+    stats = FeatureStats.load(msi_model)
+    parts = pd.read_csv(msi_model / "patients.csv", dtype={"patient_id": str})
+    source, _ = _tables(world)
+    cohort = load_cohort(source, world / "features")
+    train = parts.loc[parts["part"] == "train", "patient_id"]
+    with FeatureCache() as cache:
+        x = np.concatenate(
+            [cache.get(p).features for pid in train for p in cohort.slide_paths(pid)]
+        ).astype(np.float64)
+    # the training part only: validation patients are not in the statistics
+    assert stats.n_patches == len(x)
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats.std, x.std(axis=0), rtol=1e-7)
+
+
+def test_restandardisation_maps_the_sites_statistics_onto_trainings() -> None:
+    rng = np.random.default_rng(0)
+    train = FeatureStats.of([rng.normal(2.0, 3.0, size=(500, 4))])
+    site_x = rng.normal(-1.0, 0.5, size=(300, 4))
+    site = FeatureStats.of([site_x])
+
+    class Echo(torch.nn.Module):  # stands in for a model: returns its input features
+        in_dim, n_outputs, dropout, hidden_dim, embed_dim = 4, 1, 0.0, 4, 4
+
+        def forward(self, features, mask, coords=None):
+            return features
+
+    model = SiteAdaptedModel(Echo(), train, site.mean, site.std)  # type: ignore[arg-type]
+    out = model(
+        torch.tensor(site_x, dtype=torch.float32)[None], torch.ones(1, 300, dtype=torch.bool)
+    )
+    mapped = out[0].detach().double().numpy()
+    np.testing.assert_allclose(mapped.mean(axis=0), train.mean, atol=1e-4)
+    np.testing.assert_allclose(mapped.std(axis=0), train.std, rtol=1e-4)
+
+
+def test_distribution_of_the_event_time_bin_sums_to_one() -> None:
+    logits = torch.randn(5, 4)
+    p = _log_distribution(logits, "time_bins").exp()
+    assert p.shape == (5, 5)
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(5, dtype=p.dtype))
+    hazards = torch.sigmoid(logits)
+    torch.testing.assert_close(p[:, 0], hazards[:, 0])  # P(first bin) = h_1
+    torch.testing.assert_close(p[:, -1], torch.prod(1 - hazards, dim=1))  # survives every bin
+
+
+def test_adapt_writes_before_and_after_and_changes_only_the_adapted_parameters(
+    msi_model: Path, world: Path, tmp_path: Path
+) -> None:
+    trained = load_model_folder(msi_model)
+    original = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    cohort = _target(world)
+    plain = predict_cohort(trained, cohort, tmp_path / "plain", embeddings=False)
+    adapted = predict_cohort(trained, cohort, tmp_path / "adapted", adapt=AdaptConfig())
+    # the trained model itself is untouched; each site adapts a copy
+    for k, v in trained.model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    # the unadapted predictions written beside the adapted ones are plain predict's, exactly
+    before = pd.read_parquet(tmp_path / "adapted" / UNADAPTED_FILE)
+    assert before.equals(plain.predictions)
+    assert not np.allclose(adapted.predictions["prob_1"], plain.predictions["prob_1"])
+    doc = json.loads((tmp_path / "adapted" / ADAPTATION_FILE).read_text())
+    assert doc["objective"] == "classes" and doc["labels_read"] is False
+    (site,) = doc["sites"]
+    assert site["patients"] == len(cohort.patient_ids)
+    assert site["adapted_parameters"] == 2 * 16  # the input affine: ABMIL has no norm layer
+    assert len(site["objective"]) == 11 and site["objective"][-1] < site["objective"][0]
+    table = pd.read_csv(tmp_path / "adapted" / ADAPTATION_TABLE)
+    assert set(table["metric"]) == {"auc", "balanced_accuracy"}
+    assert (table["site"] == "all").all() and (table["patients"] == len(cohort.patient_ids)).all()
+    assert np.isfinite(table[["before", "after"]].to_numpy()).all()
+    # embeddings come from the adapted model too
+    assert adapted.patient_embeddings.shape == plain.patient_embeddings.shape
+    assert len(list((tmp_path / "adapted" / "slide_embeddings").glob("*.h5"))) == len(cohort.slides)
+
+
+def test_adapted_predictions_never_read_the_new_sites_labels(
+    msi_model: Path, world: Path, tmp_path: Path
+) -> None:
+    """Planted labels that would help (the target, and a copy of it) change nothing."""
+    trained = load_model_folder(msi_model)
+    _, target = _tables(world)
+    helpful = target.assign(msi_copy=target["msi"], msi_hint=target["msi"] * 10.0)
+    altered = target.assign(msi=1 - target["msi"])
+    no_labels = target.drop(columns=["msi", "time", "event", "subtype"])
+    runs = {
+        "helpful": _target(world, helpful, ("msi", "msi_copy", "msi_hint")),
+        "altered": _target(world, altered),
+        "none": _target(world, no_labels, ()),
+    }
+    preds = {
+        name: predict_cohort(trained, c, tmp_path / name, adapt=AdaptConfig())
+        for name, c in runs.items()
+    }
+    ref = preds["none"].predictions
+    assert "label" not in ref and not (tmp_path / "none" / ADAPTATION_TABLE).exists()
+    for name in ("helpful", "altered"):
+        got = preds[name].predictions
+        for column in ("prob_0", "prob_1"):
+            assert np.array_equal(got[column].to_numpy(), ref[column].to_numpy()), name
+        assert preds[name].patient_embeddings.equals(preds["none"].patient_embeddings)
+    # the labels are used afterwards, for evaluation only: flipping them flips the AUC
+    auc = {
+        name: pd.read_csv(tmp_path / name / ADAPTATION_TABLE)
+        .set_index("metric")
+        .loc["auc", "after"]
+        for name in ("helpful", "altered")
+    }
+    assert auc["helpful"] == pytest.approx(1 - auc["altered"])
+
+
+def test_each_site_adapts_on_its_own(msi_model: Path, world: Path, tmp_path: Path) -> None:
+    """A cohort of several sites: one re-standardisation and one adaptation per site."""
+    trained = load_model_folder(msi_model)
+    table = pd.read_csv(world / "cohort.csv", dtype={"patient_id": str})
+    both = predict_cohort(
+        trained, _target(world, table), tmp_path / "both", embeddings=False, adapt=AdaptConfig()
+    )
+    doc = json.loads((tmp_path / "both" / ADAPTATION_FILE).read_text())
+    assert [s["site"] for s in doc["sites"]] == sorted(table["site"].unique())
+    metrics = pd.read_csv(tmp_path / "both" / ADAPTATION_TABLE, dtype={"site": str})
+    assert set(metrics["site"]) == {"all", *table["site"].unique()}
+    # a site's adapted predictions depend on its own slides only
+    _, target = _tables(world)
+    alone = predict_cohort(
+        trained, _target(world, target), tmp_path / "alone", embeddings=False, adapt=AdaptConfig()
+    )
+    got = both.predictions.set_index("patient_id").loc[alone.predictions["patient_id"]]
+    np.testing.assert_array_equal(got["prob_1"].to_numpy(), alone.predictions["prob_1"].to_numpy())
+
+
+def test_cox_models_get_the_restandardisation_only(world: Path, tmp_path: Path) -> None:
+    trained = load_model_folder(_fit(world, tmp_path / "cox", task="survival"))
+    predict_cohort(trained, _target(world, labels=()), tmp_path / "p", adapt=AdaptConfig())
+    doc = json.loads((tmp_path / "p" / ADAPTATION_FILE).read_text())
+    assert doc["objective"] == "none" and doc["sites"][0]["objective"] == []
+    assert "c_index" in set(pd.read_csv(tmp_path / "p" / ADAPTATION_TABLE)["metric"])
+
+
+def test_discrete_time_survival_minimises_the_entropy_of_the_event_bin(
+    world: Path, tmp_path: Path
+) -> None:
+    trained = load_model_folder(_fit(world, tmp_path / "nll", task="survival", survival_loss="nll"))
+    predict_cohort(trained, _target(world, labels=()), tmp_path / "p", adapt=AdaptConfig(steps=3))
+    doc = json.loads((tmp_path / "p" / ADAPTATION_FILE).read_text())
+    assert doc["objective"] == "time_bins"
+    history = doc["sites"][0]["objective"]
+    assert len(history) == 4 and history[-1] < history[0]
+
+
+def test_a_model_folder_without_statistics_is_refused_clearly(
+    msi_model: Path, world: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in msi_model.iterdir():
+        if f.is_file() and f.name != FEATURE_STATS_FILE:
+            (old / f.name).write_bytes(f.read_bytes())
+    trained = load_model_folder(old)
+    with pytest.raises(ConfigError, match=r"no training feature statistics.*--fit-all"):
+        predict_cohort(trained, _target(world), tmp_path / "p", adapt=AdaptConfig())
+    # plain prediction still works with such a folder
+    predict_cohort(trained, _target(world), tmp_path / "q", embeddings=False)
+
+
+def test_adapt_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"steps.*lr"):
+        AdaptConfig(steps=-1, lr=0.0)
+
+
+def test_cli_predict_adapt(msi_model: Path, world: Path, tmp_path: Path) -> None:
+    _, target = _tables(world)
+    target.to_csv(tmp_path / "site.csv", index=False)
+    out = tmp_path / "p"
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict", str(msi_model), "-c", str(tmp_path / "site.csv"),
+            "-f", str(world / "features"), "--out", str(out), "--adapt", "--adapt-steps", "3",
+            "--no-progress", "--no-embeddings",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "adapted to 1 site(s) without their labels" in result.output
+    assert "all auc:" in result.output
+    assert json.loads((out / ADAPTATION_FILE).read_text())["settings"]["steps"] == 3
+
+
+def test_models_with_layer_norms_adapt_those_norms_and_nothing_else(
+    world: Path, tmp_path: Path
+) -> None:
+    from oncoslide.training.adapt import adapt_and_predict
+
+    trained = load_model_folder(_fit(world, tmp_path / "transmil", model="transmil"))
+    cohort = _target(world, labels=())
+    with FeatureCache() as cache:
+        result = adapt_and_predict(
+            trained, cohort, cohort.patient_ids, cache, {}, 1, AdaptConfig(steps=3)
+        )
+    (site_model,) = result.models.values()
+    adapted = site_model.model
+    assert isinstance(adapted, SiteAdaptedModel)
+    norms = {
+        name
+        for name, module in adapted.base.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+    }
+    assert norms  # TransMIL has LayerNorm layers
+    before = trained.model.state_dict()
+    changed = {k for k, v in adapted.base.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and {k.rsplit(".", 1)[0] for k in changed} <= norms
+    n_norm = sum(p.numel() for n in norms for p in adapted.base.get_submodule(n).parameters())
+    assert result.records[0].n_adapted == 2 * 16 + n_norm
+
+
+def test_cli_adapt_options_need_adapt(msi_model: Path, world: Path, tmp_path: Path) -> None:
+    _, target = _tables(world)
+    target.to_csv(tmp_path / "site.csv", index=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict", str(msi_model), "-c", str(tmp_path / "site.csv"),
+            "-f", str(world / "features"), "--out", str(tmp_path / "p"), "--adapt-steps", "3",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "need --adapt" in result.output
+    assert not (tmp_path / "p").exists()
