@@ -77,7 +77,7 @@ def test_lora_starts_from_the_pretrained_function_and_trains_under_5_percent() -
     frozen = SlideFinetune(384, 2, finetune="frozen")
     assert frozen.trainable_share == 0.0
     assert all(p.requires_grad for p in frozen.head.parameters())
-    assert MODELS.metadata("slide-finetune")["encoder_init"] is True
+    assert MODELS.metadata("slide-finetune")["encoder_init"] is encoder_spec
 
 
 def test_model_embeds_patient_bags_with_padding_ignored() -> None:

@@ -123,3 +123,27 @@ def test_a_source_that_saw_the_target_is_refused(world: tuple[Path, Path], tmp_p
         cross_validate(cohort, config, tmp_path / "run")
     with pytest.raises(ConfigError, match="source 'SIM-Z' is not in the zoo"):
         cross_validate(cohort, _config("zoo_probe", zoo, source="SIM-Z"), tmp_path / "run2")
+
+
+def test_transfer_baselines_run_as_benchmark_cells(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A benchmark entry of a zoo model: its cells train and record the chosen source's scores
+    (the name of the source stays in the model folders; the cell info holds numbers only)."""
+    from oncoslide.bench.runner import run_benchmark
+    from oncoslide.bench.spec import spec_from_dict
+
+    root, zoo = world
+    kwargs = {"experts": str(zoo), "exclude": ["SIM-C"]}
+    raw = {
+        "name": "transfer", "cohort": str(root / "cohort.csv"), "folds": 2, "seeds": [0],
+        "val_fraction": 0.5, "n_boot": 100,
+        "feature_sets": [{"name": "f", "features": str(root / "features")}],
+        "tasks": [{"name": "os-C", "kind": "survival", "filter": {"cohort": ["SIM-C"]}}],
+        "models": [
+            {"name": "probe", "protocol": "mil", "model": "zoo_probe", "kwargs": kwargs,
+             "train": {"epochs": 1}},
+        ],
+    }  # fmt: skip
+    run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
+    assert run.n_ran == 2 and not run.failures, run.failures

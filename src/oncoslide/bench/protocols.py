@@ -327,7 +327,8 @@ class CellRunner:
         frame = outcome.prediction_frame(cohort, task.target)
         preds = _contract_frame(frame, task)
         metrics = {m: float(outcome.metrics[m]) for m in task.target.metric_names}
-        info = {k: float(v) for k, v in outcome.info.items()}
+        # numbers only (a transfer baseline also records the name of its chosen source)
+        info = {k: float(v) for k, v in outcome.info.items() if isinstance(v, int | float)}
         return preds, metrics, info
 
     @contextlib.contextmanager

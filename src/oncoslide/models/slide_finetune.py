@@ -93,7 +93,7 @@ def encoder_spec(folder: str | Path) -> dict[str, Any]:
     reference=_REFERENCE,
     has_attention=True,
     uses_coords=True,
-    encoder_init=True,
+    encoder_init=encoder_spec,  # the architecture of an --init encoder folder
     description="a pre-trained slide encoder (--init enc/) with a head: full, LoRA or frozen",
 )
 class SlideFinetune(MILModel):

@@ -158,6 +158,8 @@ def quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*`IterableDataset`.*")
+        # frozen parts (zoo experts, a probed source) stay in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         warnings.filterwarnings(
             "ignore", message=".*Checkpoint directory.*exists and is not empty.*"
         )

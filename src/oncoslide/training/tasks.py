@@ -261,11 +261,10 @@ class FoldTask:
         if MODELS.metadata(self.config.model).get("side_layout"):
             kwargs["side_layout"] = {k: v.layout() for k, v in self.side_scalers.items()}
         kwargs.update(tree_model_kwargs(self.config.model, self.task))
-        if MODELS.metadata(self.config.model).get("encoder_init") and self.config.init:
+        encoder_init = MODELS.metadata(self.config.model).get("encoder_init")
+        if callable(encoder_init) and self.config.init:
             # the architecture of the --init encoder folder (its weights come in initialise_from)
-            from oncoslide.models.slide_finetune import encoder_spec
-
-            kwargs.setdefault("encoder", encoder_spec(self.config.init))
+            kwargs.setdefault("encoder", encoder_init(self.config.init))
         return kwargs
 
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> BagTargets:
