@@ -134,7 +134,7 @@ def test_transfer_baselines_run_as_benchmark_cells(
     from oncoslide.bench.spec import spec_from_dict
 
     root, zoo = world
-    kwargs = {"experts": str(zoo), "exclude": ["SIM-C"]}
+    kwargs = {"experts": str(zoo), "exclude": "auto"}  # SIM-C's own zoo model saw the task
     raw = {
         "name": "transfer", "cohort": str(root / "cohort.csv"), "folds": 2, "seeds": [0],
         "val_fraction": 0.5, "n_boot": 100,
@@ -144,6 +144,27 @@ def test_transfer_baselines_run_as_benchmark_cells(
             {"name": "probe", "protocol": "mil", "model": "zoo_probe", "kwargs": kwargs,
              "train": {"epochs": 1}},
         ],
+        "keep_models": True,
     }  # fmt: skip
     run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
     assert run.n_ran == 2 and not run.failures, run.failures
+    kept = sorted((tmp_path / "b" / "models").iterdir())
+    assert len(kept) == 2
+    for folder in kept:  # the saved folders name the left-out cancer and reload
+        trained = load_model_folder(folder)
+        assert trained.config.model_kwargs["exclude"] == ["SIM-C"]
+        assert trained.model.candidates() == ["SIM-A", "SIM-B"]
+
+
+def test_exclude_auto_leaves_out_the_sources_that_saw_the_task(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, zoo = world
+    cohort = load_cohort(_target(root, tmp_path, "SIM-C"), root / "features")
+    config = _config("zoo_probe", zoo, exclude="auto", source="SIM-A")
+    cross_validate(cohort, config, tmp_path / "run")
+    trained = _fold(tmp_path / "run", 0)
+    assert trained.config.model_kwargs["exclude"] == ["SIM-C"]
+    # without it, SIM-C's own model (trained on every SIM-C patient) is refused as a leak
+    with pytest.raises(ConfigError, match=r"would leak.*SIM-C"):
+        cross_validate(cohort, _config("zoo_probe", zoo, exclude=[]), tmp_path / "run2")

@@ -125,6 +125,7 @@ def cross_validate(
     # a wrong model name or keyword fails here, before any folder is written
     check_side_inputs(config.model, side or {})
     task = resolve_task(cohort, config)
+    config = resolve_expert_exclusion(config, task_patients(cohort, task))
     create_model(
         config.model,
         in_dim=cohort.feature_dim,
@@ -400,6 +401,8 @@ class FoldOutcome:
         """Write the fold's self-describing model folder (see training.model_folder)."""
         if self.model is None or self.contract is None:
             raise ConfigError("this fold outcome holds no model to save")
+        # the keywords the model was built with (e.g. exclude=auto resolved to cancer names)
+        config = config.model_copy(update={"model_kwargs": self.fold_task.config.model_kwargs})
         return save_model_folder(
             path,
             self.model,
@@ -490,6 +493,8 @@ def train_fold(
     pl.seed_everything(fold_seed, workers=True, verbose=False)
 
     declared = check_side_inputs(config.model, side or {})
+    # the patients this task's splits hold (a benchmark's cohort may hold other tasks' too)
+    config = resolve_expert_exclusion(config, splits["patient_id"].astype(str).unique().tolist())
     ftask = fit_fold_task(task, config, cohort, train_ids, side=side)
     contract = FeatureContract.of(cache.get(cohort.slide_paths(train_ids[0])[0]))
     model = create_model(
@@ -759,6 +764,29 @@ def _check_experts(model: MILModel, contract: FeatureContract, held_out: Sequenc
         problems = theirs.mismatches(contract)
         if problems:
             raise ConfigError("the experts were trained on other features: " + "; ".join(problems))
+
+
+def resolve_expert_exclusion(config: TrainConfig, patients: Sequence[str]) -> TrainConfig:
+    """``exclude="auto"`` of a model built on a zoo (``needs_experts``): leave out every zoo model
+    trained on one of ``patients`` (the task's), named explicitly in the returned configuration
+    so that the run key and the saved model folders hold the list, not the word."""
+    kwargs = dict(config.model_kwargs)
+    if kwargs.get("exclude") != "auto" or not MODELS.metadata(config.model).get("needs_experts"):
+        return config
+    if kwargs.get("experts") is None:
+        raise ConfigError(f"{config.model}: exclude=auto needs experts=ZOO_FOLDER")
+    from oncoslide.transfer.zoo import load_zoo
+
+    zoo = load_zoo(kwargs["experts"])
+    ours = set(map(str, patients))
+    kwargs["exclude"] = [
+        cancer
+        for cancer in zoo.cancers
+        if ours & set(zoo.model(cancer).patients()["patient_id"].astype(str))
+    ]
+    _LOG.info("%s: experts left out as they saw this task's patients: %s", config.model,
+              ", ".join(kwargs["exclude"]) or "none")  # fmt: skip
+    return config.model_copy(update={"model_kwargs": kwargs})
 
 
 def _choose_on_validation(
