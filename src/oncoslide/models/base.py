@@ -22,6 +22,12 @@ passes it as keywords:
   A model with a ``set_training_progress(epoch, epochs)`` method is told each epoch's start.
 - ``uses_label_tree=True``: the model is built with ``tree={coarse: [fine, ...]}`` and
   ``classes`` (the task's classes, the fine level) of the run's label tree (``--hierarchy``).
+- ``chooses_on_validation=True``: before training, the training path scores each of the
+  model's ``candidates()`` (selected with ``use_source(name)``, scored by
+  ``zero_shot_logits(features, mask)``) on the fold's validation part and keeps the best.
+- ``needs_experts=True``: built on a zoo of trained models (``experts=``); ``exclude=auto``
+  leaves out those trained on the task's patients, and a fold is refused when one saw a
+  patient it validates or tests on (``seen_patients()``).
 
 Padded positions (``mask`` False) never influence any output. The heavy per-patch projection
 runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-multiply time.

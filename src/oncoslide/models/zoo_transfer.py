@@ -96,6 +96,10 @@ class ZooSource(MILModel):
         self.sources = nn.ModuleList([t.model for t in loaded])
         self.register_buffer("chosen", torch.zeros((), dtype=torch.long))
         self._freeze_others()
+        self._build(n_outputs)
+
+    def _build(self, n_outputs: int) -> None:
+        """What a baseline adds on the loaded sources (checks, a new head)."""
 
     # --- the training path's hooks -------------------------------------------------------------
     def candidates(self) -> list[str]:
@@ -118,6 +122,10 @@ class ZooSource(MILModel):
         return {k: set(v) for k, v in self._seen.items()}
 
     # -------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.net.embed_dim)
+
     @property
     def source(self) -> str:
         return self.source_names[int(self.chosen.item())]
@@ -156,7 +164,7 @@ class ZooSource(MILModel):
 class ZooFineTune(ZooSource):
     """Fine-tuning from a source cancer's model (see the module docstring).
 
-    Args:
+    Args (both baselines):
         in_dim, n_outputs, dropout, hidden_dim: see :class:`~oncoslide.models.base.MILModel`
             (``dropout`` and ``hidden_dim`` are the source's own; these are unused).
         experts: a zoo folder (``oncoslide zoo train``).
@@ -164,27 +172,13 @@ class ZooFineTune(ZooSource):
         exclude: zoo cancers never used (e.g. the target's own model, which saw its patients).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_outputs: int,
-        dropout: float = 0.25,
-        hidden_dim: int = 512,
-        experts: str | None = None,
-        source: str = "auto",
-        exclude: Sequence[str] = (),
-    ) -> None:
-        super().__init__(in_dim, n_outputs, dropout, hidden_dim, experts, source, exclude)
+    def _build(self, n_outputs: int) -> None:
         for cancer, net in zip(self.source_names, self.nets, strict=True):
             if net.n_outputs != n_outputs:
                 raise ConfigError(
                     f"zoo_finetune: the {cancer} model has {net.n_outputs} outputs, this task "
                     f"{n_outputs}; train with the zoo's survival loss and bins"
                 )
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.net.embed_dim)
 
     def forward(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> MILOutput:
         self.check_inputs(features, mask, coords)
@@ -215,25 +209,11 @@ class ZooProbe(ZooSource):
 
     trains_source = False
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_outputs: int,
-        dropout: float = 0.25,
-        hidden_dim: int = 512,
-        experts: str | None = None,
-        source: str = "auto",
-        exclude: Sequence[str] = (),
-    ) -> None:
-        super().__init__(in_dim, n_outputs, dropout, hidden_dim, experts, source, exclude)
+    def _build(self, n_outputs: int) -> None:
         widths = {int(net.embed_dim) for net in self.nets}
         if len(widths) != 1:
             raise ConfigError(f"zoo_probe: the candidate sources embed at {sorted(widths)} widths")
         self.head = make_head(widths.pop(), n_outputs)
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.net.embed_dim)
 
     def train(self, mode: bool = True) -> ZooProbe:
         super().train(mode)

@@ -792,10 +792,10 @@ def resolve_expert_exclusion(config: TrainConfig, patients: Sequence[str]) -> Tr
 def _choose_on_validation(
     model: MILModel, ftask: FoldTask, val: BagDataset, config: TrainConfig
 ) -> dict[str, Any]:
-    """For models built on a choice among candidates (the transfer baselines' source model):
+    """For models that declare ``chooses_on_validation`` (the transfer baselines' source model):
     score every candidate, unchanged, on the fold's validation part and keep the best. The test
     part is never read. Returns what to record in the fold's info ({} for other models)."""
-    if not callable(getattr(model, "candidates", None)):
+    if not MODELS.metadata(config.model).get("chooses_on_validation"):
         return {}
     chooser = cast(Any, model)  # ZooSource-like: candidates, use_source, zero_shot_logits
     names = [str(n) for n in chooser.candidates()]
