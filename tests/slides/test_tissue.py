@@ -72,6 +72,11 @@ def test_real_slide_tissue(svs_path: Path, svs_pixels: np.ndarray) -> None:
     assert mask.mask[int(2400 / d), int(1000 / d)]  # dermis, lower middle
     assert not mask.mask[int(2400 / d), int(300 / d)]  # glass, lower left
     assert not mask.mask[int(300 / d), int(2000 / d)]  # glass, upper right
+    # the mask's last row reaches past the slide (185 x 16.09 > 2967 px): polygons stay inside
+    assert mask.shape[0] * d > 2967 and mask.extent == (2220.0, 2967.0)
+    rings = np.concatenate(mask.contours())
+    assert rings[:, 0].min() >= 0 and rings[:, 0].max() <= 2220
+    assert rings[:, 1].min() >= 0 and rings[:, 1].max() <= 2967
 
 
 # ---------------------------------------------------------------------------- synthetic images
@@ -249,6 +254,16 @@ def test_polygons_and_geojson(tmp_path: Path) -> None:
     # polygon area in level-0 px² = tissue pixels x 8², less the corners marching squares cuts
     assert areas == pytest.approx(grid.sum() * 64, rel=0.01)
     assert [p.name for p in path.parent.iterdir()] == ["slide.geojson"]  # no temp file left
+
+
+def test_polygons_are_clipped_to_the_extent() -> None:
+    grid = np.ones((10, 10), bool)  # tissue up to the mask's edge
+    unclipped = TissueMask(mask=grid, mpp=4.0, downsample=8.0).contours()[0]
+    assert unclipped.max() == 80  # 10 mask px of 8 level-0 px
+    clipped = TissueMask(mask=grid, mpp=4.0, downsample=8.0, extent=(75.0, 78.0)).contours()[0]
+    assert clipped[:, 0].max() == 75 and clipped[:, 1].max() == 78
+    with pytest.raises(ConfigError, match="extent"):
+        TissueMask(mask=grid, mpp=4.0, downsample=8.0, extent=(0.0, 78.0))
 
 
 def test_save_png_round_trip(tmp_path: Path) -> None:

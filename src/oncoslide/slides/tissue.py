@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,6 +129,9 @@ class TissueMask:
     mpp: float  # µm per mask pixel
     downsample: float  # level-0 px per mask pixel
     threshold: float | None = None  # the saturation threshold used (None if not computed)
+    # level-0 (width, height) of the slide: the last mask row/column may reach past the slide's
+    # edge (its size is rarely a multiple of the downsample), so polygons are clipped to it
+    extent: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         mask = np.asarray(self.mask)
@@ -139,6 +142,8 @@ class TissueMask:
         object.__setattr__(self, "mask", mask)
         if not (self.mpp > 0 and self.downsample > 0):
             raise ConfigError("a tissue mask needs mpp > 0 and downsample > 0")
+        if self.extent is not None and not (self.extent[0] > 0 and self.extent[1] > 0):
+            raise ConfigError(f"a tissue mask's extent must be positive, got {self.extent}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -175,7 +180,10 @@ class TissueMask:
 
     def _to_level0(self, ring_rc: np.ndarray) -> np.ndarray:
         # contour vertices are in pixel-centre coordinates; pixel c spans [c - 0.5, c + 0.5]
-        return (ring_rc[:, ::-1] + 0.5) * self.downsample
+        ring = (ring_rc[:, ::-1] + 0.5) * self.downsample
+        if self.extent is not None:
+            ring = np.clip(ring, 0.0, np.asarray(self.extent, dtype=np.float64))
+        return ring
 
     def geojson(self) -> dict[str, Any]:
         """The tissue as a GeoJSON FeatureCollection of polygons in level-0 px (QuPath-ready)."""
@@ -217,7 +225,8 @@ def detect_tissue(slide: Slide, config: TissueConfig | None = None) -> TissueMas
     """Tissue mask of a slide, computed on its thumbnail at ``config.thumbnail_mpp``."""
     config = config or TissueConfig()
     rgb, mpp = slide.thumbnail(config.thumbnail_mpp)
-    return detect_tissue_rgb(rgb, mpp, config, level0_mpp=slide.info.level0_mpp)
+    mask = detect_tissue_rgb(rgb, mpp, config, level0_mpp=slide.info.level0_mpp)
+    return replace(mask, extent=(float(slide.info.width), float(slide.info.height)))
 
 
 def detect_tissue_rgb(
