@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import threading
 import time
@@ -232,3 +233,10 @@ def test_close_stops_a_blocked_prefetcher(slides: list[Path]) -> None:
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         FeatureCache(**kwargs)
+
+
+def test_default_cache_is_bounded(slides: list[Path]) -> None:
+    # predict and the reports make caches without a limit: they must not grow with the cohort
+    assert FeatureCache().max_bytes == 8 * 2**30
+    assert FeatureCache(None).max_bytes is None  # unbounded only when asked for
+    assert pickle.loads(pickle.dumps(FeatureCache())).max_bytes == 8 * 2**30

@@ -29,6 +29,9 @@ from oncoslide.features.schema import SlideFeatures
 PathLike = str | os.PathLike[str]
 Reader = Callable[[Path], SlideFeatures]
 _DTYPES = (None, "float16", "float32")
+# the training path's default (``cache_gb`` 8): a cache made without a bound (predict, reports)
+# must not grow with a cohort of thousands of slides
+DEFAULT_MAX_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class FeatureCache:
     """LRU cache of :class:`SlideFeatures` keyed by resolved file path.
 
     Args:
-        max_bytes: memory bound for the cached arrays (features + coords); ``None`` = unbounded.
-            A single slide larger than the bound is returned but not kept.
+        max_bytes: memory bound for the cached arrays (features + coords), 8 GiB by default;
+            ``None`` = unbounded. A single slide larger than the bound is returned but not kept.
         dtype: ``"float16"`` stores features as float16 (half the memory), ``"float32"`` as
             float32; ``None`` keeps the stored dtype.
         stamp_mpp: passed to :func:`~oncoslide.features.readers.read_features` for STAMP files.
@@ -77,7 +80,7 @@ class FeatureCache:
 
     def __init__(
         self,
-        max_bytes: int | None = None,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         dtype: str | None = None,
         *,
         stamp_mpp: float | None = None,
