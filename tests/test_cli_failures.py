@@ -392,3 +392,25 @@ def test_features_of_two_encoders_in_one_folder_give_one_hint(
     assert err.count("point the features folder at one of them") == 1
     assert err.endswith(f"e.g. {job / 'features_conch_v15'}")
     assert "ambiguous" not in err  # the per-slide text is gone
+
+
+def test_ctrl_c_during_training_gives_the_resume_message_and_code_130(
+    tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning answers Ctrl+C with its own teardown and sys.exit(1), and leaves SIGINT ignored:
+    # the command must still say that finished work is kept, exit 130, and restore Ctrl+C
+    import signal
+
+    from oncoslide.training.module import MILModule
+
+    def interrupted(self: Any, batch: Any, batch_idx: int) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MILModule, "training_step", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    args = ["train", *_data(tiny_cohort), "--task", "survival", "--model", "mean"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--folds", "2", "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "resume" in result.output
+    assert signal.getsignal(signal.SIGINT) is before

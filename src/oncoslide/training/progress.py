@@ -165,6 +165,13 @@ def quiet_lightning() -> Iterator[None]:
         )
         try:
             yield
+        except SystemExit as exc:
+            # On Ctrl+C Lightning tears down and calls sys.exit(1) from its KeyboardInterrupt
+            # handler: that would skip the caller's message and exit code. Give the interrupt
+            # back as what it was (it is the exit's context).
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
