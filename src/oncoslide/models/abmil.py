@@ -43,6 +43,28 @@ class GatedAttention(nn.Module):
         return self.score(hidden).squeeze(-1)
 
 
+class AttentionSlidePath(MILModel):
+    """ABMIL's slide path: ``proj`` (Linear + ReLU + Dropout per patch) and ``attention``
+    pooling. Models that pool patches as ABMIL does build it here, under ABMIL's parameter
+    names, so their slide path can be checked against ``abmil`` with the same weights."""
+
+    def _build_slide_path(self, attn_dim: int, gated: bool = True) -> None:
+        if isinstance(attn_dim, bool) or not isinstance(attn_dim, int) or attn_dim < 1:
+            raise ConfigError(
+                f"{type(self).__name__}: attn_dim must be a positive integer, got {attn_dim!r}"
+            )
+        self.attn_dim = attn_dim
+        self.proj = nn.Sequential(
+            nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU(), Dropout(self.dropout)
+        )
+        self.attention = GatedAttention(self.hidden_dim, attn_dim, self.dropout, gated)
+
+    def slide_embedding(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, hidden_dim) attention-pooled slide embedding and (B, N) attention."""
+        rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
+        return attention_pool(self.attention(rows), rows, mask, bag_index(mask))
+
+
 @MODELS.register(
     "abmil",
     reference=_REFERENCE,
@@ -50,7 +72,7 @@ class GatedAttention(nn.Module):
     uses_coords=False,
     description="gated attention MIL (CLAM / PathBench form)",
 )
-class ABMIL(MILModel):
+class ABMIL(AttentionSlidePath):
     """Gated attention MIL.
 
     Linear(D -> hidden) + ReLU + Dropout per patch; gated attention (attn_dim wide) gives one
@@ -73,18 +95,13 @@ class ABMIL(MILModel):
         gated: bool = True,
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
-        if not isinstance(attn_dim, int) or attn_dim < 1:
-            raise ConfigError(f"ABMIL: attn_dim must be a positive integer, got {attn_dim!r}")
-        self.attn_dim = attn_dim
         self.gated = bool(gated)
-        self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
-        self.attention = GatedAttention(hidden_dim, attn_dim, dropout, self.gated)
+        self._build_slide_path(attn_dim, self.gated)
         self.head = make_head(hidden_dim, n_outputs)
 
     def forward(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> MILOutput:
         self.check_inputs(features, mask, coords)
-        rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
-        embedding, attention = attention_pool(self.attention(rows), rows, mask, bag_index(mask))
+        embedding, attention = self.slide_embedding(features, mask)
         return MILOutput(logits=self.head(embedding), embedding=embedding, attention=attention)
 
 
@@ -106,4 +123,4 @@ def abmil_plain(
     return ABMIL(in_dim, n_outputs, dropout, hidden_dim, attn_dim=attn_dim, gated=False)
 
 
-__all__ = ["ABMIL", "GatedAttention", "abmil_plain"]
+__all__ = ["ABMIL", "AttentionSlidePath", "GatedAttention", "abmil_plain"]

@@ -34,16 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from oncoslide.errors import ConfigError
-from oncoslide.models.abmil import GatedAttention
+from oncoslide.models.abmil import AttentionSlidePath
 from oncoslide.models.base import (
     MODELS,
     Dropout,
     MILModel,
     MILOutput,
-    attention_pool,
-    bag_index,
     masked_softmax,
-    project_valid,
 )
 from oncoslide.models.heads import make_head
 
@@ -153,26 +150,6 @@ def omics_inputs(
     return torch.where(present[:, None], omics, torch.zeros_like(omics)), present
 
 
-class _SlideBranch(MILModel):
-    """ABMIL's slide path (``proj``, gated ``attention``), under ABMIL's parameter names so a
-    fusion model's slide-only path can be checked against ``abmil`` with the same weights."""
-
-    def _build_slide(self, attn_dim: int) -> None:
-        if isinstance(attn_dim, bool) or not isinstance(attn_dim, int) or attn_dim < 1:
-            raise ConfigError(
-                f"{type(self).__name__}: attn_dim must be a positive integer, got {attn_dim!r}"
-            )
-        self.proj = nn.Sequential(
-            nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU(), Dropout(self.dropout)
-        )
-        self.attention = GatedAttention(self.hidden_dim, attn_dim, self.dropout, gated=True)
-
-    def slide_embedding(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, hidden_dim) attention-pooled slide embedding and (B, N) attention."""
-        rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
-        return attention_pool(self.attention(rows), rows, mask, bag_index(mask))
-
-
 # ------------------------------------------------------------------------------ models
 
 
@@ -251,7 +228,7 @@ class OmicsSNN(MILModel):
     side_inputs={"omics": "always"},
     side_layout=True,
 )
-class LateFusion(_SlideBranch):
+class LateFusion(AttentionSlidePath):
     """Late fusion: a slide head and an omics head, logits averaged where omics are present.
 
     Slide branch as ``abmil`` (``proj``, gated ``attention``, slide ``head``); omics branch
@@ -290,7 +267,7 @@ class LateFusion(_SlideBranch):
         self.n_omics = _omics_width(side_layout, "LateFusion")
         self.omics_dim = omics_dim
         self.p_missing_train = _check_share(p_missing_train, "LateFusion")
-        self._build_slide(attn_dim)
+        self._build_slide_path(attn_dim)
         self.head = make_head(hidden_dim, n_outputs)
         self.snn = SNN(self.n_omics, omics_dim, n_blocks, float(omics_dropout))
         self.omics_head = make_head(omics_dim, n_outputs)
@@ -338,7 +315,7 @@ EXPERTS = ("slide", "omics", "fused")
     side_inputs={"omics": "always"},
     side_layout=True,
 )
-class MOME(_SlideBranch):
+class MOME(AttentionSlidePath):
     """Mixture of modality experts with a gate over the experts a patient's data allow.
 
     Experts, all ``hidden_dim`` wide: ``slide`` (the ABMIL embedding of the patches), ``omics``
@@ -378,7 +355,7 @@ class MOME(_SlideBranch):
         self.n_omics = _omics_width(side_layout, "MOME")
         self.omics_dim = omics_dim
         self.p_missing_train = _check_share(p_missing_train, "MOME")
-        self._build_slide(attn_dim)
+        self._build_slide_path(attn_dim)
         self.snn = SNN(self.n_omics, omics_dim, n_blocks, float(omics_dropout))
         self.omics_expert = nn.Sequential(
             nn.Linear(omics_dim, hidden_dim), nn.ReLU(), Dropout(self.dropout)
