@@ -14,7 +14,7 @@ balanced accuracy with a patient bootstrap (one draw of the patients per replica
 every seed and fold, each (seed, fold) rescored with the multiplicities, and a draw of the
 training seeds, as ``oncoslide.bench.stats``) and its two-sided p-value, and the seconds per run.
 
-    python benchmarks/bench_hmil.py                 # 3 seeds: about 20 minutes on 2 CPU cores
+    python benchmarks/bench_hmil.py                 # 6 seeds: about 40-65 minutes on 2 CPU cores
     python benchmarks/bench_hmil.py --seeds 1       # quicker
 """
 
@@ -183,7 +183,7 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, default=6, help="training seeds (0, 1, ...)")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--root", type=Path, default=None, help="keep the runs here")
     args = parser.parse_args(argv)
