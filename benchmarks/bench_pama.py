@@ -14,6 +14,9 @@ the difference in out-of-fold AUC (mean over repeats), two-sided.
 
 Variants: full PAMA; positions off (no position reaches the model); shuffled coordinates; no
 KRO; no anchor dropout. The encoder kept is chosen by RankMe (label-free), as the CLI does.
+``--target codes`` (with ``--codebook-size``), ``--masking regions`` and ``--mask-ratio`` give
+every variant that pretext (masked k-means codes, block masking); ``--set seed=1`` simulates
+another world of the preset (to confirm a result on a world no choice was made on).
 
 Part 2 (``--part speed``). Synthetic bags (random 384-d features on a square patch grid) of
 512 to 16,384 patches: one PAMA training step (forward + backward, 75 % masked) per bag size
@@ -24,6 +27,7 @@ stay flat if the cost scales as N x anchors.
 
     python benchmarks/bench_pama.py --out out/pama                # both parts, ~40 min on 2 CPUs
     python benchmarks/bench_pama.py --part probe --epochs 20 --variants full,positions-off
+    python benchmarks/bench_pama.py --part probe --epochs 15 --target codes --out out/pama-codes
     python benchmarks/bench_pama.py --part speed --device cuda
 """
 
@@ -107,7 +111,7 @@ def paired_bootstrap(
     patient-level bootstrap."""
     rng = np.random.default_rng(seed)
     diff = mean_auc(y, a) - mean_auc(y, b)
-    diffs = []
+    diffs: list[float] = []
     n = len(y)
     while len(diffs) < n_boot:
         rows = rng.integers(0, n, n)
@@ -150,8 +154,9 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if not (sim / "cohort.csv").exists():
         from oncoslide.simulate import make_simulation_config, simulate_cohort
 
-        print(f"simulating the spatial preset (seed 0) into {sim}", flush=True)
-        simulate_cohort(sim, make_simulation_config("spatial"))
+        knobs = dict(kv.split("=", 1) for kv in getattr(args, "set", []))
+        print(f"simulating the spatial preset {knobs or '(seed 0)'} into {sim}", flush=True)
+        simulate_cohort(sim, make_simulation_config("spatial", knobs))
     cohort = pd.read_csv(sim / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
     features = sim / "features"
     pre, probe = split_halves(cohort, "inflamed", args.seed)
@@ -168,9 +173,22 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     x_mean = mean_pooled(features, cohort, probe)
     probs["mean-pool"] = oof_probe(x_mean, y, args.repeats)
     print(f"mean pooling: AUC {mean_auc(y, probs['mean-pool']):.3f}", flush=True)
+    target = getattr(args, "target", "features")
     for name in args.variants:
-        kwargs = VARIANTS[name]
-        enc_dir, emb_dir = out / f"enc-{name}", out / f"emb-{name}"
+        kwargs = dict(VARIANTS[name])
+        tag = name
+        if target != "features":  # the pretext's target (every variant gets it)
+            kwargs.update(target=target, codebook_size=getattr(args, "codebook_size", 16))
+            tag = f"{name}-{target}"
+        masking = getattr(args, "masking", "patches")
+        if masking != "patches":
+            kwargs.update(masking=masking)
+            tag = f"{tag}-{masking}"
+        mask_ratio = getattr(args, "mask_ratio", 0.75)
+        if mask_ratio != 0.75:
+            kwargs.update(mask_ratio=mask_ratio)
+            tag = f"{tag}-m{round(100 * mask_ratio)}"
+        enc_dir, emb_dir = out / f"enc-{tag}", out / f"emb-{tag}"
         bags = PretrainBags.from_features(
             features, slide_ids=pre_slides, max_patches=args.max_patches, seed=args.seed
         )
@@ -227,6 +245,9 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "repeats": args.repeats,
         "epochs": args.epochs,
         "seed": args.seed,
+        "target": target,
+        "masking": getattr(args, "masking", "patches"),
+        "mask_ratio": getattr(args, "mask_ratio", 0.75),
         "auc": aucs,
         "pretraining": pretrain_rows,
         "comparisons": comparisons,
@@ -252,11 +273,12 @@ def measure_size(n: int, anchors: list[int], device: str, repeats: int) -> list[
     import torch
 
     from oncoslide.pretrain import Bag, create_method
-    from oncoslide.pretrain.pama import kmeans_anchors
+    from oncoslide.pretrain.pama import PAMAEncoder, kmeans_anchors
 
     torch.manual_seed(0)
     method = create_method("pama", in_dim=384).to(device)
     enc = method.encoder
+    assert isinstance(enc, PAMAEncoder)
     feats, coords = _grid_bag(n, 384, 0)
     feats, coords = feats.to(device), coords.to(device)
     pos = coords / 448.0
@@ -363,6 +385,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target",
+        choices=["features", "codes"],
+        default="features",
+        help="PAMA's pretext target: masked features (MSE, the paper's) or k-means codes (CE)",
+    )
+    parser.add_argument("--codebook-size", type=int, default=16)
+    parser.add_argument(
+        "--masking",
+        choices=["patches", "regions"],
+        default="patches",
+        help="mask patches at random (the paper's) or whole anchor regions (block masking)",
+    )
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="simulator knob of the spatial world (e.g. seed=1: another world of the preset)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--sizes", default="512,1024,2048,4096,8192,16384")

@@ -513,7 +513,9 @@ _TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
     "num_threads": ("--threads",),
 }
 # TrainConfig fields given another way on the command line
-_TRAIN_SPECIAL = {"model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype", "hierarchy"}
+_TRAIN_SPECIAL = {
+    "model_kwargs", "aux_weights", "freeze", "progress", "cache_dtype", "hierarchy", "choose",
+}  # fmt: skip
 
 
 def _config_option(name: str, field: Any) -> inspect.Parameter:
@@ -586,6 +588,7 @@ def _train(
     cache_float16: bool | None,
     progress: bool,
     hierarchy: Path | None = None,
+    choose: list[str] | None = None,
     **fields: Any,
 ) -> None:
     """Cross-validate a MIL model (patient-level folds, validation carved from training), or
@@ -614,6 +617,10 @@ def _train(
         }
     if freeze:
         settings["freeze"] = list(freeze)
+    if choose:  # candidate values chosen on validation (oncoslide.training.choose)
+        from oncoslide.training.choose import parse_choose
+
+        settings["choose"] = {**settings.get("choose", {}), **parse_choose(choose)}
     if hierarchy is not None:  # read (and validated) by the config: the run keeps the tree
         settings["hierarchy"] = str(hierarchy)
     if cache_float16 is not None:
@@ -694,6 +701,11 @@ def _train_one(
     _print_empty_slides(c, "[yellow]note:[/]")
     # recorded for heatmaps (not read by training): only a folder that is there
     slides = study.paths.slides if study.paths.slides and study.paths.slides.exists() else None
+    if cfg.model == "slide-finetune" and c.feature_dim is not None:  # the trainable share
+        from oncoslide.models.slide_finetune import trainable_summary
+
+        line = trainable_summary(c.feature_dim, cfg.model_kwargs, cfg.init, lr=cfg.lr)
+        console.print(escape(line))
     if fit_all:
         from oncoslide.training.fit_all import fit_all as run_fit_all
 
@@ -705,10 +717,6 @@ def _train_one(
         return
     from oncoslide.training.cv import cross_validate  # imports Lightning: after the checks
 
-    if cfg.model == "slide-finetune" and c.feature_dim is not None:  # the trainable share
-        from oncoslide.models.slide_finetune import trainable_summary
-
-        console.print(escape(trainable_summary(c.feature_dim, cfg.model_kwargs, cfg.init)))
     with _shown(view):
         run = cross_validate(
             c, cfg, out, splits=given_splits, overwrite=overwrite, console=console, side=side,
@@ -751,6 +759,7 @@ def _train_signature() -> inspect.Signature:
         P("aux_weight", kw, annotation=list[str], default=typer.Option([], "--aux-weight", help="weight of a model's auxiliary loss, e.g. --aux-weight recon=0.3")),
         P("hierarchy", kw, annotation=Path | None, default=typer.Option(None, "--hierarchy", help="label tree (YAML: coarse class -> fine classes, e.g. label_tree.yaml) over the task's classes: metrics at both levels; needed by hmil")),
         P("freeze", kw, annotation=list[str], default=typer.Option([], "--freeze", help="parameter group kept fixed with --init: encoder, projection, aggregator, head (repeatable)")),
+        P("choose", kw, annotation=list[str], default=typer.Option([], "--choose", help="candidate values chosen per fold on the validation part, e.g. --choose top_k=1,2,5 --choose lr=1e-4,5e-4 (model keywords; lr, weight_decay, warmup_epochs, epochs, batch_size, max_patches, grad_clip, optimizer, sampler)")),
         P("cache_float16", kw, annotation=bool | None, default=typer.Option(None, "--cache-float16/--cache-stored", help="hold features as float16 in memory")),
         P("config", kw, annotation=Path | None, default=typer.Option(None, "--config", help="study file (oncoslide init): its paths and train settings fill what is not given here; or a YAML/JSON file of settings")),
         P("splits", kw, annotation=Path | None, default=typer.Option(None, "--splits", help="reuse a splits.csv")),
@@ -779,6 +788,13 @@ def _print_fit_all(result: Any, seconds: float) -> None:
         f"{parts.get('train', 0)} patients, validation {parts.get('val', 0)}"
         + (" (already trained: nothing to do)" if result.resumed else f" in {seconds:.0f} s")
     )
+    if trained.config.choose == {} and (result.out_dir / "choices.csv").is_file():
+        import pandas as pd
+
+        from oncoslide.training.choose import kept_summary
+
+        kept = kept_summary(pd.read_csv(result.out_dir / "choices.csv")).split(" in ")[0]
+        console.print(f"  chosen on validation: {escape(kept)} (choices.csv)", highlight=False)
     folder = escape(str(result.out_dir))
     console.print(
         f"  model folder {folder} (model.json, weights.pt, patients.csv, history.csv); "
@@ -807,6 +823,13 @@ def print_run_summary(result: Any, seconds: float | None = None) -> None:
             f"feature files read {stats.get('reads', '?')} time(s) for "
             f"{len(set(result.splits['patient_id']))} patients"
         )
+    if result.config.choose and (result.out_dir / "choices.csv").exists():
+        import pandas as pd
+
+        from oncoslide.training.choose import kept_summary
+
+        kept = kept_summary(pd.read_csv(result.out_dir / "choices.csv"))
+        console.print(f"chosen on validation: {escape(kept)} (choices.csv)", highlight=False)
     tail = f" in {seconds:.0f} s" if seconds is not None else ""
     console.print(
         f"[green]done[/]{tail}: {escape(str(result.out_dir))}/ (metrics.csv, predictions.parquet, "
@@ -850,11 +873,11 @@ def predict(
         False,
         "--adapt",
         help="adapt the model to each site's unlabelled slides first: feature "
-        "re-standardisation, then entropy minimisation of normalisation parameters "
+        "alignment, then entropy minimisation of normalisation parameters "
         "(labels are never read; see docs/training.md)",
     ),
     adapt_steps: int = typer.Option(
-        10, "--adapt-steps", min=0, help="entropy steps per site (0: re-standardise only)"
+        10, "--adapt-steps", min=0, help="entropy steps per site (0: align only)"
     ),
     adapt_lr: float = typer.Option(0.01, "--adapt-lr", min=0.0, help="learning rate of --adapt"),
     adapt_diversity: float = typer.Option(
@@ -863,7 +886,25 @@ def predict(
     adapt_restandardise: bool = typer.Option(
         True,
         "--adapt-restandardise/--adapt-no-restandardise",
-        help="--adapt: map each site's feature statistics onto training's first",
+        help="--adapt: map each site's feature statistics onto training's first "
+        "(--adapt-no-restandardise: --adapt-align none)",
+    ),
+    adapt_align: str | None = typer.Option(
+        None,
+        "--adapt-align",
+        help="--adapt: standardise (per-dimension mean and sd; default), coral (full "
+        "covariance) or none",
+    ),
+    adapt_prior: str = typer.Option(
+        "uniform",
+        "--adapt-prior",
+        help="--adapt: target of the diversity term, uniform or training (class frequencies)",
+    ),
+    adapt_match: str = typer.Option(
+        "decisions",
+        "--adapt-match",
+        help="--adapt, classification: decisions (predict the site's patients in the shares "
+        "the model predicted its training part; default) or none",
     ),
 ) -> None:
     """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
@@ -918,7 +959,16 @@ def predict(
         embeddings=embeddings,
         side=side,
         num_threads=num_threads,
-        adapt=_adapt_config(adapt, adapt_steps, adapt_lr, adapt_diversity, adapt_restandardise),
+        adapt=_adapt_config(
+            adapt,
+            adapt_steps,
+            adapt_lr,
+            adapt_diversity,
+            adapt_restandardise,
+            align=adapt_align,
+            prior=adapt_prior,
+            match=adapt_match,
+        ),
     )
     console.print(
         f"[green]predicted[/] {len(result.predictions)} patients with "
@@ -939,11 +989,26 @@ def predict(
         print_adaptation(console, result.out_dir)
 
 
-def _adapt_config(adapt: bool, steps: int, lr: float, diversity: float, restandardise: bool) -> Any:
+def _adapt_config(
+    adapt: bool,
+    steps: int,
+    lr: float,
+    diversity: float,
+    restandardise: bool,
+    *,
+    align: str | None = None,
+    prior: str = "uniform",
+    match: str = "decisions",
+) -> Any:
     from oncoslide.errors import ConfigError
     from oncoslide.training.adapt import AdaptConfig
 
-    config = AdaptConfig(steps=steps, lr=lr, diversity=diversity, restandardise=restandardise)
+    if not restandardise and align not in (None, "none"):
+        raise ConfigError(f"--adapt-no-restandardise contradicts --adapt-align {align}")
+    chosen = align or ("standardise" if restandardise else "none")
+    config = AdaptConfig(
+        steps=steps, lr=lr, diversity=diversity, prior=prior, align=chosen, match=match
+    )
     if not adapt:
         if config != AdaptConfig():
             raise ConfigError("the --adapt-... options need --adapt")
@@ -1658,6 +1723,12 @@ if __name__ == "oncoslide.cli":
     app.command("embed-slides")(embed_slides_cmd)
     # explain (prototypes) and report (one page per patient)
     _register_explain(app)
+    from oncoslide.cli_fewshot import register as _register_fewshot  # few-shot probes (issue 14)
+
+    _register_fewshot(app)
+    from oncoslide.cli_transfer import register as _register_transfer  # transfer report (13)
+
+    _register_transfer(transfer_app)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def print_adaptation(console: Console, out: Path) -> None:
             f"{site['shift']['mean_abs_offset_sd']:.2f} sd, |log sd ratio| "
             f"{site['shift']['mean_abs_log_sd_ratio']:.2f}{change}"
         )
+        decisions = site.get("decisions") or {}
+        if decisions:
+            shares = ", ".join(f"{r:.2f}" for r in decisions["site_rates"])
+            target = ", ".join(f"{r:.2f}" for r in decisions["training_rates"])
+            console.print(f"    predicted shares per class {shares} (training part: {target})")
     table = out / ADAPTATION_TABLE
     if not table.exists():
         return

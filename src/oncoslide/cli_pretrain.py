@@ -75,6 +75,16 @@ def pretrain_pama(
     positions: str = typer.Option(
         "on", "--positions", help="on, off (ablation: no positions) or shuffled (ablation)"
     ),
+    target: str = typer.Option(
+        "features",
+        "--target",
+        help="what masked patches are predicted as: features (MSE, the paper's) or codes "
+        "(cross-entropy on a label-free k-means tokenizer of the bags' patches)",
+    ),
+    codebook_size: int = typer.Option(16, "--codebook-size", help="k-means codes (--target codes)"),
+    masking: str = typer.Option(
+        "patches", "--masking", help="mask patches at random (the paper's) or whole anchor regions"
+    ),
 ) -> None:
     """Pre-train a PAMA slide encoder on unlabelled feature bags, one slide per bag."""
     _run_pretraining(
@@ -91,6 +101,9 @@ def pretrain_pama(
             kro=kro,
             anchor_dropout=anchor_dropout,
             positions=positions,
+            target=target,
+            codebook_size=codebook_size,
+            masking=masking,
             lr=lr,
         ),
         features=features,

@@ -5,9 +5,10 @@ The protocol is benchmarks/bench_pama.py's (imported from there): pre-training o
 patients (stratified by `inflamed`), probing on the other half in repeated patient-level 5-fold
 CV (logistic C = 0.5, balanced), paired patient-level bootstrap of the AUC difference.
 
-Measured (docs/pretrain.md): PAMA as specified (MSE on masked raw patch features) does NOT beat
-mean pooling here; the test states the requirement and is marked as an expected failure until a
-method meets it (strict=False: it passes the day one does).
+Measured (docs/pretrain.md): neither PAMA as specified (MSE on masked raw patch features) nor
+the discrete-target option (cross-entropy on masked k-means codes, ``target="codes"``) beats
+mean pooling here; the test states the requirement for both and is marked as an expected
+failure until a method meets it (strict=False: it passes the day one does).
 """
 
 from __future__ import annotations
@@ -31,13 +32,25 @@ def _bench() -> ModuleType:
     return module
 
 
+_REASONS = {
+    "features": "measured 2026-12-01: PAMA's masked-feature MSE learns no more than the mean "
+    "feature on the spatial world's noisy features; AUC 0.500 vs 0.550 (docs/pretrain.md)",
+    "codes": "measured 2026-12-01: masked k-means codes are learnt (cross-entropy 2.77 -> 2.49) "
+    "but the frozen embeddings stay at chance: AUC 0.517 vs 0.550 for mean pooling, p = 0.43; "
+    "full vs positions off +0.028, p = 0.28 (world seed 1: 0.486 vs 0.446, p = 0.39) "
+    "(docs/pretrain.md)",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured 2026-12-01: PAMA's masked-feature MSE learns no more than the mean feature "
-    "on the spatial world's noisy features; AUC at chance (docs/pretrain.md)",
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(t, marks=pytest.mark.xfail(strict=False, reason=reason))
+        for t, reason in _REASONS.items()
+    ],
 )
-def test_pama_beats_mean_pooling_on_the_arrangement_task(tmp_path: Path) -> None:
+def test_pama_beats_mean_pooling_on_the_arrangement_task(tmp_path: Path, target: str) -> None:
     import argparse
 
     bench = _bench()
@@ -50,6 +63,11 @@ def test_pama_beats_mean_pooling_on_the_arrangement_task(tmp_path: Path) -> None
         repeats=5,
         n_boot=1000,
         seed=0,
+        target=target,
+        codebook_size=16,
+        masking="patches",
+        mask_ratio=0.75,
+        set=[],
     )
     result = bench.run_probe(args, tmp_path)
     comp = {(c["a"], c["b"]): c for c in result["comparisons"]}

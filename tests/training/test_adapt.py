@@ -25,6 +25,9 @@ from oncoslide.training.adapt import (
     AdaptConfig,
     SiteAdaptedModel,
     _log_distribution,
+    coral_map,
+    decision_bias,
+    training_prior,
 )
 from oncoslide.training.feature_stats import FEATURE_STATS_FILE, FeatureStats
 from oncoslide.training.fit_all import fit_all
@@ -97,6 +100,43 @@ def test_model_folder_stores_the_training_parts_feature_statistics(
     assert stats.n_patches == len(x)
     np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(stats.std, x.std(axis=0), rtol=1e-7)
+    # the full covariance too (CORAL)
+    assert stats.cov is not None
+    np.testing.assert_allclose(stats.cov, np.cov(x.T, bias=True), rtol=1e-7, atol=1e-9)
+
+
+def test_coral_gives_the_site_the_training_covariance() -> None:
+    """Whitening with the site's covariance and re-colouring with training's undoes a mixing of
+    the dimensions that per-dimension re-standardisation cannot (oracle: the sample moments)."""
+    rng = np.random.default_rng(1)
+    d = 5
+    colour = rng.normal(size=(d, d))
+    train_x = rng.normal(size=(4000, d)) @ colour + 3.0
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # a rotation and gains: the new scanner
+    site_x = (rng.normal(size=(3000, d)) @ colour) @ q * np.exp(rng.normal(0, 0.3, d)) - 1.0
+    train, site = FeatureStats.of([train_x]), FeatureStats.of([site_x])
+    assert site.cov is not None
+
+    class Echo(torch.nn.Module):
+        in_dim, n_outputs, dropout, hidden_dim, embed_dim = d, 1, 0.0, d, d
+
+        def forward(self, features, mask, coords=None):
+            return features
+
+    def mapped(model: SiteAdaptedModel) -> np.ndarray:
+        x = torch.tensor(site_x, dtype=torch.float32)[None]
+        return model(x, torch.ones(1, len(site_x), dtype=torch.bool))[0].detach().double().numpy()
+
+    coral = mapped(
+        SiteAdaptedModel(Echo(), train, site.mean, site.std, coral_map(site.cov, train, 0.0))  # type: ignore[arg-type]
+    )
+    np.testing.assert_allclose(coral.mean(axis=0), train.mean, atol=1e-3)
+    np.testing.assert_allclose(np.cov(coral.T, bias=True), train.cov, rtol=1e-3, atol=1e-3)
+    # re-standardisation matches the variances but leaves the correlations of the site
+    std = mapped(SiteAdaptedModel(Echo(), train, site.mean, site.std))  # type: ignore[arg-type]
+    assert np.abs(np.cov(std.T, bias=True) - train.cov).max() > 0.1 * np.abs(train.cov).max()
+    # shrinkage mixes in the scaled identity: the result is still well defined for one patch
+    assert np.isfinite(coral_map(np.zeros((d, d)), train, 0.5)).all()
 
 
 def test_restandardisation_maps_the_sites_statistics_onto_trainings() -> None:
@@ -174,17 +214,26 @@ def test_adapted_predictions_never_read_the_new_sites_labels(
         "altered": _target(world, altered),
         "none": _target(world, no_labels, ()),
     }
-    preds = {
-        name: predict_cohort(trained, c, tmp_path / name, adapt=AdaptConfig())
-        for name, c in runs.items()
+    # every alignment and diversity target: the fit-time statistics (covariance, class
+    # frequencies) come from the model folder, never from the new site's labels
+    settings = {
+        "default": AdaptConfig(),
+        "coral": AdaptConfig(align="coral", prior="training", steps=3),
     }
-    ref = preds["none"].predictions
-    assert "label" not in ref and not (tmp_path / "none" / ADAPTATION_TABLE).exists()
-    for name in ("helpful", "altered"):
-        got = preds[name].predictions
-        for column in ("prob_0", "prob_1"):
-            assert np.array_equal(got[column].to_numpy(), ref[column].to_numpy()), name
-        assert preds[name].patient_embeddings.equals(preds["none"].patient_embeddings)
+    for setting, adapt in settings.items():
+        preds = {
+            name: predict_cohort(trained, c, tmp_path / setting / name, adapt=adapt)
+            for name, c in runs.items()
+        }
+        ref = preds["none"].predictions
+        assert "label" not in ref
+        assert not (tmp_path / setting / "none" / ADAPTATION_TABLE).exists()
+        for name in ("helpful", "altered"):
+            got = preds[name].predictions
+            for column in ("prob_0", "prob_1"):
+                assert np.array_equal(got[column].to_numpy(), ref[column].to_numpy()), name
+            assert preds[name].patient_embeddings.equals(preds["none"].patient_embeddings)
+    tmp_path = tmp_path / "default"
     # the labels are used afterwards, for evaluation only: flipping them flips the AUC
     auc = {
         name: pd.read_csv(tmp_path / name / ADAPTATION_TABLE)
@@ -312,3 +361,154 @@ def test_cli_adapt_options_need_adapt(msi_model: Path, world: Path, tmp_path: Pa
     assert result.exit_code == 2
     assert "need --adapt" in result.output
     assert not (tmp_path / "p").exists()
+
+
+def test_coral_and_the_training_prior_adapt_and_are_recorded(
+    msi_model: Path, world: Path, tmp_path: Path
+) -> None:
+    trained = load_model_folder(msi_model)
+    # the class frequencies of the training part, recovered from the stored balanced weights
+    parts = trained.patients()
+    train = parts.loc[parts["part"] == "train", "patient_id"]
+    source, _ = _tables(world)
+    labels = source.drop_duplicates("patient_id").set_index("patient_id").loc[train, "msi"]
+    freq = np.bincount(labels.astype(int), minlength=2) / len(labels)
+    prior = training_prior(trained)
+    assert prior is not None
+    np.testing.assert_allclose(prior, freq, rtol=1e-5)
+    adapt = AdaptConfig(align="coral", prior="training", steps=4)
+    predict_cohort(trained, _target(world), tmp_path / "p", embeddings=False, adapt=adapt)
+    doc = json.loads((tmp_path / "p" / ADAPTATION_FILE).read_text())
+    assert doc["settings"]["align"] == "coral" and doc["settings"]["prior"] == "training"
+    assert "CORAL" in doc["objective_note"] and "KL divergence" in doc["objective_note"]
+    history = doc["sites"][0]["objective"]
+    assert len(history) == 5 and history[-1] < history[0]
+
+
+def test_coral_needs_the_stored_covariance(msi_model: Path, world: Path, tmp_path: Path) -> None:
+    """A folder whose statistics predate the covariance: CORAL is refused with a message,
+    re-standardisation still works."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in msi_model.iterdir():
+        if f.is_file():
+            (old / f.name).write_bytes(f.read_bytes())
+    stats = FeatureStats.load(old)
+    FeatureStats(
+        mean=stats.mean, std=stats.std, n_patches=stats.n_patches, n_slides=stats.n_slides
+    ).save(old)
+    trained = load_model_folder(old)
+    assert FeatureStats.load(old).cov is None
+    with pytest.raises(ConfigError, match=r"no training feature covariance.*--fit-all"):
+        predict_cohort(trained, _target(world), tmp_path / "p", adapt=AdaptConfig(align="coral"))
+    # nor decision rates: the default (decision matching) is refused, --adapt-match none works
+    with pytest.raises(ConfigError, match=r"no decision rates.*--fit-all.*--adapt-match none"):
+        predict_cohort(trained, _target(world), tmp_path / "p", adapt=AdaptConfig(steps=2))
+    predict_cohort(
+        trained,
+        _target(world),
+        tmp_path / "q",
+        embeddings=False,
+        adapt=AdaptConfig(steps=2, match="none"),
+    )
+
+
+def test_decision_bias_meets_the_target_shares() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(101, 2))
+    bias = decision_bias(logits, np.array([0.7, 0.3]))
+    chosen = np.argmax(logits + bias, axis=1)
+    assert (chosen == 1).sum() == round(0.3 * 101)  # exact for two classes
+    assert bias[0] == 0.0
+    # the positives are the highest margins: the ranking is kept
+    margin = logits[:, 1] - logits[:, 0]
+    assert margin[chosen == 1].min() > margin[chosen == 0].max()
+    three = rng.normal(size=(300, 3)) + np.array([2.0, 0.0, -1.0])
+    target = np.array([0.5, 0.3, 0.2])
+    shares = np.bincount(np.argmax(three + decision_bias(three, target), axis=1), minlength=3)
+    np.testing.assert_allclose(shares / 300, target, atol=0.02)
+    # shares already met: no change of any decision
+    met = np.bincount(np.argmax(three, axis=1), minlength=3) / 300
+    assert np.array_equal(
+        np.argmax(three + decision_bias(three, met), axis=1), np.argmax(three, axis=1)
+    )
+
+
+def test_decision_matching_predicts_the_training_parts_shares(
+    msi_model: Path, world: Path, tmp_path: Path
+) -> None:
+    """Stored at fit time: the argmax shares of the model's outputs on its training part (full
+    bags); after adapting, the site's patients are predicted in those shares."""
+    from oncoslide.training.predict import predict_logits
+
+    trained = load_model_folder(msi_model)
+    stats = FeatureStats.load(msi_model)
+    assert stats.decision_rates is not None
+    source, _ = _tables(world)
+    cohort = load_cohort(source, world / "features")
+    train = list(trained.patients().query("part == 'train'")["patient_id"])
+    with FeatureCache() as cache:
+        logits, _ = predict_logits(trained, cohort, train, cache)
+    expected = np.bincount(logits.argmax(dim=-1).numpy(), minlength=2) / len(train)
+    np.testing.assert_allclose(stats.decision_rates, expected)
+    target = _target(world)
+    got = predict_cohort(trained, target, tmp_path / "p", embeddings=False, adapt=AdaptConfig())
+    n = len(target.patient_ids)
+    positive = int((got.predictions["prob_1"] > 0.5).sum())
+    assert positive == round(stats.decision_rates[1] * n)
+    site = json.loads((tmp_path / "p" / ADAPTATION_FILE).read_text())["sites"][0]
+    assert site["decisions"]["site_rates"][1] == pytest.approx(positive / n)
+    assert site["decisions"]["training_rates"] == pytest.approx(list(stats.decision_rates))
+
+
+def test_adapt_alignment_and_prior_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"align must be one of.*prior must be one of"):
+        AdaptConfig(align="whiten", prior="flat")
+    with pytest.raises(ConfigError, match=r"shrinkage"):
+        AdaptConfig(shrinkage=1.5)
+
+
+def test_cli_predict_adapt_align_coral(msi_model: Path, world: Path, tmp_path: Path) -> None:
+    _, target = _tables(world)
+    target.to_csv(tmp_path / "site.csv", index=False)
+    common = [
+        "predict", str(msi_model), "-c", str(tmp_path / "site.csv"),
+        "-f", str(world / "features"), "--no-progress", "--no-embeddings", "--adapt",
+    ]  # fmt: skip
+    out = tmp_path / "p"
+    result = CliRunner().invoke(
+        app,
+        [*common, "--out", str(out), "--adapt-align", "coral", "--adapt-prior", "training",
+         "--adapt-steps", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / ADAPTATION_FILE).read_text())["settings"]
+    assert settings["align"] == "coral" and settings["prior"] == "training"
+    assert "CORAL" in result.output and "predicted shares per class" in result.output
+    result = CliRunner().invoke(
+        app, [*common, "--out", str(tmp_path / "m"), "--adapt-match", "none", "--adapt-steps", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / ADAPTATION_FILE).read_text())["settings"]["match"] == "none"
+    assert "predicted shares per class" not in result.output
+    # the old switch still means no alignment, and contradicting it is an error
+    result = CliRunner().invoke(
+        app,
+        [*common, "--out", str(tmp_path / "q"), "--adapt-no-restandardise", "--adapt-steps", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "q" / ADAPTATION_FILE).read_text())["settings"]["align"] == "none"
+    result = CliRunner().invoke(
+        app,
+        [
+            *common,
+            "--out",
+            str(tmp_path / "r"),
+            "--adapt-no-restandardise",
+            "--adapt-align",
+            "coral",
+        ],
+    )
+    assert result.exit_code == 2 and "contradicts" in result.output
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "s"), "--adapt-align", "x"])
+    assert result.exit_code == 2 and "align must be one of" in result.output

@@ -44,7 +44,7 @@ import pandas as pd
 from oncoslide._threads import apply_num_threads
 from oncoslide.bench.resolve import BenchTask, FeatureSet, ResolvedBench
 from oncoslide.bench.spec import ModelSpec
-from oncoslide.bench.store import CellRecord, cell_key
+from oncoslide.bench.store import DETAIL_PREFIX, CellRecord, cell_key
 from oncoslide.cohort.bags import load_bag
 from oncoslide.cohort.fingerprint import data_record
 from oncoslide.cohort.splits import fold_parts
@@ -85,16 +85,24 @@ def cell_config(
 ) -> dict[str, Any]:
     """Everything that can change a cell's numbers, as plain JSON-able data."""
     model_part: dict[str, Any] = model.model_dump(mode="json")
+    # an init folder is keyed by its content (a moved folder keeps the keys, new weights do
+    # not); cells without one stay as they were before the field existed
+    model_part.pop("init", None)
     if model.protocol == "mil":
         train = _train_config(bench, task, model, seed, len(task.folds))
         # settings added since the first release join the key only when set (see TrainConfig)
         model_part["train"] = {
             k: v for k, v in train.keyed_settings(mode="json").items() if k != "n_boot"
         }
+        if model.init is not None:
+            model_part["train"].pop("init", None)
+            model_part["init"] = init_digest(bench.spec.path(model.init))
         for unused in ("pooling", "C", "l1_ratio", "n_alphas"):
             model_part.pop(unused, None)
+        # a grid is keyed in train (TrainConfig.choose); entries without one keep their keys
+        model_part.pop("choose", None)
     else:
-        for unused in ("model", "kwargs", "train"):
+        for unused in ("model", "kwargs", "train", "choose"):
             model_part.pop(unused, None)
         if fs.level == "slide":
             model_part.pop("pooling", None)
@@ -128,6 +136,23 @@ def cell_config(
         "seed": int(seed),
         "fold": int(fold),
     }
+
+
+def init_digest(folder: Path) -> str:
+    """Digest of an ``init`` folder's content: its description (``encoder.json`` of a slide
+    encoder, ``model.json`` of a model folder) and its weights file."""
+    from oncoslide.pretrain.folder import WEIGHTS_FILE as ENCODER_WEIGHTS
+    from oncoslide.training.model_folder import MODEL_FILE, WEIGHTS_FILE
+
+    for meta, weights in (("encoder.json", ENCODER_WEIGHTS), (MODEL_FILE, WEIGHTS_FILE)):
+        if (folder / meta).is_file() and (folder / weights).is_file():
+            h = hashlib.sha256((folder / meta).read_bytes())
+            h.update((folder / weights).read_bytes())
+            return h.hexdigest()[:20]
+    raise ConfigError(
+        f"init {folder}: neither a slide-encoder folder (encoder.json, {ENCODER_WEIGHTS}) nor a "
+        f"model folder ({MODEL_FILE}, {WEIGHTS_FILE})"
+    )
 
 
 def applies(model: ModelSpec, fs: FeatureSet) -> bool:
@@ -485,6 +510,9 @@ def _contract_frame(frame: pd.DataFrame, task: BenchTask) -> pd.DataFrame:
         out["label"] = frame["label"].astype(str)
         for c in task.classes:
             out[f"prob_{c}"] = frame[f"prob_{c}"].astype(float)
+    for c in frame.columns:  # per-patient details of models that give them (detail_<name>)
+        if isinstance(c, str) and c.startswith(DETAIL_PREFIX):
+            out[c] = frame[c].astype(float)
     return out.reset_index(drop=True)
 
 

@@ -184,6 +184,17 @@ class ModelSpec(_Strict):
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig overrides on top of the benchmark's"
     )
+    choose: dict[str, Any] = Field(
+        default_factory=dict,
+        description="candidate values chosen per fold on the validation part, e.g. "
+        "{top_k: [1, 2, 5], lr: [1e-4, 5e-4]} (TrainConfig.choose)",
+    )
+    init: Path | None = Field(
+        None,
+        description="a slide-encoder folder (oncoslide pretrain) or a model folder whose "
+        "weights start every cell (train --init); relative to the spec; cells are keyed by "
+        "its content, not its path",
+    )
     # linear (Patho-Bench style, fixed: never tuned on test folds)
     pooling: Literal["mean", "max", "meanmax"] = "mean"
     C: float = Field(0.5, gt=0, description="logistic regression inverse penalty")
@@ -192,8 +203,12 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _protocol_fields(self) -> ModelSpec:
-        if self.protocol == "linear" and (self.model or self.kwargs or self.train):
-            raise ValueError("model, kwargs and train apply to the mil protocol only")
+        if self.protocol == "linear" and (self.model or self.kwargs or self.train or self.choose):
+            raise ValueError("model, kwargs, train and choose apply to the mil protocol only")
+        if self.protocol == "linear" and self.init is not None:
+            raise ValueError("init applies to the mil protocol only")
+        if self.init is not None and "init" in self.train:
+            raise ValueError("give init once: the entry's init, not train.init")
         return self
 
     @property
@@ -241,12 +256,16 @@ class BenchSpec(_Strict):
 
     def train_config(self, model: ModelSpec, **fields: Any) -> TrainConfig:
         """The TrainConfig of a mil model for one cell (``fields`` set task, seed, ...)."""
+        # the entry's choose (its grid) wins over a train.choose
+        grid = {"choose": dict(model.choose)} if model.choose else {}
+        if model.init is not None:  # resolved against the spec's folder
+            fields = {**fields, "init": str(self.path(model.init))}
         return TrainConfig(
             model=model.registry_name,
             model_kwargs=dict(model.kwargs),
             val_fraction=self.val_fraction,
             progress=False,
-            **{**self.train, **model.train, **fields},
+            **{**self.train, **model.train, **grid, **fields},
         )
 
 
@@ -285,16 +304,25 @@ def cross_problems(raw: dict[str, Any]) -> list[str]:
         if m.get("protocol", "mil") == "mil":
             own = m.get("train") if isinstance(m.get("train"), dict) else {}
             assert isinstance(own, dict)
-            problems += _train_problems(str(m.get("name")), {**common, **own})
+            own = {**own, **({"choose": m["choose"]} if m.get("choose") else {})}
+            # a grid's names are the registry model's keywords: checked against that model
+            model_part = {"model": str(m.get("model") or m.get("name"))}
+            if isinstance(m.get("kwargs"), dict):
+                model_part["model_kwargs"] = m["kwargs"]
+            problems += _train_problems(str(m.get("name")), {**common, **own}, model_part)
     return problems
 
 
-def _train_problems(model: str, overrides: dict[str, Any]) -> list[str]:
+def _train_problems(
+    model: str, overrides: dict[str, Any], model_part: dict[str, Any] | None = None
+) -> list[str]:
     problems = []
     owned = sorted(set(overrides) & BENCH_OWNED_TRAIN_FIELDS)
     if owned:
         problems.append(f"model {model}: train fields {owned} are set by the benchmark itself")
     rest = {k: v for k, v in overrides.items() if k not in BENCH_OWNED_TRAIN_FIELDS}
+    if "choose" in rest:  # only a grid reads the model (its keywords); others stay as they were
+        rest.update(model_part or {})
     try:
         TrainConfig(task="survival", **rest)
     except ValidationError as exc:

@@ -32,7 +32,9 @@ Tables (schema version 1, kept in ``meta``):
     finite value, the same on every row of the cell. Cells written before it existed lack the
     key (their ``outputs_json`` in ``cells`` is ``["risk"]``); they still load, with
     ``risk_threshold`` NaN (or no such column when no cell read has one), so the schema version
-    is unchanged.
+    is unchanged. Models that describe their patients add ``detail_<name>`` outputs (e.g.
+    ROUPKT's ``detail_routing_<expert>``, see ``oncoslide.training.details``), read back as
+    columns like the others.
 
 Readers give back the tidy metric rows and the prediction frame of the benchmark contract
 (``docs/contracts.md``): :meth:`ResultStore.metrics`, :meth:`ResultStore.predictions`.
@@ -79,6 +81,9 @@ STORE_FILENAME = "results.sqlite"
 ID_COLUMNS = ("cell_key", "task", "feature_set", "model", "protocol", "seed", "fold")
 # a survival cell's risk-group threshold, stored with each prediction as an output
 RISK_THRESHOLD = "risk_threshold"
+# per-patient details a model gives beside its outputs (oncoslide.training.details), e.g.
+# ``detail_routing_<expert>``: stored with the outputs, never checked as probabilities
+DETAIL_PREFIX = "detail_"
 PATIENT_COLUMNS = ("patient_id", "time", "event", "label")
 METRIC_COLUMNS = (*ID_COLUMNS, "metric", "value")
 CELL_COLUMNS = (*ID_COLUMNS, "seconds", "finished_at", "config", "info")
@@ -254,7 +259,8 @@ def _output_columns(frame: pd.DataFrame, problems: list[str]) -> list[str]:
     if duplicated:
         problems.append(f"predictions have duplicated columns {duplicated!r}")
         return []
-    unknown = [c for c in frame.columns if c not in known and c not in outputs]
+    details = [c for c in frame.columns if isinstance(c, str) and c.startswith(DETAIL_PREFIX)]
+    unknown = [c for c in frame.columns if c not in known and c not in outputs + details]
     if RISK_THRESHOLD in unknown:
         unknown.remove(RISK_THRESHOLD)
         if "risk" not in outputs:
@@ -270,7 +276,7 @@ def _output_columns(frame: pd.DataFrame, problems: list[str]) -> list[str]:
         problems.append("an output column is named 'prob_' without a class")
     if "risk" in outputs and RISK_THRESHOLD in frame.columns:
         outputs.append(RISK_THRESHOLD)
-    return outputs
+    return outputs + details
 
 
 def _check_threshold(values: pd.Series, problems: list[str]) -> None:
@@ -312,7 +318,11 @@ def _check_patients(frame: pd.DataFrame, problems: list[str]) -> tuple[list[Any]
 def _check_outputs(outputs: list[str], values: np.ndarray, problems: list[str]) -> None:
     if np.isinf(values).any():
         problems.append("predictions outputs contain infinite values")
-    if outputs and "risk" not in outputs and len(values):
+    probs = [i for i, c in enumerate(outputs) if not c.startswith(DETAIL_PREFIX)]
+    if values.shape[1] != len(outputs):  # not numeric: reported already
+        return
+    if probs and "risk" not in outputs and len(values):
+        values = values[:, probs]
         finite = values[~np.isnan(values).any(axis=1)]
         if ((finite < 0) | (finite > 1)).any():
             problems.append("class probabilities outside [0, 1]")
@@ -710,7 +720,12 @@ class ResultStore:
             ).fetchall()
             names = sorted(
                 {name for *_, text in cells for name in json.loads(text)},
-                key=lambda name: (name != "risk", name != RISK_THRESHOLD, name),
+                key=lambda name: (
+                    name != "risk",
+                    name != RISK_THRESHOLD,
+                    name.startswith(DETAIL_PREFIX),
+                    name,
+                ),
             )
             # SQLite's JSON functions read the outputs far faster than json.loads per row; a
             # JSON path cannot quote a name holding '"', so such (odd) names are parsed here

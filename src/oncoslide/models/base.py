@@ -28,6 +28,9 @@ passes it as keywords:
 - ``needs_experts=True``: built on a zoo of trained models (``experts=``); ``exclude=auto``
   leaves out those trained on the task's patients, and a fold is refused when one saw a
   patient it validates or tests on (``seen_patients()``).
+- ``describes_patients=True``: the model's ``patient_details(features, mask) -> {name: (B,)}``
+  (e.g. ROUPKT's router weights) is written beside its predictions as ``detail_<name>``
+  columns (test parts, benchmark cells, ``predict``; see :mod:`oncoslide.training.details`).
 
 Padded positions (``mask`` False) never influence any output. The heavy per-patch projection
 runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-multiply time.
@@ -138,6 +141,12 @@ class MILModel(nn.Module):
             if "." not in n:
                 groups.setdefault(n, [n])
         return {k: v for k, v in groups.items() if v}
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by :meth:`parameter_groups` name (default none): the
+        training path gives these groups' trainable parameters ``lr * scale`` and every other
+        trainable parameter the run's ``lr`` (e.g. LoRA updates in ``slide-finetune``)."""
+        return {}
 
     def freeze(self, groups: list[str] | tuple[str, ...]) -> int:
         """Keep the parameters of the named groups fixed; returns how many values are frozen.

@@ -50,6 +50,7 @@ _REFERENCE = (
     uses_coords=False,
     aux_losses={"balance": 0.01, "z": 0.01},
     needs_experts=True,
+    describes_patients=True,  # routing weights per expert, beside the predictions
     description="ROUPKT: a router over the frozen models of a zoo (experts=ZOO)",
 )
 class ROUPKT(MILModel):
@@ -162,3 +163,7 @@ class ROUPKT(MILModel):
             pooled, _ = attention_pool(self.attention(rows), rows, mask, bag_index(mask))
             probs = torch.softmax(self.router(pooled), dim=-1)
         return {name: probs[:, k] for k, name in enumerate(self.expert_names)}
+
+    def patient_details(self, features: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """``routing_<expert>``: the router's softmax weight of each expert (before top-k)."""
+        return {f"routing_{k}": v for k, v in self.routing(features, mask).items()}

@@ -155,6 +155,17 @@ class PretrainMethod(pl.LightningModule):
             "warmup_fraction": self.warmup_fraction,
         }
 
+    def prepare(self, dataset: Any, seed: int) -> None:
+        """Label-free set-up from the pre-training bags, before the first step (e.g. a k-means
+        tokenizer of their patches). Called by the runner on every start, resumed or not, so it
+        must be deterministic given (dataset, seed); what it fits must be buffers (they travel
+        in the checkpoints). Default: nothing."""
+
+    def folder_files(self) -> dict[str, dict[str, Tensor]]:
+        """Extra tensors the encoder folder keeps beside the encoder ({file name: tensors},
+        saved with torch.save), e.g. a tokenizer's codebook. Default: none."""
+        return {}
+
     # -- checkpoints: the process's RNG states and the run's settings travel with them -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # numpy's legacy global state (what code may draw from); tensors and plain numbers

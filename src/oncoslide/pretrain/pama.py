@@ -20,9 +20,17 @@ grid step read from the coordinates). Per bag:
 - **AD** (anchor dropout): in training each anchor is dropped with probability
   ``anchor_dropout`` (0.2): removed from the patches' keys; the softmax over the kept anchors
   renormalises their weights, which is the 1/(1-p) rescaling of dropout for attention weights.
-- **MAE**: 75 % of the patches are masked; the encoder sees the visible ones; the decoder gets the encoder's tokens, a learned mask token at every masked
-  patch, the encoder's anchors at their positions, and reconstructs the masked patches'
-  features (MSE on masked tokens only).
+- **MAE**: 75 % of the patches are masked; the encoder sees the visible ones; the decoder gets
+  the encoder's tokens, a learned mask token at every masked patch, the encoder's anchors at
+  their positions, and predicts the masked patches. ``target="features"`` (the paper's):
+  their features, MSE on masked tokens only. ``target="codes"`` (BEiT / HuBERT-style discrete
+  targets, an option added here): their cluster among ``codebook_size`` centres of a k-means
+  tokenizer fitted once on the pre-training bags' patches (label-free, :meth:`PAMA.prepare`),
+  cross-entropy on masked tokens. Why: when patch features are mostly noise around a few
+  morphologies, the raw features of a masked patch are next to unpredictable (the MSE stays
+  at the variance), but which morphology it shows is predictable from its neighbours.
+  ``masking="regions"`` (option) masks whole anchor regions instead of random patches
+  (BEiT / SimMIM block masking).
 - **Embedding**: LayerNorm'd CLS token and mean of the patch tokens, concatenated (``pool``).
 
 Ablations: ``kro=False``, ``anchor_dropout=0``, ``positions="off"`` (no position biases and
@@ -48,6 +56,10 @@ from oncoslide.errors import ConfigError
 from oncoslide.pretrain.base import PRETRAINERS, SLIDE_ENCODERS, Bag, PretrainMethod, SlideEncoder
 
 Positions = Literal["on", "off", "shuffled"]
+Target = Literal["features", "codes"]
+Masking = Literal["patches", "regions"]
+TOKENIZER_FILE = "tokenizer.pt"  # the codebook of target="codes", in the encoder folder
+_TOKENIZER_PATCHES = 65_536  # patches the k-means tokenizer is fitted on, at most
 N_ANGLE_BINS = 8
 _EMBED_SEED = 20240917  # the fixed draw of embed-time randomness (positions off / shuffled)
 
@@ -93,6 +105,48 @@ def kmeans_anchors(pos: Tensor, k: int, iters: int = 8) -> Tensor:
 
 def n_anchors(n_patches: int, max_anchors: int) -> int:
     return max(1, min(max_anchors, n_patches // 18 + 1, n_patches))
+
+
+def fit_codebook(x: Tensor, k: int, generator: torch.Generator, iters: int = 50) -> Tensor:
+    """k-means centres (k, D) of the rows of ``x`` (M, D): k-means++ seeding from
+    ``generator``, then Lloyd iterations (an emptied cluster is re-seeded at the row farthest
+    from its centre). Deterministic given the generator's state."""
+    m = x.shape[0]
+    if m < k:
+        raise ConfigError(f"a codebook of {k} codes needs at least {k} patches, got {m}")
+    x = x.double()
+    first = int(torch.randint(m, (1,), generator=generator))
+    centres = [x[first]]
+    nearest = ((x - x[first]) ** 2).sum(1)
+    for _ in range(k - 1):
+        probs = nearest / nearest.sum() if float(nearest.sum()) > 0 else None
+        nxt = (
+            int(torch.multinomial(probs, 1, generator=generator))
+            if probs is not None
+            else int(torch.randint(m, (1,), generator=generator))
+        )
+        centres.append(x[nxt])
+        nearest = torch.minimum(nearest, ((x - x[nxt]) ** 2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        dist = torch.cdist(x, c)
+        assign = dist.argmin(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        new = sums / counts.clamp(min=1).unsqueeze(1).to(x.dtype)
+        empty = counts == 0
+        if bool(empty.any()):
+            far = dist.gather(1, assign.unsqueeze(1)).squeeze(1).argsort(descending=True)
+            new[empty] = x[far[: int(empty.sum())]]
+        if torch.equal(new, c):
+            break
+        c = new
+    return c.float()
+
+
+def assign_codes(x: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest codebook row for each row of ``x``."""
+    return torch.cdist(x.float(), codebook.to(x.device)).argmin(1)
 
 
 @dataclass
@@ -352,6 +406,7 @@ class PAMA(PretrainMethod):
 
     name = "pama"
     encoder: PAMAEncoder
+    codebook: Tensor  # (codebook_size, in_dim) buffer of target="codes"
 
     def __init__(
         self,
@@ -370,6 +425,9 @@ class PAMA(PretrainMethod):
         decoder_width: int = 32,
         decoder_depth: int = 1,
         mask_ratio: float = 0.75,
+        target: Target = "features",
+        codebook_size: int = 16,
+        masking: Masking = "patches",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.05,
@@ -377,6 +435,12 @@ class PAMA(PretrainMethod):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction)
         if not 0.0 < mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if target not in ("features", "codes"):
+            raise ConfigError(f"target must be features or codes, not {target!r}")
+        if codebook_size < 2:
+            raise ConfigError(f"codebook_size must be >= 2, got {codebook_size}")
+        if masking not in ("patches", "regions"):
+            raise ConfigError(f"masking must be patches or regions, not {masking!r}")
         self.encoder = PAMAEncoder(
             in_dim=in_dim,
             width=width,
@@ -393,6 +457,15 @@ class PAMA(PretrainMethod):
         self.decoder_width = decoder_width
         self.decoder_depth = decoder_depth
         self.mask_ratio = mask_ratio
+        self.target: Target = target
+        self.codebook_size = codebook_size
+        self.masking: Masking = masking
+        # the k-means tokenizer of target="codes": fitted by prepare() on the pre-training bags
+        # (a buffer: it travels in the checkpoints, so a resumed run predicts the same codes)
+        self.register_buffer(
+            "codebook", torch.zeros(codebook_size if target == "codes" else 0, in_dim)
+        )
+        self.codebook_ready = False
         self.dec_embed = nn.Linear(width, decoder_width)
         self.dec_anchor = nn.Linear(width, decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(decoder_width))
@@ -401,7 +474,7 @@ class PAMA(PretrainMethod):
             for _ in range(decoder_depth)
         )
         self.dec_norm = nn.LayerNorm(decoder_width)
-        self.dec_out = nn.Linear(decoder_width, in_dim)
+        self.dec_out = nn.Linear(decoder_width, in_dim if target == "features" else codebook_size)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -409,7 +482,49 @@ class PAMA(PretrainMethod):
             "decoder_width": self.decoder_width,
             "decoder_depth": self.decoder_depth,
             "mask_ratio": self.mask_ratio,
+            "target": self.target,
+            "codebook_size": self.codebook_size,
+            "masking": self.masking,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.codebook_ready = self.target == "codes"
+
+    def prepare(self, dataset: Any, seed: int) -> None:
+        """``target="codes"``: fit the k-means tokenizer on the pre-training bags' patches (at
+        most 65,536, an equal share per bag, drawn with a generator seeded by ``seed``)."""
+        if self.target != "codes" or self.codebook_ready:
+            return
+        gen = torch.Generator().manual_seed(int(seed) * 7919 + 104729)
+        per_bag = max(1, -(-_TOKENIZER_PATCHES // max(1, len(dataset))))
+        parts = []
+        for i in range(len(dataset)):
+            feats = dataset.load(i, subsample=True, epoch=0).features
+            if feats.shape[0] > per_bag:
+                feats = feats[torch.randperm(feats.shape[0], generator=gen)[:per_bag]]
+            parts.append(feats)
+        x = torch.cat(parts)
+        codebook = fit_codebook(x, self.codebook_size, gen)
+        self.codebook.copy_(codebook.to(self.codebook.device))
+        self.codebook_ready = True
+        counts = torch.bincount(assign_codes(x, codebook), minlength=self.codebook_size)
+        from oncoslide._log import get_logger
+
+        get_logger("pretrain").info(
+            "PAMA tokenizer: k-means with %d codes on %d patches of %d bags; code shares "
+            "%.3f to %.3f",
+            self.codebook_size,
+            x.shape[0],
+            len(dataset),
+            float(counts.min()) / x.shape[0],
+            float(counts.max()) / x.shape[0],
+        )
+
+    def folder_files(self) -> dict[str, dict[str, Tensor]]:
+        if self.target != "codes":
+            return {}
+        return {TOKENIZER_FILE: {"codebook": self.codebook}}
 
     def bag_loss(self, bag: Bag, generator: torch.Generator) -> Tensor:
         enc = self.encoder
@@ -420,9 +535,12 @@ class PAMA(PretrainMethod):
         pos = enc.positions_of(
             None if bag.coords is None else bag.coords.to(self.device), n, generator
         )
-        n_visible = max(1, round(n * (1 - self.mask_ratio)))
-        perm = torch.randperm(n, generator=generator).to(self.device)
-        visible, masked = perm[:n_visible].sort().values, perm[n_visible:].sort().values
+        if self.masking == "regions":
+            visible, masked = self._region_mask(pos, generator)
+        else:
+            n_visible = max(1, round(n * (1 - self.mask_ratio)))
+            perm = torch.randperm(n, generator=generator).to(self.device)
+            visible, masked = perm[:n_visible].sort().values, perm[n_visible:].sort().values
         # anchors from every patch's position (positions are not masked, contents are)
         anchor_idx = enc.choose_anchors(pos, generator).to(self.device)
         out = enc.encode(
@@ -456,11 +574,46 @@ class PAMA(PretrainMethod):
             if enc.kro:
                 orientation = _orientation(attn_a, angle_abs, positioned)
         pred = self.dec_out(self.dec_norm(tokens[masked]))
+        if self.target == "codes":
+            if not self.codebook_ready:
+                raise ConfigError("PAMA target='codes' needs its tokenizer: call prepare() first")
+            return F.cross_entropy(pred, assign_codes(feats[masked], self.codebook))
         return F.mse_loss(pred, feats[masked])
+
+    def _region_mask(self, pos: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Block masking (BEiT, SimMIM): whole regions are masked, a region being the patches
+        nearest one of the slide's k-means anchors (on the positions as given: for
+        ``positions="off"`` the model never sees them, only what is hidden follows them),
+        regions in random order until ``mask_ratio`` of the patches are masked (one region
+        always stays visible)."""
+        n = pos.shape[0]
+        centres = kmeans_anchors(pos.cpu(), n_anchors(n, self.encoder.max_anchors))
+        r = centres.numel()
+        if r < 2:  # a bag too small for regions: patches at random
+            perm = torch.randperm(n, generator=generator).to(self.device)
+            n_visible = max(1, round(n * (1 - self.mask_ratio)))
+            return perm[:n_visible].sort().values, perm[n_visible:].sort().values
+        region = torch.cdist(pos.cpu(), pos.cpu()[centres]).argmin(1)
+        order = torch.randperm(r, generator=generator)
+        reached = torch.bincount(region, minlength=r)[order].cumsum(0) >= self.mask_ratio * n
+        n_regions = min(r - 1, int(torch.nonzero(reached)[0]) + 1 if bool(reached.any()) else r)
+        is_masked = torch.isin(region, order[:n_regions]).to(self.device)
+        idx = torch.arange(n, device=self.device)
+        return idx[~is_masked], idx[is_masked]
 
     def loss(self, bags: list[Bag], generator: torch.Generator) -> Tensor:
         losses = [self.bag_loss(bag, generator) for bag in bags]
         return torch.stack(losses).mean()
 
 
-__all__ = ["PAMA", "PACABlock", "PAMAEncoder", "grid_step", "kmeans_anchors", "n_anchors"]
+__all__ = [
+    "PAMA",
+    "TOKENIZER_FILE",
+    "PACABlock",
+    "PAMAEncoder",
+    "assign_codes",
+    "fit_codebook",
+    "grid_step",
+    "kmeans_anchors",
+    "n_anchors",
+]

@@ -175,6 +175,9 @@ def run_pretraining(
     if resumed_from >= total and (out / ENCODER_FILE).exists():  # finished: nothing to do
         return _result(out, time.perf_counter() - started, resumed_from)
     with run_log(out, f"pre-training {method.name}"), quiet_lightning():
+        # label-free set-up from the bags (a tokenizer); deterministic, so a resumed run
+        # fits what the checkpoint holds anyway
+        method.prepare(dataset, seed)
         trainer = pl.Trainer(
             # the trainer sees the run as one epoch of `total` steps (ResumableBatches): a
             # resumed run restarts inside it; epochs (RankMe, history) are counted here
@@ -469,12 +472,20 @@ class _Recorder(pl.Callback):
         )
         done = [h for h in self.history if h.get("bags_per_s") is not None]
         rate = float(np.mean([h["bags_per_s"] for h in done])) if done else math.nan
+        extra_files = method.folder_files()
+        for name, tensors in extra_files.items():
+            with atomic_path(self.out / name, suffix=".pt.tmp") as tmp:
+                torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
         write_encoder_folder(
             self.out,
             method.encoder,
             state_dict=state,
             contract=self.contract,
-            method={"name": method.name, "config": method.config()},
+            method={
+                "name": method.name,
+                "config": method.config(),
+                **({"files": sorted(extra_files)} if extra_files else {}),
+            },
             info={
                 "chosen_epoch": int(self.best.get("epoch", len(self.history))),
                 "rankme": float(self.best.get("rankme", math.nan)),

@@ -231,8 +231,12 @@ def patient_attention(
     features = torch.tensor(np.asarray(bag.features, dtype=np.float32))[None]
     mask = torch.ones(features.shape[:2], dtype=torch.bool)
     coords = torch.tensor(np.asarray(bag.coords, dtype=np.float32))[None]
+    inputs: dict[str, Any] = {}
+    if MODELS.metadata(fold_model.config.model).get("uses_slide_index"):
+        # as in training and predict: e.g. slide-finetune embeds each slide on its own
+        inputs["slide_index"] = torch.tensor(np.asarray(bag.slide_index, dtype=np.int64))[None]
     with torch.no_grad():
-        out = fold_model.model(features, mask, coords)
+        out = fold_model.model(features, mask, coords, **inputs)
     if out.attention is None:
         raise ConfigError(f"model {fold_model.config.model!r} returned no attention")
     weights = out.attention[0].double().numpy()

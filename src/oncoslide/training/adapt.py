@@ -5,26 +5,34 @@ never seen; before predicting, it adapts to that site's slides without any of it
 site of the cohort (its ``site`` column; the whole cohort when there is none) is adapted on its
 own, starting from the trained model every time:
 
-1. **Re-standardisation.** The site's patch features are mapped onto the training part's
-   statistics, dimension by dimension: ``x -> m_train + s_train * (x - m_site) / s_site``, with
-   ``m_site, s_site`` the mean and sd over every patch of the site's slides and
-   ``m_train, s_train`` those stored in the model folder at fit time (``feature_stats.npz``).
+1. **Alignment** (``align``). ``standardise`` (default): the site's patch features are mapped
+   onto the training part's statistics, dimension by dimension:
+   ``x -> m_train + s_train * (x - m_site) / s_site``, with ``m_site, s_site`` the mean and sd
+   over every patch of the site's slides and ``m_train, s_train`` those stored in the model
+   folder at fit time (``feature_stats.npz``). ``coral``: the centred features are whitened
+   with the site's covariance and re-coloured with training's (both shrunk towards the scaled
+   identity). ``none``: the features as they are.
 2. **Entropy minimisation (Tent).** ``steps`` full-batch Adam updates of normalisation
    parameters only, minimising the mean entropy of the model's predictive distributions over
    the site's bags. ABMIL (and the other pooling models) have no normalisation layer, so every
-   model gets a per-feature affine on the re-standardised input, ``z -> gamma * z + beta``
+   model gets a per-feature affine on the aligned input, ``z -> gamma * z + beta``
    (identity at the start, in units of the training sd); models with LayerNorm or BatchNorm
    layers also adapt those layers' affine parameters. Nothing else moves.
 
    The distribution whose entropy is minimised: the class probabilities (classification); the
    distribution of the event-time bin (K bins and "after the last bin") of a discrete-time
    survival model (``--loss nll``). A Cox model outputs one risk, not a distribution, so it
-   gets the re-standardisation only (recorded as such). ``diversity`` (default 1) subtracts
+   gets the alignment only (recorded as such). ``diversity`` (default 1) subtracts
    that weight times the entropy of the site's mean prediction (SHOT's information
    maximisation): entropy alone (``diversity`` 0, plain Tent) collapsed every bag of the
    shifted site onto one class in the site-shift world (balanced accuracy 0.5), while the
    diversity term keeps the site's predictions spread over the classes, as the balanced class
-   weights of training expect.
+   weights of training expect. ``prior="training"`` aims the mean prediction at the training
+   class frequencies instead (minus a KL divergence).
+3. **Decision matching** (classification, ``match="decisions"``, default): one offset per class
+   is added to the adapted logits so that the site's patients are predicted as each class in
+   the shares the fitted model predicted its own training part (stored at fit time). It
+   assumes the site has training's class mix.
 
 Only features and the site column are read; the cohort's labels are never touched while
 adapting (a test plants helpful labels and checks that the adapted predictions do not change).
@@ -35,6 +43,7 @@ before and after adaptation, computed afterwards, for evaluation only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -56,7 +65,7 @@ from oncoslide.features.cache import FeatureCache
 from oncoslide.models import MODELS, MILModel, MILOutput
 from oncoslide.survival.metrics import concordance_index_censored
 from oncoslide.training.data import BagDataset, BagTargets, collate_bags, length_sorted_order
-from oncoslide.training.feature_stats import FeatureStats
+from oncoslide.training.feature_stats import FEATURE_STATS_FILE, FeatureStats
 from oncoslide.training.model_folder import TrainedModel
 from oncoslide.training.module import model_inputs
 
@@ -68,36 +77,65 @@ ALL_SITES = "(all)"  # the site name when the cohort has no site column
 _NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
+ALIGNMENTS = ("standardise", "coral", "none")
+PRIORS = ("uniform", "training")
+MATCHES = ("decisions", "none")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdaptConfig:
     """Settings of test-time adaptation (see the module docstring).
 
     Attributes:
-        restandardise: map each site's feature statistics onto the training part's.
-        steps: entropy-minimisation updates per site (0: re-standardisation only).
+        align: how each site's features are mapped onto the training part's before the
+            entropy steps: ``standardise`` (per-dimension mean and sd), ``coral`` (mean and
+            full covariance, which can undo a mixing of the dimensions) or ``none``.
+        shrinkage: CORAL only: weight of the scaled identity mixed into both covariances
+            (``(1 - a) C + a tr(C) / D I``), which keeps the whitening stable when a site has
+            few patches per dimension.
+        steps: entropy-minimisation updates per site (0: alignment only).
         lr: Adam learning rate of the adapted parameters (the input affine is in training-sd
             units, so 0.01 moves a feature by at most about 0.01 sd per step).
-        diversity: weight of the entropy of the site's mean prediction (0: plain Tent, which
-            may collapse onto one class).
+        diversity: weight of the diversity term (0: plain Tent, which may collapse onto one
+            class).
+        prior: the diversity term's target for the site's mean class prediction: ``uniform``
+            (the entropy of the mean prediction, SHOT's information maximisation) or
+            ``training`` (minus its KL divergence from the training part's class frequencies,
+            read from the class weights stored at fit time; classification only).
+        match: classification only: ``decisions`` ends with one bias per class added to the
+            adapted model's logits so that the site's patients are predicted as each class in
+            the shares the fitted model predicted its own training part (stored at fit
+            time); ``none`` leaves the logits as adapted.
         batch_size: bags per forward pass (gradients of all bags are summed before a step).
         site_col: the cohort column naming each patient's site.
     """
 
-    restandardise: bool = True
+    align: str = "standardise"
+    shrinkage: float = 0.1
     steps: int = 10
     lr: float = 0.01
     diversity: float = 1.0
+    prior: str = "uniform"
+    match: str = "decisions"
     batch_size: int = 16
     site_col: str = "site"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.align not in ALIGNMENTS:
+            problems.append(f"align must be one of {', '.join(ALIGNMENTS)}, got {self.align!r}")
+        if not (math.isfinite(self.shrinkage) and 0.0 <= self.shrinkage <= 1.0):
+            problems.append(f"shrinkage must be in [0, 1], got {self.shrinkage!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             problems.append(f"steps must be a non-negative integer, got {self.steps!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be positive, got {self.lr!r}")
         if not (math.isfinite(self.diversity) and self.diversity >= 0):
             problems.append(f"diversity must be >= 0, got {self.diversity!r}")
+        if self.prior not in PRIORS:
+            problems.append(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.match not in MATCHES:
+            problems.append(f"match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size!r}")
         if problems:
@@ -105,18 +143,23 @@ class AdaptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "restandardise": self.restandardise,
+            "align": self.align,
+            "shrinkage": self.shrinkage,
             "steps": self.steps,
             "lr": self.lr,
             "diversity": self.diversity,
+            "prior": self.prior,
+            "match": self.match,
             "batch_size": self.batch_size,
             "site_col": self.site_col,
         }
 
 
 class SiteAdaptedModel(MILModel):
-    """A trained model behind a per-site input map: re-standardisation, then ``gamma z + beta``.
+    """A trained model behind a per-site input map: alignment, then ``gamma z + beta``.
 
+    ``z`` is the site's centred features mapped into training-sd units: divided by the site's
+    sd (re-standardisation) or multiplied by ``site_map`` (CORAL, already in those units).
     ``gamma`` and ``beta`` (and the wrapped model's normalisation affines) are what adaptation
     trains; everything else is frozen.
     """
@@ -125,9 +168,16 @@ class SiteAdaptedModel(MILModel):
     train_std: Tensor
     site_mean: Tensor
     site_std: Tensor
+    site_map: Tensor | None
+    logit_bias: Tensor
 
     def __init__(
-        self, base: MILModel, train: FeatureStats, site_mean: np.ndarray, site_std: np.ndarray
+        self,
+        base: MILModel,
+        train: FeatureStats,
+        site_mean: np.ndarray,
+        site_std: np.ndarray,
+        site_map: np.ndarray | None = None,
     ) -> None:
         super().__init__(base.in_dim, base.n_outputs, base.dropout, base.hidden_dim)
         self.base = base
@@ -135,8 +185,14 @@ class SiteAdaptedModel(MILModel):
         self.register_buffer("train_std", torch.as_tensor(train.std, dtype=torch.float32))
         self.register_buffer("site_mean", torch.as_tensor(site_mean, dtype=torch.float32))
         self.register_buffer("site_std", torch.as_tensor(site_std, dtype=torch.float32))
+        self.register_buffer(
+            "site_map",
+            None if site_map is None else torch.as_tensor(site_map, dtype=torch.float32),
+        )
         self.gamma = nn.Parameter(torch.ones(base.in_dim))
         self.beta = nn.Parameter(torch.zeros(base.in_dim))
+        # decision matching's per-class logit offsets (zero until set; not trained)
+        self.register_buffer("logit_bias", torch.zeros(base.n_outputs))
 
     @property
     def embed_dim(self) -> int:
@@ -153,10 +209,87 @@ class SiteAdaptedModel(MILModel):
     def forward(
         self, features: Tensor, mask: Tensor, coords: Tensor | None = None, **kwargs: Any
     ) -> MILOutput:
-        z = (features.float() - self.site_mean) / self.site_std
+        centred = features.float() - self.site_mean
+        z = centred / self.site_std if self.site_map is None else centred @ self.site_map
         x = self.train_mean + self.train_std * (z * self.gamma + self.beta)
         out: MILOutput = self.base(x, mask, coords, **kwargs)
+        if bool(self.logit_bias.any()):
+            out = dataclasses.replace(out, logits=out.logits + self.logit_bias.to(out.logits))
         return out
+
+
+def decision_bias(logits: np.ndarray, rates: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """Per-class offsets (the first class's 0) after which the shares of rows whose argmax is
+    each class are as close as possible to ``rates``.
+
+    Two classes: the exact threshold, midway between the scores around the target count. More:
+    multiplicative updates of the offsets, keeping the closest shares met (ties broken by the
+    first found), deterministic.
+    """
+    n, c = logits.shape
+    rates = np.asarray(rates, dtype=np.float64)
+    if c == 2:
+        margin = np.sort(logits[:, 1] - logits[:, 0])  # positive where class 1 wins
+        k = round(float(rates[1]) * n)  # rows to predict as class 1
+        if k <= 0:
+            cut = margin[-1] + 1.0
+        elif k >= n:
+            cut = margin[0] - 1.0
+        else:
+            cut = (margin[n - k - 1] + margin[n - k]) / 2.0
+        return np.array([0.0, -cut])
+    bias = np.zeros(c)
+    best, best_gap = bias.copy(), np.inf
+    eps = 0.5 / n
+    for _ in range(iterations):
+        shares = np.bincount(np.argmax(logits + bias, axis=1), minlength=c) / n
+        gap = float(np.abs(shares - rates).sum())
+        if gap < best_gap - 1e-12:
+            best, best_gap = bias.copy(), gap
+        if gap <= 1.0 / n:
+            break
+        bias = bias + 0.5 * (np.log(rates + eps) - np.log(shares + eps))
+        bias -= bias[0]
+    return best
+
+
+def _shrunk(cov: np.ndarray, shrinkage: float) -> np.ndarray:
+    d = cov.shape[0]
+    return (1.0 - shrinkage) * cov + shrinkage * float(np.trace(cov)) / d * np.eye(d)
+
+
+def _sym_power(cov: np.ndarray, power: float) -> np.ndarray:
+    w, v = np.linalg.eigh(cov)
+    w = np.maximum(w, 1e-12 * max(float(w.max()), 1e-300))
+    out: np.ndarray = (v * w**power) @ v.T
+    return out
+
+
+def coral_map(site_cov: np.ndarray, train: FeatureStats, shrinkage: float) -> np.ndarray:
+    """``C_site^(-1/2) C_train^(1/2) / s_train`` (CORAL, Sun et al. 2016): centred site
+    features times this have the training part's covariance, in training-sd units."""
+    if train.cov is None:
+        raise ConfigError(
+            "the model folder stores no training feature covariance (feature_stats.npz written "
+            "before it was stored), which --adapt-align coral needs: fit the model again with "
+            "this version (e.g. `oncoslide train ... --fit-all --overwrite`) or use "
+            "--adapt-align standardise"
+        )
+    whiten = _sym_power(_shrunk(site_cov, shrinkage), -0.5)
+    colour = _sym_power(_shrunk(train.cov, shrinkage), 0.5)
+    out: np.ndarray = (whiten @ colour) / train.std[None, :]
+    return out
+
+
+def training_prior(trained: TrainedModel) -> np.ndarray | None:
+    """Class frequencies of the training part, from the balanced class weights stored at fit
+    time (``w_c = n / (C n_c)``, so ``n_c`` is proportional to ``1 / w_c``); None without them."""
+    weight = getattr(trained.fold_task, "class_weight", None)
+    if weight is None:
+        return None
+    inv = 1.0 / np.asarray(weight, dtype=np.float64)
+    out: np.ndarray = inv / inv.sum()
+    return out
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -194,6 +327,7 @@ class SiteRecord:
     objective: list[float] = field(default_factory=list)
     seconds: float = 0.0
     n_adapted: int = 0
+    decisions: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -204,6 +338,7 @@ class SiteRecord:
             "shift": self.shift,
             "objective": self.objective,
             "adapted_parameters": self.n_adapted,
+            "decisions": self.decisions,
             "seconds": round(self.seconds, 3),
         }
 
@@ -257,7 +392,26 @@ def adapt_and_predict(
             f"{trained.path}: feature statistics of dimension {train_stats.dim} for a model "
             f"of input dimension {trained.model.in_dim}"
         )
+    if config.align == "coral" and train_stats.cov is None:
+        coral_map(np.eye(train_stats.dim), train_stats, config.shrinkage)  # raises the message
     objective = adaptation_objective(trained)
+    rates = train_stats.decision_rates
+    matching = config.match == "decisions" and objective == "classes"
+    if matching and (rates is None or len(rates) != trained.model.n_outputs):
+        raise ConfigError(
+            f"the model in {trained.path} stores no decision rates of its training part "
+            f"({FEATURE_STATS_FILE} written before they were stored), which decision matching "
+            "needs: fit it again with this version (e.g. `oncoslide train ... --fit-all "
+            "--overwrite`) or use --adapt-match none"
+        )
+    prior = None
+    if config.prior == "training" and objective == "classes":
+        prior = training_prior(trained)
+        if prior is None:
+            raise ConfigError(
+                f"{trained.path}: --adapt-prior training needs the class weights stored at "
+                "fit time (class_weights balanced); this model has none"
+            )
     patients = list(patients)
     row = {pid: i for i, pid in enumerate(patients)}
     before, _ = predict_logits(trained, cohort, patients, cache, side, batch_size)
@@ -270,10 +424,13 @@ def adapt_and_predict(
         started = time.perf_counter()
         arrays = [cache.get(p).features for pid in ids for p in cohort.slide_paths(pid)]
         stats = FeatureStats.of(arrays)
-        mean, std = (
-            (stats.mean, stats.std) if config.restandardise else (train_stats.mean, train_stats.std)
-        )
-        model = SiteAdaptedModel(copy.deepcopy(trained.model), train_stats, mean, std)
+        mean, std, site_map = train_stats.mean, train_stats.std, None
+        if config.align == "standardise":
+            mean, std = stats.mean, stats.std
+        elif config.align == "coral":
+            assert stats.cov is not None  # FeatureStats.of always computes it
+            mean, site_map = stats.mean, coral_map(stats.cov, train_stats, config.shrinkage)
+        model = SiteAdaptedModel(copy.deepcopy(trained.model), train_stats, mean, std, site_map)
         rows = [row[p] for p in ids]
         site_side = {k: (v[rows], present[rows]) for k, (v, present) in side.items()}
         record = SiteRecord(
@@ -293,13 +450,25 @@ def adapt_and_predict(
         )
         if objective != "none" and config.steps > 0:
             record.objective, record.n_adapted = _minimise_entropy(
-                model, trained, cohort, ids, cache, site_side, config, objective
+                model, trained, cohort, ids, cache, site_side, config, objective, prior
             )
         model.eval()
         site_model = replace(trained, model=model)
         site_logits, site_emb = predict_logits(
             site_model, cohort, ids, cache, site_side, batch_size
         )
+        if matching and rates is not None:
+            bias = decision_bias(site_logits.double().numpy(), rates)
+            model.logit_bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+            site_logits = site_logits + model.logit_bias.to(site_logits)
+            chosen = site_logits.argmax(dim=-1).numpy()
+            record.decisions = {
+                "training_rates": [float(r) for r in rates],
+                "site_rates": [
+                    float(r) for r in np.bincount(chosen, minlength=len(rates)) / len(ids)
+                ],
+                "logit_bias": [float(b) for b in bias],
+            }
         logits[rows] = site_logits
         embeddings[rows] = site_emb
         site_of.update(dict.fromkeys(ids, site))
@@ -318,8 +487,12 @@ def _minimise_entropy(
     side: Mapping[str, tuple[np.ndarray, np.ndarray]],
     config: AdaptConfig,
     kind: str,
+    prior: np.ndarray | None = None,
 ) -> tuple[list[float], int]:
     """Full-batch Adam steps on the adapted parameters; the objective before each step and after.
+
+    With a ``prior`` the diversity term is minus KL(mean prediction || prior) instead of the
+    entropy of the mean prediction (the same up to a constant when the prior is uniform).
 
     Eval mode throughout (no dropout, stored normalisation statistics), whole bags in a fixed
     order: the same slides give the same adapted model.
@@ -351,6 +524,7 @@ def _minimise_entropy(
         with torch.no_grad():
             return torch.cat([forward(c).exp() for c in chunks]).mean(dim=0)
 
+    log_prior = None if prior is None else torch.log(torch.as_tensor(prior, dtype=torch.float32))
     history = []
     for step in range(config.steps + 1):
         # the diversity term's gradient is linear in each bag's prediction once the mean is known
@@ -362,13 +536,19 @@ def _minimise_entropy(
                 logp = forward(chunk)
             loss = _entropy(logp).sum() / n
             if p_bar is not None:
-                grad_h = -(torch.log(p_bar.clamp_min(1e-12)) + 1.0)  # dH(p_bar)/dp_bar
+                # d/dp_bar of the diversity: H(p_bar) [+ sum p_bar log prior, i.e. -KL]
+                grad_h = -(torch.log(p_bar.clamp_min(1e-12)) + 1.0)
+                if log_prior is not None:
+                    grad_h = grad_h + log_prior
                 loss = loss - config.diversity * (logp.exp() * grad_h).sum() / n
             total += float(_entropy(logp.detach()).sum()) / n
             if step < config.steps:
                 loss.backward()
         if p_bar is not None:
-            total -= config.diversity * float(_entropy(torch.log(p_bar.clamp_min(1e-12))[None])[0])
+            diversity = float(_entropy(torch.log(p_bar.clamp_min(1e-12))[None])[0])
+            if log_prior is not None:
+                diversity += float((p_bar * log_prior).sum())
+            total -= config.diversity * diversity
         history.append(total)
         if step < config.steps:
             optimiser.step()
@@ -459,17 +639,35 @@ def adaptation_table(
 
 def _objective_note(result: AdaptResult) -> str:
     if result.objective == "none":
-        return "Cox model: one risk per patient, no distribution; re-standardisation only"
+        return f"Cox model: one risk per patient, no distribution; {result.config.align} only"
     what = {
         "classes": "the class probabilities",
         "time_bins": "the predicted event-time bin (K bins + after the last)",
     }[result.objective]
+    align = {
+        "standardise": "per-dimension re-standardisation",
+        "coral": f"CORAL alignment (shrinkage {result.config.shrinkage:g})",
+        "none": "no alignment",
+    }[result.config.align]
+    matched = (
+        "; then per-class logit offsets matching the training part's decision rates"
+        if result.config.match == "decisions" and result.objective == "classes"
+        else ""
+    )
     if result.config.steps == 0:
-        return "re-standardisation only (0 steps)"
-    note = f"mean entropy of {what}"
+        return f"{align} only (0 steps){matched}"
+    note = f"{align}, then the mean entropy of {what}"
     if result.config.diversity > 0:
-        note += f" minus {result.config.diversity:g} x the entropy of the site's mean prediction"
-    return note
+        if result.config.prior == "training" and result.objective == "classes":
+            note += (
+                f" plus {result.config.diversity:g} x the KL divergence of the site's mean "
+                "prediction from the training class frequencies"
+            )
+        else:
+            note += (
+                f" minus {result.config.diversity:g} x the entropy of the site's mean prediction"
+            )
+    return note + matched
 
 
 def write_adaptation(
@@ -501,6 +699,9 @@ def write_adaptation(
 __all__ = [
     "ADAPTATION_FILE",
     "ADAPTATION_TABLE",
+    "ALIGNMENTS",
+    "MATCHES",
+    "PRIORS",
     "UNADAPTED_FILE",
     "AdaptConfig",
     "AdaptResult",
@@ -508,6 +709,9 @@ __all__ = [
     "adapt_and_predict",
     "adaptation_objective",
     "adapted_slide_embeddings",
+    "coral_map",
+    "decision_bias",
     "site_groups",
+    "training_prior",
     "write_adaptation",
 ]

@@ -7,7 +7,15 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from oncoslide.errors import ConfigError
 
@@ -113,6 +121,13 @@ class TrainConfig(BaseModel):
         default_factory=dict,
         description="weights of a model's auxiliary loss terms (default: the model's own)",
     )
+    choose: dict[str, Any] = Field(
+        default_factory=dict,
+        description="candidate values chosen per fold on the validation part: {name: [v1, v2, "
+        "...]} for model keywords and the training settings lr, weight_decay, warmup_epochs, "
+        "epochs, batch_size, max_patches, grad_clip, optimizer, sampler (every combination is "
+        "trained; the best on validation predicts the test part)",
+    )
 
     # side inputs (omics)
     omics_selection: Literal["auto", "none", "welch"] = Field(
@@ -177,6 +192,35 @@ class TrainConfig(BaseModel):
         if tree.levels is not None:
             out["levels"] = list(tree.levels)
         return out
+
+    @field_validator("choose", mode="before")
+    @classmethod
+    def _choose_numbers(cls, v: object) -> object:
+        # YAML 1.1 reads 1e-4 as a string: candidates are numbers when they read as numbers
+        from oncoslide.training.choose import as_number
+
+        if isinstance(v, dict):
+            return {
+                k: [as_number(x) for x in c] if isinstance(c, list) else c for k, c in v.items()
+            }
+        return v
+
+    @field_validator("choose")
+    @classmethod
+    def _choose_valid(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from oncoslide.training.choose import choose_problems
+
+        problems = choose_problems(
+            v,
+            model=info.data.get("model"),
+            model_kwargs=info.data.get("model_kwargs", {}),
+            val_fraction=info.data.get("val_fraction"),
+        )
+        if problems:  # every problem on a line of its own
+            n = len(problems)
+            lines = "".join(f"\n      - {p}" for p in problems)
+            raise ValueError(f"{n} problem{'s' if n != 1 else ''}:{lines}")
+        return v
 
     @field_validator("task")
     @classmethod

@@ -48,6 +48,15 @@ from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import FeatureContract
 from oncoslide.models import MODELS, MILModel, create_model
 from oncoslide.study import DataPaths, record_data_paths
+from oncoslide.training.choose import (
+    apply_choice,
+    check_model_values,
+    choice_score,
+    combinations,
+    criterion,
+    describe,
+    is_better,
+)
 from oncoslide.training.config import TrainConfig
 from oncoslide.training.data import (
     BackgroundBatches,
@@ -58,6 +67,7 @@ from oncoslide.training.data import (
     collate_bags,
     length_sorted_order,
 )
+from oncoslide.training.details import patient_details, with_details
 from oncoslide.training.feature_stats import FeatureStats
 from oncoslide.training.model_folder import initialise_from, save_model_folder, versions
 from oncoslide.training.module import TARGET_KEYS, MILModule
@@ -133,6 +143,7 @@ def cross_validate(
         **unfitted_model_kwargs(config, side),
         **tree_model_kwargs(config.model, task),
     )
+    check_choices(cohort, task, config, side)  # each candidate model keyword builds
     patients = task_patients(cohort, task)
     notes = []
     n_left_out = len(cohort.patient_ids) - len(patients)
@@ -197,6 +208,8 @@ def cross_validate(
                 cache.close()
 
         predictions, metrics = run.collect(seeds, folds)
+        if config.choose:  # every fold's combinations and validation scores
+            write_table(run.choices, run.collect_choices(seeds, folds))
         summary = summarise_run(out, task, seeds, folds, n_boot=config.n_boot, seed=config.seed)
         run.write_tables(predictions, metrics, summary)
         _log_summary(summary, out)
@@ -210,6 +223,8 @@ def _log_fold(outcome: FoldOutcome, task: TaskSpec, index: int, total: int) -> N
     training = f"{int(info['epochs_run'])} epoch(s)" + (
         f", chosen epoch {chosen + 1}" if chosen >= 0 else ""
     )
+    if outcome.choice:
+        training += f", chosen on validation {describe(outcome.choice)}"
     _LOG.info(
         "seed %d fold %d done (%d/%d): %s; %s, %.0f s",
         outcome.seed, outcome.fold, index, total, scores, training, info["seconds"],
@@ -396,11 +411,18 @@ class FoldOutcome:
     contract: FeatureContract | None = None
     parts: dict[str, list[str]] = field(default_factory=dict)
     feature_stats: FeatureStats | None = None  # of the training part, for test-time adaptation
+    details: pd.DataFrame | None = None  # per test patient (models that describe_patients)
+    choice: dict[str, Any] = field(default_factory=dict)  # values chosen on validation
+    choices: pd.DataFrame | None = None  # every combination's validation scores (choose)
 
     def save_model(self, path: Path, config: TrainConfig) -> Path:
         """Write the fold's self-describing model folder (see training.model_folder)."""
         if self.model is None or self.contract is None:
             raise ConfigError("this fold outcome holds no model to save")
+        run_key = config.run_key()  # the run's, grid included (a --fit-all folder resumes)
+        grid = {"choose": dict(config.choose)} if self.choice else {}
+        if self.choice:  # the chosen values, so that the folder reloads without the grid
+            config = apply_choice(config, self.choice)
         # the keywords the model was built with (e.g. exclude=auto resolved to cancer names)
         config = config.model_copy(update={"model_kwargs": self.fold_task.config.model_kwargs})
         return save_model_folder(
@@ -410,8 +432,9 @@ class FoldOutcome:
             config,
             self.contract,
             parts={k: self.parts[k] for k in ("train", "val") if k in self.parts},
-            info={"seed": self.seed, "fold": self.fold, **self.info},
+            info={"seed": self.seed, "fold": self.fold, **self.info, **grid},
             feature_stats=self.feature_stats,
+            run_key=run_key,
         )
 
     def prediction_frame(self, cohort: Cohort, task: TaskSpec) -> pd.DataFrame:
@@ -425,7 +448,7 @@ class FoldOutcome:
         else:
             idx = self.fold_task.label_index(cohort, self.test_ids)
             preds["label"] = [task.classes[i] for i in idx]
-        return preds
+        return with_details(preds, self.details)
 
 
 def _run_fold(
@@ -479,7 +502,41 @@ def train_fold(
     the per-patient tables the model declares (see :mod:`oncoslide.training.side_inputs`):
     training-only ones reach the training part's batches and no other. With ``log_label``
     (e.g. ``"seed 0 fold 2"``) every epoch is logged (:class:`~.progress.EpochLog`).
+
+    With ``config.choose`` every combination of the grid is trained and the best on the
+    validation part predicts the test part (:func:`_train_fold_choosing`).
     """
+    if config.choose:
+        return _train_fold_choosing(
+            cohort, task, config, splits, seed, fold, work_dir, cache, progress,
+            exclude_from_test=exclude_from_test, side=side, log_label=log_label,
+        )  # fmt: skip
+    fitted = _fit_fold(
+        cohort, task, config, splits, seed, fold, work_dir, cache, progress,
+        exclude_from_test=exclude_from_test, side=side, log_label=log_label,
+    )  # fmt: skip
+    return _finish_fold(fitted, cohort, task, cache, side)
+
+
+def _fit_fold(
+    cohort: Cohort,
+    task: TaskSpec,
+    config: TrainConfig,
+    splits: pd.DataFrame,
+    seed: int,
+    fold: int,
+    work_dir: Path,
+    cache: FeatureCache,
+    progress: Progress | None = None,
+    *,
+    exclude_from_test: frozenset[str] = frozenset(),
+    side: Mapping[str, Omics] | None = None,
+    log_label: str | None = None,
+    choice_label: str = "",
+) -> _Fitted:
+    """Train one fold's model with its checkpoint chosen on the validation part; the test
+    part's outcomes are not read (:func:`_finish_fold` predicts it). ``choice_label`` names
+    the combination of a grid in progress output."""
     assert cohort.feature_dim is not None  # checked by the callers
     fdir = work_dir
     # a fold interrupted earlier may have left a checkpoint: it must not be mistaken for ours
@@ -490,11 +547,14 @@ def train_fold(
     excluded = [p for p in parts["test"] if p in exclude_from_test]
     test_ids = [p for p in parts["test"] if p not in exclude_from_test]
     fold_seed = seed * 1000 + fold
+    # the patients this task's splits hold (a benchmark's cohort may hold other tasks' too).
+    # Resolved before seeding: reading the zoo builds models, which draws random numbers, and
+    # the model's initialisation must not depend on whether `exclude` came resolved (train) or
+    # as "auto" (a benchmark cell, --fit-all)
+    config = resolve_expert_exclusion(config, splits["patient_id"].astype(str).unique().tolist())
     pl.seed_everything(fold_seed, workers=True, verbose=False)
 
     declared = check_side_inputs(config.model, side or {})
-    # the patients this task's splits hold (a benchmark's cohort may hold other tasks' too)
-    config = resolve_expert_exclusion(config, splits["patient_id"].astype(str).unique().tolist())
     ftask = fit_fold_task(task, config, cohort, train_ids, side=side)
     contract = FeatureContract.of(cache.get(cohort.slide_paths(train_ids[0])[0]))
     model = create_model(
@@ -513,7 +573,7 @@ def train_fold(
         transfer["frozen"] = model.freeze(config.freeze)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    datasets = {
+    datasets: dict[str, BagDataset] = {
         name: BagDataset(
             cohort,
             ids,
@@ -524,6 +584,7 @@ def train_fold(
             side=part_side_arrays(ftask.side_scalers, side or {}, declared, ids, name),
         )
         for name, ids in _parts(train_ids, val_ids, test_ids)
+        if name != "test"  # built once a model is kept (_finish_fold)
     }
     source_choice = _choose_on_validation(model, ftask, datasets["val"], config)
     sampler: EpochShuffleSampler | BalancedSampler
@@ -537,7 +598,7 @@ def train_fold(
         cache.prefetch(
             datasets["train"].slide_paths(sampler.order(0))
             + datasets["val"].slide_paths()
-            + datasets["test"].slide_paths()
+            + [str(p) for pid in test_ids for p in cohort.slide_paths(pid)]
         )
     world = config.devices * config.num_nodes  # a multiple of it divides the accumulation
     train_loader = BackgroundBatches(
@@ -568,10 +629,13 @@ def train_fold(
     callbacks: list[pl.Callback] = []
     if progress is not None and world == 1:
         total = config.epochs * len(train_loader)
-        callbacks.append(FoldProgress(progress, f"  seed {seed} fold {fold}", total))
+        label = f"  seed {seed} fold {fold}" + escape(choice_label)
+        callbacks.append(FoldProgress(progress, label, total))
     if log_label is not None:
         score_name = "c_index" if task.is_survival else "auc"  # FoldTask.validation_score
-        callbacks.append(EpochLog(log_label, config.epochs, score_name, seed=seed, fold=fold))
+        callbacks.append(
+            EpochLog(log_label + choice_label, config.epochs, score_name, seed=seed, fold=fold)
+        )
     monitor, mode = ("val_loss", "min") if config.monitor == "loss" else ("val_score", "max")
     checkpoint_cb = None
     if has_val and config.checkpoint == "best":
@@ -628,22 +692,94 @@ def train_fold(
         )
     else:
         chosen_epoch = epochs_run - 1
+    return _Fitted(
+        config=config, seed=seed, fold=fold, started=started, fold_seed=fold_seed,
+        train_ids=train_ids, val_ids=val_ids, test_ids=test_ids, excluded=excluded,
+        declared=declared, ftask=ftask, contract=contract, trainer=trainer, module=module,
+        datasets=datasets, fit_seconds=fit_seconds, epochs_run=epochs_run, world=world,
+        chosen_epoch=chosen_epoch, n_params=n_params, n_trainable=n_trainable,
+        transfer=transfer, source_choice=source_choice,
+    )  # fmt: skip
+
+
+@dataclass
+class _Fitted:
+    """A fold's trained model before its test part is read (see :func:`_fit_fold`)."""
+
+    config: TrainConfig
+    seed: int
+    fold: int
+    started: float
+    fold_seed: int
+    train_ids: list[str]
+    val_ids: list[str]
+    test_ids: list[str]
+    excluded: list[str]
+    declared: Any
+    ftask: FoldTask
+    contract: FeatureContract
+    trainer: pl.Trainer
+    module: MILModule
+    datasets: dict[str, BagDataset]
+    fit_seconds: float
+    epochs_run: int
+    world: int
+    chosen_epoch: int
+    n_params: int
+    n_trainable: int
+    transfer: dict[str, object]
+    source_choice: dict[str, Any]
+
+
+def _finish_fold(
+    f: _Fitted,
+    cohort: Cohort,
+    task: TaskSpec,
+    cache: FeatureCache,
+    side: Mapping[str, Omics] | None,
+) -> FoldOutcome:
+    """Predict the test part once with a fitted fold model and score it."""
+    config, seed, fold, started, fold_seed = f.config, f.seed, f.fold, f.started, f.fold_seed
+    train_ids, val_ids, test_ids, excluded = f.train_ids, f.val_ids, f.test_ids, f.excluded
+    declared, ftask, contract, trainer, module = (
+        f.declared, f.ftask, f.contract, f.trainer, f.module,
+    )  # fmt: skip
+    fit_seconds, epochs_run, world, chosen_epoch = (
+        f.fit_seconds, f.epochs_run, f.world, f.chosen_epoch,
+    )  # fmt: skip
+    n_params, n_trainable, transfer, source_choice = (
+        f.n_params, f.n_trainable, f.transfer, f.source_choice,
+    )  # fmt: skip
+    datasets = dict(f.datasets)
+    datasets["test"] = BagDataset(
+        cohort,
+        test_ids,
+        cache,
+        ftask.targets(cohort, test_ids),
+        max_patches=None,
+        seed=fold_seed,
+        side=part_side_arrays(ftask.side_scalers, side or {}, declared, test_ids, "test"),
+    )
 
     # the test part is touched here, once
     test_logits = _predict(trainer, module, datasets["test"], config)
+    test_ds = datasets["test"]  # details (e.g. routing weights) of the same test bags
+    details = patient_details(cast(MILModel, module.model), config.model, test_ds.__getitem__,
+                              len(test_ds))  # fmt: skip
+    # training outputs as test outputs are computed: full bags (no patch sampling), eval mode;
+    # survival: the training risks; classification: the decision rates of predict --adapt
+    full_train = BagDataset(
+        cohort,
+        train_ids,
+        cache,
+        datasets["train"].targets,
+        max_patches=None,
+        seed=fold_seed,
+        # as the test part is predicted: without training-only inputs
+        side=part_side_arrays(ftask.side_scalers, side or {}, declared, train_ids, "predict"),
+    )
+    train_logits = _predict(trainer, module, full_train, config)
     if task.is_survival:
-        # training risks as test risks are computed: full bags (no patch sampling), eval mode
-        full_train = BagDataset(
-            cohort,
-            train_ids,
-            cache,
-            datasets["train"].targets,
-            max_patches=None,
-            seed=fold_seed,
-            # as the test part is predicted: without training-only inputs
-            side=part_side_arrays(ftask.side_scalers, side or {}, declared, train_ids, "predict"),
-        )
-        train_logits = _predict(trainer, module, full_train, config)
         ftask.fit_training_risks(train_logits, cohort.survival(train_ids))
     metrics = (
         ftask.metrics(test_logits, cohort, test_ids, fit_ids=train_ids + val_ids)
@@ -655,6 +791,10 @@ def train_fold(
     feature_stats = FeatureStats.of(
         cache.get(path).features for pid in train_ids for path in cohort.slide_paths(pid)
     )
+    if not task.is_survival and len(train_logits):
+        chosen = train_logits.float().argmax(dim=-1).cpu().numpy()
+        rates = np.bincount(chosen, minlength=train_logits.shape[-1]) / len(chosen)
+        feature_stats = dataclasses.replace(feature_stats, decision_rates=rates)
     return FoldOutcome(
         seed=seed,
         fold=fold,
@@ -685,7 +825,105 @@ def train_fold(
         contract=contract,
         parts={"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)},
         feature_stats=feature_stats,
+        details=details,
     )
+
+
+def _train_fold_choosing(
+    cohort: Cohort,
+    task: TaskSpec,
+    config: TrainConfig,
+    splits: pd.DataFrame,
+    seed: int,
+    fold: int,
+    work_dir: Path,
+    cache: FeatureCache,
+    progress: Progress | None,
+    *,
+    exclude_from_test: frozenset[str],
+    side: Mapping[str, Omics] | None,
+    log_label: str | None,
+) -> FoldOutcome:
+    """``config.choose``: every combination of the grid is trained on the fold's training part
+    with its checkpoint chosen on the validation part, exactly as a plain run with those values
+    fixed (same seeding); the one with the best validation score (the quantity the checkpoint
+    choice monitors, at the chosen epoch; ties: the first) is kept and alone predicts the test
+    part. Every combination's scores go to ``FoldOutcome.choices``."""
+    started = time.perf_counter()
+    config = resolve_expert_exclusion(config, splits["patient_id"].astype(str).unique().tolist())
+    check_choices(cohort, task, config, side)
+    combos = combinations(config.choose)
+    key, mode = criterion(config.monitor)
+    where = log_label or f"{config.model} · seed {seed} fold {fold}"
+    rows: list[dict[str, Any]] = []
+    best: _Fitted | None = None
+    best_score: float | None = None
+    best_index = 0
+    for i, combo in enumerate(combos):
+        text = describe(combo)
+        _LOG.info("%s: combination %d/%d: %s", where, i + 1, len(combos), text,
+                  extra={"event": "choice", "seed": seed, "fold": fold, "combination": i})  # fmt: skip
+        fitted = _fit_fold(
+            cohort, task, apply_choice(config, combo), splits, seed, fold, work_dir, cache,
+            progress, exclude_from_test=exclude_from_test, side=side, log_label=log_label,
+            choice_label=f" · {text}",
+        )  # fmt: skip
+        if not fitted.val_ids:
+            raise ConfigError(
+                f"seed {seed} fold {fold} has no validation part: choose needs one "
+                "(val_fraction > 0, or splits with a val part)"
+            )
+        val_loss, val_score = choice_score(fitted.module.history, fitted.chosen_epoch)
+        score = val_loss if key == "val_loss" else val_score
+        rows.append(
+            {"seed": seed, "fold": fold, "combination": i, **combo, "val_loss": val_loss,
+             "val_score": val_score, "chosen_epoch": fitted.chosen_epoch,
+             "epochs_run": fitted.epochs_run, "kept": False}
+        )  # fmt: skip
+        _LOG.info("%s: %s: val loss %s, val score %s (epoch %d)", where, text, number(val_loss, 4),
+                  number(val_score), fitted.chosen_epoch + 1,
+                  extra={"event": "choice_done", "seed": seed, "fold": fold, "combination": i,
+                         "val_loss": val_loss, "val_score": val_score})  # fmt: skip
+        if is_better(score, best_score, mode):
+            best, best_score, best_index = fitted, score, i
+        del fitted  # only the best so far stays in memory
+    assert best is not None
+    rows[best_index]["kept"] = True
+    chosen = combos[best_index]
+    _LOG.info("%s: %s chosen on validation (%s %s)", where, describe(chosen), key,
+              number(best_score, 4), extra={"event": "chosen", "seed": seed, "fold": fold})  # fmt: skip
+    outcome = _finish_fold(best, cohort, task, cache, side)
+    outcome.choice = dict(chosen)
+    outcome.choices = pd.DataFrame(rows)
+    outcome.info.update(
+        {f"chosen_{k}": v for k, v in chosen.items()}
+        | {"choice_index": best_index, "n_combinations": len(combos)}
+        | {f"choice{r['combination']}_{key}": r[key] for r in rows}
+    )
+    outcome.info["seconds"] = time.perf_counter() - started  # every combination's training
+    return outcome
+
+
+def check_choices(
+    cohort: Cohort, task: TaskSpec, config: TrainConfig, side: Mapping[str, Omics] | None
+) -> None:
+    """Every candidate model keyword of ``config.choose`` must build the model (one error lists
+    each refused candidate); nothing to check without a grid."""
+    if not config.choose:
+        return
+    assert cohort.feature_dim is not None
+    in_dim = cohort.feature_dim
+
+    def build(kwargs: dict[str, Any]) -> object:
+        return create_model(
+            config.model,
+            in_dim=in_dim,
+            n_outputs=len(task.classes) or 1,
+            **{**unfitted_model_kwargs(config, side), **tree_model_kwargs(config.model, task),
+               **kwargs},
+        )  # fmt: skip
+
+    check_model_values(config, build)
 
 
 def unfitted_model_kwargs(
@@ -881,6 +1119,8 @@ def _write_fold(
     ]
     write_table(fdir.metrics, pd.DataFrame(rows))
     write_table(fdir.history, pd.DataFrame(outcome.history))
+    if outcome.choices is not None:
+        write_table(fdir.choices, outcome.choices)
     _write_eval(
         fdir.eval,
         cohort,

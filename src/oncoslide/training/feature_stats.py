@@ -1,8 +1,12 @@
-"""Per-dimension patch-feature statistics of a model's training part, kept in its model folder.
+"""Patch-feature statistics of a model's training part, kept in its model folder.
 
 Test-time adaptation (:mod:`oncoslide.training.adapt`) maps a new site's features onto these
 statistics, so they are computed when the model is fitted (training part only, every patch of
-every slide of its patients) and written as ``feature_stats.npz`` beside ``weights.pt``.
+every slide of its patients) and written as ``feature_stats.npz`` beside ``weights.pt``: the
+mean and sd of each dimension (re-standardisation), the full covariance (CORAL alignment) and,
+for classification, the share of training patients the fitted model predicts as each class
+(decision matching). Folders written before the last two were stored lack them; the
+adaptation steps that need them then refuse with a message.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +29,16 @@ _MIN_STD = 1e-6
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class FeatureStats:
-    """Mean and standard deviation per feature dimension over ``n_patches`` patches."""
+    """Mean, standard deviation and covariance of the feature dimensions over ``n_patches``."""
 
     mean: np.ndarray  # (D,) float64
     std: np.ndarray  # (D,) float64, at least _MIN_STD
     n_patches: int
     n_slides: int
+    cov: np.ndarray | None = None  # (D, D) float64 (population covariance); None: not stored
+    # classification: the share of training-part patients the fitted model predicts as each
+    # class (argmax of its outputs, full bags); None: not stored (survival, or an older folder)
+    decision_rates: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -37,37 +46,54 @@ class FeatureStats:
 
     @classmethod
     def of(cls, arrays: Iterable[np.ndarray]) -> FeatureStats:
-        """Pooled statistics of (N_i, D) feature arrays (sums in float64, one pass)."""
+        """Pooled statistics of (N_i, D) feature arrays (sums in float64, one pass).
+
+        The cross-products are taken about the first slide's mean, so the covariance does not
+        lose precision to large feature means.
+        """
         total: np.ndarray | None = None
-        squares: np.ndarray | None = None
+        cross: np.ndarray | None = None
+        ref: np.ndarray | None = None
         count = slides = 0
         for x in arrays:
             x64 = np.asarray(x, dtype=np.float64)
             if x64.ndim != 2 or x64.shape[0] == 0:
                 continue
-            s, q = x64.sum(axis=0), np.einsum("nd,nd->d", x64, x64)
+            if ref is None:
+                ref = x64.mean(axis=0)
+            xc = x64 - ref
+            s, q = xc.sum(axis=0), xc.T @ xc
             total = s if total is None else total + s
-            squares = q if squares is None else squares + q
+            cross = q if cross is None else cross + q
             count += x64.shape[0]
             slides += 1
-        if total is None or squares is None or count == 0:
+        if total is None or cross is None or ref is None or count == 0:
             raise ConfigError("no patches to compute feature statistics from")
-        mean = total / count
-        var = np.maximum(squares / count - mean**2, 0.0)
+        shift = total / count
+        cov = cross / count - np.outer(shift, shift)
+        cov = (cov + cov.T) / 2.0
+        var = np.maximum(np.diag(cov), 0.0)
         return cls(
-            mean=mean, std=np.maximum(np.sqrt(var), _MIN_STD), n_patches=count, n_slides=slides
+            mean=ref + shift,
+            std=np.maximum(np.sqrt(var), _MIN_STD),
+            n_patches=count,
+            n_slides=slides,
+            cov=cov,
         )
 
     def save(self, folder: str | Path) -> Path:
         target = Path(folder) / FEATURE_STATS_FILE
         with atomic_path(target, suffix=".npz.tmp") as tmp, tmp.open("wb") as fh:
-            np.savez(
-                fh,
-                mean=self.mean,
-                std=self.std,
-                n_patches=np.int64(self.n_patches),
-                n_slides=np.int64(self.n_slides),
-            )
+            arrays: dict[str, Any] = {
+                "mean": self.mean,
+                "std": self.std,
+                "n_patches": np.int64(self.n_patches),
+                "n_slides": np.int64(self.n_slides),
+            }
+            for key, value in (("cov", self.cov), ("decision_rates", self.decision_rates)):
+                if value is not None:
+                    arrays[key] = value
+            np.savez(fh, **arrays)
         return target
 
     @classmethod
@@ -92,6 +118,14 @@ class FeatureStats:
                     std=np.asarray(data["std"], dtype=np.float64),
                     n_patches=int(data["n_patches"]),
                     n_slides=int(data["n_slides"]),
+                    cov=(
+                        np.asarray(data["cov"], dtype=np.float64) if "cov" in data.files else None
+                    ),
+                    decision_rates=(
+                        np.asarray(data["decision_rates"], dtype=np.float64)
+                        if "decision_rates" in data.files
+                        else None
+                    ),
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"cannot read {file}: {exc}") from None

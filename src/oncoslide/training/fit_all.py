@@ -5,6 +5,9 @@
 is no test part: the validation part is carved from the patients as in cross-validation
 (stratified, site-disjoint with ``site_preserving``), and early stopping and checkpoint choice
 use it. Its honest performance estimate is the cross-validation of the same configuration.
+With a ``choose`` grid, every combination trains on the training part and the one with the
+best score on that validation part (carved from all patients) is kept; ``choices.csv`` lists
+them, and the model folder's config holds the chosen values.
 
 The folder holds the model folder files (model.json, weights.pt, patients.csv; see
 :mod:`oncoslide.training.model_folder`) plus ``splits.csv`` (train / validation),
@@ -162,6 +165,8 @@ def fit_all(
         record_data_paths(out, DataPaths.of(cohort, side, slides_dir))
         write_table(out / "splits.csv", splits)
         write_table(out / "history.csv", history)
+        if outcome.choices is not None:  # a choose grid: every combination's validation scores
+            write_table(out / "choices.csv", outcome.choices)
         outcome.info["fit_all"] = 1
         outcome.save_model(out, config)
         shutil.rmtree(work, ignore_errors=True)

@@ -11,8 +11,9 @@ in every cross-validation run) holds::
                    provenance (run key, seed, fold, epochs, versions)
     weights.pt     the model's state dict (torch.save; loads with weights_only=True)
     patients.csv   patient_id, part (train / val): who the model saw
-    feature_stats.npz  per-dimension mean and sd of the training part's patch features (read
-                   by test-time adaptation, ``predict --adapt``)
+    feature_stats.npz  mean, sd and covariance of the training part's patch features and, for
+                   classification, the share of training patients predicted as each class
+                   (read by test-time adaptation, ``predict --adapt``)
 
 Loading needs no training data: :func:`load_model_folder` rebuilds the model, its fitted task
 (predictions in the same units as the run's) and the contract that ``predict`` checks.
@@ -93,11 +94,13 @@ def save_model_folder(
     parts: dict[str, Sequence[str]],
     info: dict[str, Any],
     feature_stats: FeatureStats | None = None,
+    run_key: str | None = None,
 ) -> Path:
     """Write a model folder (atomically, file by file; model.json last).
 
     ``feature_stats``: the training part's patch-feature statistics (``feature_stats.npz``,
-    read by test-time adaptation).
+    read by test-time adaptation). ``run_key``: the key of the run that trained it (default:
+    ``config``'s; a run that chose values on validation records the key of its grid).
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ def save_model_folder(
             },
             "task": fold_task.task.to_dict(),
             "config": config.model_dump(mode="json"),
-            "run_key": config.run_key(),
+            "run_key": run_key or config.run_key(),
             "fitted": fold_task.state_dict(),
             "features": contract.to_dict(),
             "weights_sha256": digest,

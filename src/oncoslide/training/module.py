@@ -37,6 +37,27 @@ def model_inputs(batch: dict[str, Tensor], uses_slide_index: bool) -> dict[str, 
     return kwargs
 
 
+def optimiser_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The trainable parameters in optimiser groups by learning rate: the groups a model's
+    ``lr_scales()`` names (see :meth:`oncoslide.models.MILModel.lr_scales`) get ``lr * scale``,
+    the rest ``lr``. The schedule scales every group alike."""
+    hook = getattr(model, "lr_scales", None)
+    scales: dict[str, float] = dict(hook()) if callable(hook) else {}
+    scale_of: dict[str, float] = {}
+    if scales:
+        groups: dict[str, list[str]] = getattr(model, "parameter_groups")()  # noqa: B009
+        unknown = sorted(set(scales) - set(groups))
+        if unknown:
+            raise ConfigError(f"lr_scales names unknown parameter groups {unknown}")
+        for group, scale in scales.items():
+            scale_of.update(dict.fromkeys(groups[group], float(scale)))
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            by_scale.setdefault(scale_of.get(name, 1.0), []).append(param)
+    return [{"params": ps, "lr": lr * s, "lr_scale": s} for s, ps in sorted(by_scale.items())]
+
+
 class MILModule(pl.LightningModule):
     """Wraps a registry model with its fold task (loss, validation score) and optimiser.
 
@@ -191,10 +212,11 @@ class MILModule(pl.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         optimiser_class = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
         optimizer = optimiser_class(
-            params, lr=self.config.lr, weight_decay=self.config.weight_decay
+            optimiser_groups(self.model, self.config.lr),
+            lr=self.config.lr,
+            weight_decay=self.config.weight_decay,
         )
         total = self.config.epochs * self.steps_per_epoch
         warmup = min(total - 1, round(self.config.warmup_epochs * self.steps_per_epoch))

@@ -4,7 +4,9 @@
 
     OUT/
       predictions.parquet     patient_id, the model's outputs (risk, risk_threshold, surv_bin*,
-                              or prob_<class>), and the targets when the cohort has them
+                              or prob_<class>), the targets when the cohort has them, and
+                              detail_<name> columns of models that describe their patients
+                              (ROUPKT's routing weights; not with ``adapt``)
       patient_embeddings/     <slide_id>.h5 per slide: the embedding of its patient's whole bag
       slide_embeddings/       <slide_id>.h5 per slide: the embedding of the slide alone
       prediction.json         the model, its feature contract, counts
@@ -58,6 +60,7 @@ from oncoslide.training.adapt import (
 )
 from oncoslide.training.cv import PREDICT_BATCH
 from oncoslide.training.data import BagDataset, BagTargets, collate_bags, length_sorted_order
+from oncoslide.training.details import patient_details, with_details
 from oncoslide.training.model_folder import TrainedModel
 from oncoslide.training.module import model_inputs
 from oncoslide.training.side_inputs import declared_side_inputs, part_side_arrays
@@ -216,6 +219,10 @@ def predict_cohort(
             axis=1,
         )
         frame = _with_targets(frame, trained, cohort)
+        if adapt is None:  # per-patient details (e.g. ROUPKT's routing weights), if any
+            ds = BagDataset(cohort, patients, cache, BagTargets(), max_patches=None, side=arrays)
+            details = patient_details(trained.model, trained.name, ds.__getitem__, len(ds))
+            frame = with_details(frame, details)
         slides = [(pid, sid, path) for pid in patients for sid, path in _slides(cohort, pid)]
         slide_emb = torch.empty(0, trained.model.embed_dim)
         if embeddings:

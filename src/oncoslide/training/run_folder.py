@@ -12,12 +12,14 @@
       predictions.parquet    one row per test patient per (seed, fold)
       metrics.csv            tidy rows: seed, fold, metric, value
       summary.csv            metric, mean, std, n_folds, 95% bootstrap interval
+      choices.csv            with a ``choose`` grid: seed, fold, combination, its values,
+                             val_loss, val_score (at its chosen epoch), kept
       run.log                a line per epoch and fold, appended by every invocation
                              (oncoslide._log.run_log)
       folds/seed<S>-fold<K>/
         model/               the fold's self-describing model folder (model.json, weights.pt)
         checkpoints/         Lightning's best.ckpt or last.ckpt
-        predictions.parquet, metrics.csv, history.csv, eval.npz
+        predictions.parquet, metrics.csv, history.csv, eval.npz, choices.csv (a grid)
         done.json            written last: the fold is complete
 
 A ``--fit-all`` model folder is the ``model/`` layout at the top of its folder, with the
@@ -49,6 +51,7 @@ RUN_OUTPUTS = (
     "predictions.parquet",
     "metrics.csv",
     "summary.csv",
+    "choices.csv",
     "data.json",
     "paths.json",
 )
@@ -102,6 +105,11 @@ class FoldFolder:
     def eval(self) -> Path:
         return self.path / "eval.npz"
 
+    @property
+    def choices(self) -> Path:
+        """Every combination of a ``choose`` grid with its validation scores."""
+        return self.path / "choices.csv"
+
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -131,6 +139,10 @@ class RunFolder:
     @property
     def summary(self) -> Path:
         return self.path / "summary.csv"
+
+    @property
+    def choices(self) -> Path:
+        return self.path / "choices.csv"
 
     def fold(self, seed: int, fold: int) -> FoldFolder:
         return FoldFolder(self.path / "folds" / f"seed{int(seed)}-fold{int(fold)}", seed, fold)
@@ -193,6 +205,15 @@ class RunFolder:
         )
         metric_table = pd.concat(metrics, ignore_index=True)
         return predictions.reset_index(drop=True), metric_table.reset_index(drop=True)
+
+    def collect_choices(self, seeds: Sequence[int], folds: Sequence[int]) -> pd.DataFrame:
+        """Every fold's ``choices.csv`` (runs with a ``choose`` grid), concatenated."""
+        frames = [
+            pd.read_csv(f.choices)
+            for f in (self.fold(int(s), int(k)) for s in seeds for k in folds)
+            if f.choices.exists()
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     # -- writing --------------------------------------------------------------------------
     @property

@@ -1,0 +1,91 @@
+"""The transfer report on the `pan-cancer` world, end to end (issue 13's "Report" part).
+
+1. simulate the untouched `pan-cancer` preset (``--seed``);
+2. a zoo of the cancers with >= ``--min-patients`` patients (ABMIL, ``--epochs``, 5-fold CV);
+3. the transfer matrix of the zoo on every cancer;
+4. a benchmark with one survival task per target cancer and the entries ``abmil`` (the
+   cancer-specific model), ``roupkt``, ``zoo_finetune`` and ``zoo_probe`` (all three with
+   ``exclude: auto``; ``--models`` chooses), ``--seeds`` x 5 folds;
+5. ``oncoslide transfer report`` of the three, with the world's truth.
+
+It prints the report's router-weight check (same-family concentration). Everything is written
+under ``--out`` and resumes (zoo runs and benchmark cells are keyed by their data).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_transfer_report.py --out /tmp/transfer-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from oncoslide.bench.runner import run_benchmark
+from oncoslide.bench.spec import spec_from_dict
+from oncoslide.cohort.table import load_cohort
+from oncoslide.simulate import make_simulation_config, simulate_cohort
+from oncoslide.training import make_config
+from oncoslide.transfer import build_zoo, load_zoo, transfer_matrix
+
+METHODS = ("abmil", "roupkt", "zoo_finetune", "zoo_probe")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed")
+    parser.add_argument("--min-patients", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=list(METHODS),
+                        help="entries of the benchmark (abmil is the baseline)")  # fmt: skip
+    args = parser.parse_args()
+    out: Path = args.out
+    started = time.perf_counter()
+
+    world = out / "world"
+    if not (world / "truth.json").exists():
+        simulate_cohort(world, make_simulation_config("pan-cancer", {"seed": args.seed}))
+    cohort = load_cohort(world / "cohort.csv", world / "features")
+    print(f"world: {len(cohort.patient_ids)} patients ({time.perf_counter() - started:.0f} s)")
+
+    config = make_config(task="survival", model="abmil", epochs=args.epochs, n_boot=0,
+                         progress=False)  # fmt: skip
+    zoo, notes = build_zoo(cohort, config, out / "zoo", by="cohort",
+                           min_patients=args.min_patients)  # fmt: skip
+    print(f"zoo: {zoo.cancers} ({time.perf_counter() - started:.0f} s); left out: {notes}")
+    if not (out / "tm" / "matrix.csv").exists():
+        transfer_matrix(load_zoo(out / "zoo"), cohort, out / "tm", n_boot=200)
+    print(f"matrix ({time.perf_counter() - started:.0f} s)")
+
+    cancers = sorted(cohort.patients["cohort"].astype(str).unique())
+    kwargs = {"experts": str(out / "zoo"), "exclude": "auto"}
+    train = {"epochs": args.epochs}
+    raw = {
+        "name": "pan-cancer-transfer", "cohort": str(world / "cohort.csv"), "folds": 5,
+        "seeds": list(args.seeds), "n_boot": 1000,
+        "feature_sets": [{"name": "sim", "features": str(world / "features")}],
+        "tasks": [{"name": f"os-{c}", "kind": "survival", "filter": {"cohort": [c]}}
+                  for c in cancers],
+        "models": [
+            {"name": m, "protocol": "mil", "model": m, "train": train,
+             **({"kwargs": kwargs} if m != "abmil" else {})}
+            for m in args.models
+        ],
+    }  # fmt: skip
+    run = run_benchmark(spec_from_dict(raw), out / "bench", workers=args.workers, progress=False)
+    print(f"benchmark: {run.n_ran} cells ran, {len(run.failures)} failed "
+          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    for failure in run.failures[:10]:
+        print("  failed:", failure)
+
+    from oncoslide.transfer.report import transfer_report
+
+    report = transfer_report(out / "tm", out / "report", bench=out / "bench", world=world)
+    print(report.summary_text())
+    print(f"report: {report.html_path} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
