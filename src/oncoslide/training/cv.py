@@ -739,91 +739,80 @@ def _finish_fold(
     side: Mapping[str, Omics] | None,
 ) -> FoldOutcome:
     """Predict the test part once with a fitted fold model and score it."""
-    config, seed, fold, started, fold_seed = f.config, f.seed, f.fold, f.started, f.fold_seed
-    train_ids, val_ids, test_ids, excluded = f.train_ids, f.val_ids, f.test_ids, f.excluded
-    declared, ftask, contract, trainer, module = (
-        f.declared, f.ftask, f.contract, f.trainer, f.module,
-    )  # fmt: skip
-    fit_seconds, epochs_run, world, chosen_epoch = (
-        f.fit_seconds, f.epochs_run, f.world, f.chosen_epoch,
-    )  # fmt: skip
-    n_params, n_trainable, transfer, source_choice = (
-        f.n_params, f.n_trainable, f.transfer, f.source_choice,
-    )  # fmt: skip
-    datasets = dict(f.datasets)
-    datasets["test"] = BagDataset(
+    ftask, trainer, module, config = f.ftask, f.trainer, f.module, f.config
+    test_ds = BagDataset(
         cohort,
-        test_ids,
+        f.test_ids,
         cache,
-        ftask.targets(cohort, test_ids),
+        ftask.targets(cohort, f.test_ids),
         max_patches=None,
-        seed=fold_seed,
-        side=part_side_arrays(ftask.side_scalers, side or {}, declared, test_ids, "test"),
+        seed=f.fold_seed,
+        side=part_side_arrays(ftask.side_scalers, side or {}, f.declared, f.test_ids, "test"),
     )
 
     # the test part is touched here, once
-    test_logits = _predict(trainer, module, datasets["test"], config)
-    test_ds = datasets["test"]  # details (e.g. routing weights) of the same test bags
+    test_logits = _predict(trainer, module, test_ds, config)
+    # details (e.g. routing weights) of the same test bags
     details = patient_details(cast(MILModel, module.model), config.model, test_ds.__getitem__,
                               len(test_ds))  # fmt: skip
     # training outputs as test outputs are computed: full bags (no patch sampling), eval mode;
     # survival: the training risks; classification: the decision rates of predict --adapt
     full_train = BagDataset(
         cohort,
-        train_ids,
+        f.train_ids,
         cache,
-        datasets["train"].targets,
+        f.datasets["train"].targets,
         max_patches=None,
-        seed=fold_seed,
+        seed=f.fold_seed,
         # as the test part is predicted: without training-only inputs
-        side=part_side_arrays(ftask.side_scalers, side or {}, declared, train_ids, "predict"),
+        side=part_side_arrays(ftask.side_scalers, side or {}, f.declared, f.train_ids, "predict"),
     )
     train_logits = _predict(trainer, module, full_train, config)
     if task.is_survival:
-        ftask.fit_training_risks(train_logits, cohort.survival(train_ids))
+        ftask.fit_training_risks(train_logits, cohort.survival(f.train_ids))
     metrics = (
-        ftask.metrics(test_logits, cohort, test_ids, fit_ids=train_ids + val_ids)
-        if test_ids
+        ftask.metrics(test_logits, cohort, f.test_ids, fit_ids=f.train_ids + f.val_ids)
+        if f.test_ids
         else {}
     )
     trained = cast(MILModel, module.model).cpu().eval()
     # every patch of the training part (no validation or test patient), for predict --adapt
     feature_stats = FeatureStats.of(
-        cache.get(path).features for pid in train_ids for path in cohort.slide_paths(pid)
+        cache.get(path).features for pid in f.train_ids for path in cohort.slide_paths(pid)
     )
     if not task.is_survival and len(train_logits):
         chosen = train_logits.float().argmax(dim=-1).cpu().numpy()
         rates = np.bincount(chosen, minlength=train_logits.shape[-1]) / len(chosen)
         feature_stats = dataclasses.replace(feature_stats, decision_rates=rates)
     return FoldOutcome(
-        seed=seed,
-        fold=fold,
-        test_ids=test_ids,
-        fit_ids=train_ids + val_ids,
+        seed=f.seed,
+        fold=f.fold,
+        test_ids=f.test_ids,
+        fit_ids=f.train_ids + f.val_ids,
         logits=test_logits,
         fold_task=ftask,
         metrics=metrics,
         history=module.history,
         info={
-            "seconds": time.perf_counter() - started,
-            "fit_seconds": fit_seconds,
+            "seconds": time.perf_counter() - f.started,
+            "fit_seconds": f.fit_seconds,
             "train_patches": module.train_patches,
-            "epochs_run": epochs_run,
-            "processes": world,
-            "chosen_epoch": chosen_epoch,
-            "n_train": len(train_ids),
-            "n_val": len(val_ids),
-            "n_test": len(test_ids),
-            "n_excluded": len(excluded),
-            "n_parameters": n_params,
-            "trainable_share": n_trainable / max(1, n_params),
-            **{k: v for k, v in transfer.items() if isinstance(v, int | float)},
-            **source_choice,
+            "epochs_run": f.epochs_run,
+            "processes": f.world,
+            "chosen_epoch": f.chosen_epoch,
+            "n_train": len(f.train_ids),
+            "n_val": len(f.val_ids),
+            "n_test": len(f.test_ids),
+            "n_excluded": len(f.excluded),
+            "n_parameters": f.n_params,
+            "trainable_share": f.n_trainable / max(1, f.n_params),
+            **{k: v for k, v in f.transfer.items() if isinstance(v, int | float)},
+            **f.source_choice,
         },
-        excluded=excluded,
+        excluded=f.excluded,
         model=trained,
-        contract=contract,
-        parts={"train": list(train_ids), "val": list(val_ids), "test": list(test_ids)},
+        contract=f.contract,
+        parts={"train": list(f.train_ids), "val": list(f.val_ids), "test": list(f.test_ids)},
         feature_stats=feature_stats,
         details=details,
     )
