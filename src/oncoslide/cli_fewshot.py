@@ -53,6 +53,13 @@ def fewshot_cmd(
     ),
     time_col: str = typer.Option("time", "--time-col", help="survival time column"),
     event_col: str = typer.Option("event", "--event-col", help="survival event column"),
+    exclude: list[Path] = typer.Option(
+        [],
+        "--exclude",
+        help="patients to keep out of every test part (seen in an encoder's pre-training): a "
+        "table with a patient_id or slide_id column, an encoder folder or a slide-embedding "
+        "folder; repeatable. Slide-embedding sets exclude their encoder's own by themselves",
+    ),
 ) -> None:
     """Few-shot linear probes (k labelled patients per class, drawn from each fold's training
     part) of each feature set on the same splits and draws, with paired comparisons."""
@@ -77,6 +84,7 @@ def fewshot_cmd(
             reference=reference,
             time_col=time_col,
             event_col=event_col,
+            exclude_from=exclude,
             on_step=lambda text: status.update(escape(text)),
         )
     paths = write_few_shot_run(run, out, sources=sources, config=config, task=task)
@@ -87,6 +95,11 @@ def fewshot_cmd(
             else "patch features (mean-pooled)"
         )
         console.print(f"{escape(src.name)}: {what} from {escape(str(src.path))}", highlight=False)
+    if run.excluded:
+        console.print(
+            f"{len(run.excluded)} patient(s) seen in pre-training are kept out of the test parts",
+            highlight=False,
+        )
     table = Table(
         title=f"{escape(task)}: mean {run.metric} over {folds} folds x {draws} draws "
         f"({run.n_patients} patients)",

@@ -98,3 +98,49 @@ def test_slide_level_problems_are_reported(
     raw = _spec(bench_data, partial, small_spec)
     with pytest.raises(ConfigError, match="2 slide\\(s\\) have no file"):
         resolve_bench(spec_from_dict(raw))
+
+
+def test_an_encoders_pretraining_patients_are_excluded_by_construction(
+    bench_data: Path, patient_mean_embeddings: Path, small_spec: Any, tmp_path: Path
+) -> None:
+    """A slide-embedding folder whose manifest names its encoder's pre-training slides keeps
+    their patients out of that feature set's test parts without an exclusion list; an
+    ``exclude`` naming an encoder folder (pretrain_slides.csv) works as a table does."""
+    import json
+    import shutil
+
+    table = pd.read_csv(bench_data / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
+    emb = tmp_path / "emb"
+    shutil.copytree(patient_mean_embeddings, emb)
+    seen = sorted(table["patient_id"].unique())[:5]
+    slides = table[table["patient_id"].isin(seen)]["slide_id"].tolist()
+    (emb / "slide_embeddings.json").write_text(json.dumps({"pretrain_slides": slides}))
+    raw = _spec(bench_data, emb, small_spec)
+    bench = resolve_bench(spec_from_dict(raw))
+    fs = bench.feature_sets["slide-enc"]
+    assert fs.excluded == set(seen) and bench.feature_sets["real"].excluded == set()
+    assert "pre-training slides" in fs.exclude_note and "5 patient(s)" in fs.exclude_note
+
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    others = sorted(table["patient_id"].unique())[5:8]
+    table[table["patient_id"].isin(others)][["slide_id", "patient_id"]].to_csv(
+        enc / "pretrain_slides.csv", index=False
+    )
+    raw["feature_sets"][0]["exclude"] = str(enc)
+    raw["feature_sets"][1]["exclude"] = str(enc)
+    bench = resolve_bench(spec_from_dict(raw))
+    assert bench.feature_sets["real"].excluded == set(others)
+    assert bench.feature_sets["slide-enc"].excluded == set(seen) | set(others)
+    run = run_benchmark(spec_from_dict(raw), tmp_path / "b", workers=0, progress=False)
+    assert not run.failures
+    with ResultStore.in_dir(tmp_path / "b") as store:
+        preds = store.predictions(task="os")
+    scored = set(preds[preds["feature_set"] == "slide-enc"]["patient_id"])
+    assert scored and not scored & (set(seen) | set(others))
+    assert set(others).isdisjoint(preds[preds["feature_set"] == "real"]["patient_id"])
+
+    # a folder that records nothing is refused with the reason
+    raw["feature_sets"][0]["exclude"] = str(patient_mean_embeddings)
+    with pytest.raises(ConfigError, match="records no pre-training slides"):
+        resolve_bench(spec_from_dict(raw))

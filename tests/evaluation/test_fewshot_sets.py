@@ -201,3 +201,83 @@ def test_feature_set_forms_and_levels(world: Path, tmp_path: Path) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 2 and "unique" in result.output
+
+
+def test_patients_seen_in_pre_training_are_never_scored(world: Path, tmp_path: Path) -> None:
+    """A slide-embedding folder whose manifest names its encoder's pre-training slides keeps
+    those patients out of every test part by itself; --exclude adds an encoder folder's list.
+    The scores are the probe redone on the test parts without them, for every set alike."""
+    import h5py
+
+    sim = world / "sim"
+    table = pd.read_csv(sim / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
+    latents = pd.read_csv(world / "latents.csv", dtype={"slide_id": str}).set_index("slide_id")
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    for sid in table["slide_id"]:
+        with h5py.File(emb / f"{sid}.h5", "w") as f:
+            f.create_dataset("features", data=latents.loc[sid].to_numpy(np.float32))
+    patients = sorted(table["patient_id"].unique())
+    seen_by_encoder = set(patients[:30])
+    seen_slides = table[table["patient_id"].isin(seen_by_encoder)]["slide_id"].tolist()
+    (emb / "slide_embeddings.json").write_text(json.dumps({"pretrain_slides": seen_slides}))
+    enc = tmp_path / "enc"  # another encoder's folder, as `oncoslide pretrain` writes it
+    enc.mkdir()
+    other = set(patients[30:40])
+    table[table["patient_id"].isin(other)][["slide_id", "patient_id"]].to_csv(
+        enc / "pretrain_slides.csv", index=False
+    )
+    out = tmp_path / "fs"
+    result = runner.invoke(
+        app,
+        [
+            "fewshot", "--cohort", str(sim / "cohort.csv"), "--task", "msi",
+            "--set", f"emb={emb}", "--set", f"meanpool={sim / 'features'}",
+            "--exclude", str(enc), "--k", "4", "--draws", "3", "--folds", "3",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "40 patient(s) seen in pre-training" in result.output
+    settings = json.loads((out / "fewshot.json").read_text())
+    assert set(settings["excluded_from_test"]) == seen_by_encoder | other
+
+    splits = pd.read_csv(out / "splits.csv", dtype={"patient_id": str})
+    draws = pd.read_csv(out / "fewshot_draws.csv")
+    cohort = load_cohort(sim / "cohort.csv", label_cols=("msi",))
+    for fold in range(3):
+        parts = fold_parts(splits, 0, fold)
+        test = [p for p in parts["test"] if p not in seen_by_encoder | other]
+        assert len(test) < len(parts["test"])
+        sources = {
+            n: parse_feature_set(f"{n}={p}")
+            for n, p in (("emb", emb), ("meanpool", sim / "features"))
+        }
+        direct = few_shot_classification(
+            {
+                n: (
+                    patient_vectors(s, sim / "cohort.csv", parts["train"]),
+                    patient_vectors(s, sim / "cohort.csv", test),
+                )
+                for n, s in sources.items()
+            },
+            cohort.labels("msi", parts["train"]).astype(int).astype(str),
+            cohort.labels("msi", test).astype(int).astype(str),
+            config=FewShotConfig(shots=(4,), draws=3, seed=0),
+            task="msi",
+            fold=fold,
+        )
+        got = draws[draws["fold"] == fold]
+        keys = ["embedding", "k", "draw", "metric"]
+        np.testing.assert_allclose(
+            got.sort_values(keys)["value"].to_numpy(),
+            direct.sort_values(keys)["value"].to_numpy(),
+            rtol=0,
+            atol=1e-12,
+        )
+
+    # a folder that records no pre-training slides is refused as an exclusion source
+    with pytest.raises(ConfigError, match="records no pre-training slides"):
+        few_shot_sets(
+            sim / "cohort.csv", "msi", [sources["meanpool"]], folds=3, exclude_from=[tmp_path]
+        )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -277,7 +278,13 @@ def test_embed_slides_cli_writes_a_slide_level_feature_set(
     )
     again = embed_slides(enc, feats, emb)
     assert again.skipped == len(ids) and again.written == 0
-    # a benchmark's level: slide feature set runs the linear protocol on them
+    # the encoder folder and the embeddings' manifest record the slides pre-trained on
+    seen = pd.read_csv(enc / "pretrain_slides.csv", dtype=str)
+    assert sorted(seen["slide_id"]) == sorted(ids)
+    manifest = json.loads((emb / "slide_embeddings.json").read_text())
+    assert manifest["pretrain_slides"] == seen["slide_id"].tolist()
+    # a benchmark's level: slide feature set runs the linear protocol on them; this encoder saw
+    # every patient, so by default none is left to score
     spec = {
         "name": "pama-emb",
         "cohort": str(tiny_cohort / "cohort.csv"),
@@ -288,6 +295,11 @@ def test_embed_slides_cli_writes_a_slide_level_feature_set(
         "models": [{"name": "linear", "protocol": "linear"}],
     }
     run = run_benchmark(spec_from_dict(spec), tmp_path / "bench", workers=0, progress=False)
+    assert len(run.failures) == 3 and run.n_ran == 0
+    assert all("no test patient left" in f["error"] for f in run.failures)
+    # transductive label-free pre-training, declared: the patients are scored
+    spec["feature_sets"][0]["pretraining"] = "keep"  # type: ignore[index]
+    run = run_benchmark(spec_from_dict(spec), tmp_path / "bench2", workers=0, progress=False)
     assert not run.failures and run.n_ran == 3
     # a bad --out for pretrain is a message, not a traceback
     res = runner.invoke(app, ["pretrain", "pama", "--features", str(tmp_path / "none"),

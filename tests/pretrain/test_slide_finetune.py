@@ -325,6 +325,24 @@ def test_fit_all_and_fold_models_predict_without_the_encoder_folder(
     assert "parameters train" in shown and "train at 10x the learning rate (0.005)" in shown
     result = runner.invoke(app, ["train", *base, "--folds", "2", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+    # the encoder pre-trained on the first 30 patients (those with profiles): they train, but
+    # are never scored
+    cohort = load_cohort(sim / "cohort.csv", sim / "features")
+    seen = set(pd.read_csv(enc / "pretrain_slides.csv", dtype=str)["patient_id"])
+    assert len(seen) >= 20 and seen <= set(cohort.patient_ids[:30])
+    scored = set(pd.read_parquet(tmp_path / "run" / "predictions.parquet")["patient_id"])
+    assert scored == set(cohort.patient_ids) - seen
+    note = f"{len(seen)} patients were pre-trained on by the --init encoder"
+    assert note in " ".join(result.output.split()) or note in (tmp_path / "run/run.log").read_text()
+    only_seen = tmp_path / "seen.csv"
+    table = pd.read_csv(sim / "cohort.csv", dtype={"patient_id": str})
+    table[table["patient_id"].isin(seen)].to_csv(only_seen, index=False)
+    refused = runner.invoke(
+        app,
+        ["train", *base[2:], "--cohort", str(only_seen), "--folds", "2",
+         "--out", str(tmp_path / "none")],
+    )  # fmt: skip
+    assert refused.exit_code == 2 and "none is left to score" in " ".join(refused.output.split())
     shutil.rmtree(enc)  # the model folders must not need it any more
     # a trained slide-finetune model folder starts another run (--init model/)
     result = runner.invoke(
@@ -355,6 +373,23 @@ def test_fit_all_and_fold_models_predict_without_the_encoder_folder(
     oof = oof[(oof["seed"] == 0) & (oof["fold"] == 1)].set_index("patient_id")
     again = pd.read_parquet(out / "predictions.parquet").set_index("patient_id").loc[oof.index]
     np.testing.assert_allclose(again["prob_1"], oof["prob_1"], atol=1e-6)
+
+    # explain / report score bags through the same slide index (each slide in its own frame)
+    from oncoslide.cohort.bags import load_bag
+    from oncoslide.features.cache import FeatureCache
+    from oncoslide.report.attention import load_fold_model
+    from oncoslide.report.prototypes import bag_score
+
+    cohort = load_cohort(sim / "cohort.csv", sim / "features")
+    fm = load_fold_model(tmp_path / "run", cohort, seed=0, fold=1)
+    multi = [p for p in oof.index if len(cohort.slide_ids(p)) > 1]
+    assert multi
+    with FeatureCache() as cache:
+        bag = load_bag(cohort, multi[0], cache)
+    score = bag_score(fm, bag.features, bag.coords, bag.slide_index)
+    assert score == pytest.approx(float(oof.loc[multi[0], "prob_1"]), abs=1e-5)
+    with pytest.raises(ConfigError, match="slide index"):
+        bag_score(fm, bag.features, bag.coords)
 
     result = runner.invoke(
         app,

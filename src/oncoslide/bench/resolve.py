@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from oncoslide._io import read_table_file
 from oncoslide.bench.spec import BenchSpec, FeatureSetSpec, SplitSpec, TaskSpecEntry
+from oncoslide.cohort.exclusions import Exclusions, pretrain_slides_of, read_exclusions
 from oncoslide.cohort.omics import Omics, load_omics
 from oncoslide.cohort.splits import (
     audit_splits,
@@ -283,34 +284,34 @@ def _patient_level_columns(spec: BenchSpec) -> tuple[str, ...]:
 def _with_exclusions(
     spec: BenchSpec, fs: FeatureSetSpec, cohort: Cohort, problems: list[str]
 ) -> FeatureSet:
-    if fs.exclude is None:
+    """The feature set with the patients its encoder saw: those its ``exclude`` source names
+    (a table, an encoder folder or a slide-embedding folder), and, for slide embeddings whose
+    manifest records the encoder's pre-training slides, those too (by construction)."""
+    found: list[Exclusions] = []
+    if fs.exclude is not None:
+        try:
+            found.append(read_exclusions(spec.path(fs.exclude), cohort))
+        except ConfigError as exc:
+            problems.append(f"feature set {fs.name}: {exc}")
+            return FeatureSet(fs, cohort)
+    if fs.level == "slide" and fs.pretraining == "exclude" and spec.path(fs.features).is_dir():
+        try:
+            seen = pretrain_slides_of(spec.path(fs.features))
+        except ConfigError as exc:
+            problems.append(f"feature set {fs.name}: {exc}")
+            return FeatureSet(fs, cohort)
+        if seen is not None and not (found and found[0].source == str(spec.path(fs.features))):
+            found.append(read_exclusions(spec.path(fs.features), cohort))
+    if not found:
         return FeatureSet(fs, cohort)
-    path = spec.path(fs.exclude)
-    found: list[str] = []
-    df = read_table_file(path, found, string_columns=("patient_id", "slide_id"))
-    if df is None:
-        problems.append(f"feature set {fs.name}: exclusion list {path}: {'; '.join(found)}")
-        return FeatureSet(fs, cohort)
-    if "patient_id" in df.columns:
-        ids = {str(v) for v in df["patient_id"].dropna()}
-        known = ids & set(cohort.patient_ids)
-        what = "patient"
-    elif "slide_id" in df.columns:
-        ids = {str(v) for v in df["slide_id"].dropna()}
-        by_slide = dict(zip(cohort.slides["slide_id"], cohort.slides["patient_id"], strict=True))
-        known = {by_slide[s] for s in ids if s in by_slide}
-        what = "slide"
-    else:
-        problems.append(
-            f"feature set {fs.name}: exclusion list {path} needs a patient_id or slide_id column"
-        )
-        return FeatureSet(fs, cohort)
-    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    note = (
-        f"{fs.name}: exclusion list {path.name} names {len(ids)} {what}(s); "
-        f"{len(known)} patient(s) of this cohort are excluded from its test parts"
-    )
-    return FeatureSet(fs, cohort, frozenset(known), digest, note)
+    patients = frozenset().union(*(e.patients for e in found))
+    digest = found[0].digest if len(found) == 1 else "+".join(e.digest for e in found)
+    note = "; ".join(
+        e.note(fs.name if e.source != str(spec.path(fs.features)) else f"{fs.name} (encoder's "
+               "pre-training slides, from its manifest)")
+        for e in found
+    )  # fmt: skip
+    return FeatureSet(fs, cohort, patients, digest, note)
 
 
 def _with_slide_embeddings(spec: BenchSpec, fs: FeatureSet, problems: list[str]) -> FeatureSet:

@@ -64,8 +64,15 @@ class FeatureSetSpec(_Strict):
     )
     exclude: Path | None = Field(
         None,
-        description="CSV with a patient_id or slide_id column: patients (or the patients of "
-        "slides) seen in this encoder's pre-training, removed from its test parts",
+        description="patients seen in this encoder's pre-training, removed from its test parts: "
+        "a table with a patient_id or slide_id column, an encoder folder (pretrain_slides.csv) "
+        "or a slide-embedding folder (its manifest)",
+    )
+    pretraining: Literal["exclude", "keep"] = Field(
+        "exclude",
+        description="slide embeddings whose manifest names the encoder's pre-training slides: "
+        "exclude (default) keeps those patients out of test parts; keep scores them "
+        "(transductive label-free pre-training on the evaluated cohort: report it as such)",
     )
     stamp_mpp: float | None = Field(None, gt=0)
     description: str = ""

@@ -13,12 +13,18 @@ splits for every set; each fold's training part is where the few-shot draws come
 (:mod:`oncoslide.evaluation.fewshot`), and its test part scores every probe. The draws depend on
 the labels, fold, k, draw and seed only, so every set sees the same patients in every draw and
 the per-k comparison against a reference set is paired.
+
+Patients an encoder saw in pre-training are kept out of every test part (they may still be
+drawn as labelled shots: pre-training read no label): those of ``exclude`` (patient ids), and,
+by construction, those of a slide-level set whose folder records its encoder's pre-training
+slides (:mod:`oncoslide.cohort.exclusions`). They are excluded for every set alike, so the
+comparison stays paired.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from oncoslide._io import TABLE_SUFFIXES, write_json, write_table
+from oncoslide.cohort.exclusions import pretrain_slides_of, read_exclusions
 from oncoslide.errors import ConfigError
 from oncoslide.evaluation.fewshot import (
     FewShotConfig,
@@ -92,6 +99,7 @@ class FewShotRun:
     reference: str
     metric: str
     n_patients: int
+    excluded: tuple[str, ...] = ()  # patients kept out of every test part
 
 
 def patient_vectors(
@@ -138,12 +146,17 @@ def few_shot_sets(
     reference: str | None = None,
     time_col: str = "time",
     event_col: str = "event",
+    exclude: Collection[str] = (),
+    exclude_from: Sequence[PathLike] = (),
     on_step: Callable[[str], None] | None = None,
 ) -> FewShotRun:
     """Few-shot probes of every feature set on the same patient-level splits and draws.
 
     ``task`` is ``"survival"`` or a label column of the cohort table. ``reference`` (default:
     the first set) is what every other set is compared with, per k (paired over draws).
+    ``exclude``: patients never scored; ``exclude_from``: sources naming more (tables, encoder
+    or slide-embedding folders: :func:`oncoslide.cohort.exclusions.read_exclusions`); a
+    slide-level set's own pre-training patients are added (see the module docstring).
     """
     from oncoslide.cohort.splits import fold_parts, make_splits, survival_strata
     from oncoslide.cohort.table import load_cohort
@@ -183,6 +196,13 @@ def few_shot_sets(
     splits = make_splits(
         patients, n_folds=folds, seeds=(config.seed,), strata=strata, val_fraction=0.0
     )
+    excluded = set(map(str, exclude))
+    for source in exclude_from:
+        excluded |= read_exclusions(source, cohort).patients
+    for src in sources:
+        if src.level == "slide" and src.path.is_dir() and pretrain_slides_of(src.path) is not None:
+            excluded |= read_exclusions(src.path, cohort).patients
+    excluded &= set(patients)
     matrices = {}
     for src in sources:
         if on_step is not None:
@@ -195,7 +215,12 @@ def few_shot_sets(
             on_step(f"fold {fold + 1} of {folds}")
         parts = fold_parts(splits, config.seed, fold)
         tr = np.array([pos[p] for p in parts["train"]])
-        te = np.array([pos[p] for p in parts["test"]])
+        te = np.array([pos[p] for p in parts["test"] if p not in excluded], dtype=np.int64)
+        if te.size == 0:
+            raise ConfigError(
+                f"fold {fold} has no test patient left: all {len(parts['test'])} were seen in "
+                "pre-training (excluded); use fewer --folds or evaluate on other patients"
+            )
         embeddings = {n: (m[tr], m[te]) for n, m in matrices.items()}
         if survival:
             parts_rows.append(
@@ -232,6 +257,7 @@ def few_shot_sets(
         reference=ref,
         metric=metric,
         n_patients=len(patients),
+        excluded=tuple(sorted(excluded)),
     )
 
 
@@ -259,6 +285,7 @@ def write_few_shot_run(
             "metric": run.metric,
             "reference": run.reference,
             "patients": run.n_patients,
+            "excluded_from_test": list(run.excluded),
             "folds": int(run.splits["fold"].nunique()),
             "config": {**asdict(config), "shots": list(config.shots)},
             "feature_sets": [

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from oncoslide._io import atomic_path, write_json
+from oncoslide.cohort.exclusions import pretrain_slides_of
 from oncoslide.errors import ConfigError
 from oncoslide.features.readers import FeatureIndex, read_features
 from oncoslide.features.schema import FeatureContract
@@ -117,6 +118,9 @@ def embed_slides(
             "embed_dim": loaded.embed_dim,
             "features": str(Path(features_dir).resolve()),
             "slides": ids,
+            # the encoder's pre-training slides (None: its folder predates the list), so a
+            # benchmark or few-shot run keeps their patients out of test parts by itself
+            "pretrain_slides": pretrain_slides_of(loaded.path),
         },
     )
     return EmbedResult(out, ids, loaded.embed_dim, written, skipped)

@@ -5,6 +5,8 @@
                      weights fingerprint, dimension, patch size, µm/px); the label-free choice
                      (epoch, RankMe) and the run's numbers; provenance (versions, seed)
     encoder.pt       the chosen encoder's state dict (torch.save; loads with weights_only=True)
+    pretrain_slides.csv  the slides pre-trained on (slide_id, patient_id): evaluations keep
+                     their patients out of test parts (oncoslide.cohort.exclusions)
     history.csv      per epoch: loss, RankMe, seconds, bags/s
     steps.csv        per optimiser step: loss (one row per step; a resumed run rewrites the
                      rows after its checkpoint)

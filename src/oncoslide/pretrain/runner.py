@@ -174,6 +174,20 @@ def run_pretraining(
     started = time.perf_counter()
     if resumed_from >= total and (out / ENCODER_FILE).exists():  # finished: nothing to do
         return _result(out, time.perf_counter() - started, resumed_from)
+    import pandas as pd
+
+    from oncoslide.cohort.exclusions import PRETRAIN_SLIDES_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    # which slides the encoder saw: evaluations keep their patients out of test parts
+    # (oncoslide.cohort.exclusions reads this file; embed-slides copies it to its manifest)
+    write_table(
+        out / PRETRAIN_SLIDES_FILE,
+        pd.DataFrame(
+            [(s, u.patient_id) for u in dataset.units for s in u.slide_ids],
+            columns=["slide_id", "patient_id"],
+        ).drop_duplicates(),
+    )
     with run_log(out, f"pre-training {method.name}"), quiet_lightning():
         # label-free set-up from the bags (a tokenizer); deterministic, so a resumed run
         # fits what the checkpoint holds anyway

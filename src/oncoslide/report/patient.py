@@ -190,16 +190,17 @@ def _patch_bootstrap(
     try:
         bag = load_bag(cohort, patient_id, cache)
         features, coords = np.asarray(bag.features), np.asarray(bag.coords)
+        slides = np.asarray(bag.slide_index)
     finally:
         cache.close()
     # a stable stream per (seed, patient): the same page every time
     rng = np.random.default_rng([seed, zlib.crc32(str(patient_id).encode())])
     n = len(features)
-    full = bag_score(fm, features, coords)
+    full = bag_score(fm, features, coords, slides)
     scores = np.empty(settings.n_boot)
     for b in range(settings.n_boot):
         idx = np.sort(rng.integers(0, n, size=n))
-        scores[b] = bag_score(fm, features[idx], coords[idx])
+        scores[b] = bag_score(fm, features[idx], coords[idx], slides[idx])
     return full, scores
 
 

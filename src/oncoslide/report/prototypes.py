@@ -47,6 +47,7 @@ from oncoslide.cohort.splits import fold_parts
 from oncoslide.cohort.table import Cohort
 from oncoslide.errors import ConfigError, OncoslideError
 from oncoslide.features.cache import FeatureCache
+from oncoslide.models import MODELS
 from oncoslide.report.attention import (
     FoldModel,
     find_slide_file,
@@ -232,13 +233,30 @@ def score_column(fold_model: FoldModel) -> str:
     )
 
 
-def bag_score(fold_model: FoldModel, features: np.ndarray, coords: np.ndarray) -> float:
-    """The fold model's score for one bag (a subset of a patient's patches)."""
+def bag_score(
+    fold_model: FoldModel,
+    features: np.ndarray,
+    coords: np.ndarray,
+    slide_index: np.ndarray | None = None,
+) -> float:
+    """The fold model's score for one bag (a subset of a patient's patches).
+
+    ``slide_index`` (each patch's slide, as in :class:`~oncoslide.features.cache.Bag`) reaches
+    models that declare ``uses_slide_index`` (e.g. slide-finetune embeds each slide in its own
+    coordinate frame), as in training and predict; it is required for them.
+    """
     x = torch.tensor(np.asarray(features, dtype=np.float32))[None]
     mask = torch.ones(x.shape[:2], dtype=torch.bool)
     c = torch.tensor(np.asarray(coords, dtype=np.float32))[None]
+    inputs: dict[str, Any] = {}
+    if MODELS.metadata(fold_model.config.model).get("uses_slide_index"):
+        if slide_index is None:
+            raise ConfigError(
+                f"model {fold_model.config.model!r} needs each patch's slide index to score a bag"
+            )
+        inputs["slide_index"] = torch.tensor(np.asarray(slide_index, dtype=np.int64))[None]
     with torch.no_grad():
-        out = fold_model.model(x, mask, c)
+        out = fold_model.model(x, mask, c, **inputs)
     frame = fold_model.fold_task.prediction_frame(out.logits)
     return float(frame[score_column(fold_model)].iloc[0])
 
@@ -375,7 +393,8 @@ def explain_run(
                 for k in np.unique(proto):
                     keep = proto != k
                     contribution = (
-                        full - bag_score(fm, bag.features[keep], bag.coords[keep])
+                        full
+                        - bag_score(fm, bag.features[keep], bag.coords[keep], bag.slide_index[keep])
                         if keep.any()
                         else math.nan  # the whole bag is this prototype: nothing left to score
                     )

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from oncoslide._io import write_json, write_table
 from oncoslide._log import get_logger, number, run_log
 from oncoslide._threads import apply_num_threads, describe_threads
+from oncoslide.cohort.exclusions import pretrain_slides_of, read_exclusions
 from oncoslide.cohort.fingerprint import DataRecord, data_record
 from oncoslide.cohort.omics import Omics
 from oncoslide.cohort.splits import (
@@ -156,6 +157,18 @@ def cross_validate(
             f"{len(patients)} patients with targets are too few for {config.folds} folds"
         )
 
+    seen = pretraining_patients(config, cohort) & set(patients)
+    if seen:
+        if len(seen) == len(patients):
+            raise ConfigError(
+                f"the --init encoder {config.init} was pre-trained on every one of the "
+                f"{len(patients)} patients: none is left to score (train it on other patients, "
+                "or evaluate on another cohort)"
+            )
+        notes.append(
+            f"{len(seen)} patients were pre-trained on by the --init encoder: they train when "
+            "their split says so but are never scored as test patients"
+        )
     _check_scoreable(cohort, task, config, patients)
     data = run_data_record(cohort, task, config, patients, side)
     run = RunFolder(out)
@@ -544,6 +557,8 @@ def _fit_fold(
     started = time.perf_counter()
     parts = fold_parts(splits, seed, fold)
     train_ids, val_ids = parts["train"], parts["val"]
+    # patients an --init encoder pre-trained on are never test patients (by construction)
+    exclude_from_test = exclude_from_test | pretraining_patients(config, cohort)
     excluded = [p for p in parts["test"] if p in exclude_from_test]
     test_ids = [p for p in parts["test"] if p not in exclude_from_test]
     fold_seed = seed * 1000 + fold
@@ -1065,6 +1080,17 @@ def _aux_weights(config: TrainConfig, meta: Mapping[str, object]) -> dict[str, f
             f"{', '.join(declared) or 'none'}"
         )
     return {k: float(v) for k, v in {**declared, **config.aux_weights}.items()}
+
+
+def pretraining_patients(config: TrainConfig, cohort: Cohort) -> frozenset[str]:
+    """The cohort's patients whose slides the ``--init`` slide encoder was pre-trained on
+    (its ``pretrain_slides.csv``); none for other inits or encoders that predate the list."""
+    if config.init is None:
+        return frozenset()
+    folder = Path(config.init)
+    if not (folder / "encoder.json").is_file() or pretrain_slides_of(folder) is None:
+        return frozenset()
+    return read_exclusions(folder, cohort).patients
 
 
 def _best_epoch(history: list[dict[str, float]], mode: str, key: str) -> int:
