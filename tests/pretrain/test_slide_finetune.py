@@ -425,6 +425,8 @@ def test_benchmark_mil_entry_with_init_is_keyed_by_the_encoder_content(
     cells start from the encoder, and their keys follow its content, not its path."""
     import shutil
 
+    import pandas as pd
+
     from oncoslide.bench.runner import run_benchmark
     from oncoslide.bench.spec import spec_from_dict
 
@@ -447,6 +449,13 @@ def test_benchmark_mil_entry_with_init_is_keyed_by_the_encoder_content(
         spec_from_dict(raw, base_dir=tmp_path / "a"), out, workers=0, progress=False
     )
     assert (run.n_cells, run.n_ran, run.failures) == (2, 2, [])
+    # the encoder's pre-training patients are never scored (its pretrain_slides.csv)
+    from oncoslide.bench.store import ResultStore
+
+    seen = set(pd.read_csv(enc_src / "pretrain_slides.csv", dtype=str)["patient_id"])
+    with ResultStore.in_dir(out) as store:
+        scored = set(store.predictions(task="msi")["patient_id"])
+    assert scored and seen and scored.isdisjoint(seen)
     kept = sorted((out / "models").iterdir())
     assert len(kept) == 2
     pre = load_slide_encoder(enc_src).encoder.state_dict()
