@@ -15,20 +15,29 @@ the difference in out-of-fold AUC (mean over repeats), two-sided.
 Variants: full PAMA; positions off (no position reaches the model); shuffled coordinates; no
 KRO; no anchor dropout. The encoder kept is chosen by RankMe (label-free), as the CLI does.
 ``--target codes`` (with ``--codebook-size``), ``--masking regions`` and ``--mask-ratio`` give
-every variant that pretext (masked k-means codes, block masking); ``--set seed=1`` simulates
-another world of the preset (to confirm a result on a world no choice was made on).
+every variant that pretext (masked k-means codes, block masking); ``--patches-per-anchor``
+(and ``--max-anchors``) the anchor density; ``--set seed=1`` simulates another world of the
+preset (to confirm a result on a world no choice was made on); ``--probe-half A`` probes the
+pre-training half with its own labels instead (a development probe, for choosing settings
+without touching half B; the pre-training is the same as the protocol's).
+The label-free ceiling of these features (no pre-training) is benchmarks/bench_pama_ceiling.py.
 
 Part 2 (``--part speed``). Synthetic bags (random 384-d features on a square patch grid) of
 512 to 16,384 patches: one PAMA training step (forward + backward, 75 % masked) per bag size
 at the default anchor rule, and one encoder forward over the whole bag at fixed anchor counts
 (16 to 128): seconds, bags/s, peak memory (CUDA: max allocated; CPU: peak RSS growth of a
 child process per measurement), and the attention time per (N x anchors) pair, which should
-stay flat if the cost scales as N x anchors.
+stay flat if the cost scales as N x anchors. ``--patches-per-anchor`` sets the training
+step's anchor rule; ``--no-speed-anchors`` measures the training steps only.
 
     python benchmarks/bench_pama.py --out out/pama                # both parts, ~40 min on 2 CPUs
     python benchmarks/bench_pama.py --part probe --epochs 20 --variants full,positions-off
     python benchmarks/bench_pama.py --part probe --epochs 15 --target codes --out out/pama-codes
     python benchmarks/bench_pama.py --part speed --device cuda
+    python benchmarks/bench_pama.py --part probe --variants full --target codes --mask-ratio 0.5 \
+        --epochs 30 --patches-per-anchor 4 --probe-half A --out out/pama-dense-dev
+    python benchmarks/bench_pama.py --part speed --no-speed-anchors --sizes 300,2048 \
+        --patches-per-anchor 4
 """
 
 from __future__ import annotations
@@ -152,14 +161,20 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     sim = Path(args.sim) if args.sim else out / "spatial"
     if not (sim / "cohort.csv").exists():
-        from oncoslide.simulate import make_simulation_config, simulate_cohort
+        from oncoslide.simulate import (
+            make_simulation_config,
+            parse_assignments,
+            simulate_cohort,
+        )
 
-        knobs = dict(kv.split("=", 1) for kv in getattr(args, "set", []))
+        knobs = parse_assignments(getattr(args, "set", []))
         print(f"simulating the spatial preset {knobs or '(seed 0)'} into {sim}", flush=True)
         simulate_cohort(sim, make_simulation_config("spatial", knobs))
     cohort = pd.read_csv(sim / "cohort.csv", dtype={"patient_id": str, "slide_id": str})
     features = sim / "features"
     pre, probe = split_halves(cohort, "inflamed", args.seed)
+    if getattr(args, "probe_half", "B") == "A":  # development probe: half A's own labels
+        probe = pre
     y = cohort.groupby("patient_id")["inflamed"].first().loc[probe].to_numpy().astype(int)
     pre_slides = cohort.loc[cohort["patient_id"].isin(pre), "slide_id"].tolist()
     probe_slides = cohort.loc[cohort["patient_id"].isin(probe), "slide_id"].tolist()
@@ -188,6 +203,16 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if mask_ratio != 0.75:
             kwargs.update(mask_ratio=mask_ratio)
             tag = f"{tag}-m{round(100 * mask_ratio)}"
+        per_anchor = getattr(args, "patches_per_anchor", 18)
+        if per_anchor != 18:  # anchor density (the paper's rule: N / 18 + 1)
+            kwargs.update(patches_per_anchor=per_anchor)
+            tag = f"{tag}-ppa{per_anchor}"
+        max_anchors = getattr(args, "max_anchors", 128)
+        if max_anchors != 128:
+            kwargs.update(max_anchors=max_anchors)
+            tag = f"{tag}-k{max_anchors}"
+        if getattr(args, "probe_half", "B") == "A":
+            tag = f"{tag}-devA"
         enc_dir, emb_dir = out / f"enc-{tag}", out / f"emb-{tag}"
         bags = PretrainBags.from_features(
             features, slide_ids=pre_slides, max_patches=args.max_patches, seed=args.seed
@@ -248,6 +273,9 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "target": target,
         "masking": getattr(args, "masking", "patches"),
         "mask_ratio": getattr(args, "mask_ratio", 0.75),
+        "patches_per_anchor": getattr(args, "patches_per_anchor", 18),
+        "max_anchors": getattr(args, "max_anchors", 128),
+        "probe_half": getattr(args, "probe_half", "B"),
         "auc": aucs,
         "pretraining": pretrain_rows,
         "comparisons": comparisons,
@@ -264,19 +292,21 @@ def _grid_bag(n: int, dim: int, seed: int) -> tuple[Any, Any]:
     return torch.randn(n, dim, generator=gen), torch.from_numpy(xy * 448.0).float()
 
 
-def measure_size(n: int, anchors: list[int], device: str, repeats: int) -> list[dict[str, Any]]:
-    """Encoder forwards at each anchor count (ascending), then one training step, on one bag
-    of ``n`` patches. Memory: CUDA max allocated per measurement; on CPU the growth of this
+def measure_size(
+    n: int, anchors: list[int], device: str, repeats: int, patches_per_anchor: int = 18
+) -> list[dict[str, Any]]:
+    """Encoder forwards at each anchor count (ascending), then one training step (anchors by
+    the rule N / ``patches_per_anchor`` + 1, at most 128), on one bag of ``n`` patches. Memory: CUDA max allocated per measurement; on CPU the growth of this
     process's peak RSS (a high-water mark: measurements run in increasing order of size)."""
     import resource
 
     import torch
 
     from oncoslide.pretrain import Bag, create_method
-    from oncoslide.pretrain.pama import PAMAEncoder, kmeans_anchors
+    from oncoslide.pretrain.pama import PAMAEncoder, kmeans_anchors, n_anchors
 
     torch.manual_seed(0)
-    method = create_method("pama", in_dim=384).to(device)
+    method = create_method("pama", in_dim=384, patches_per_anchor=patches_per_anchor).to(device)
     enc = method.encoder
     assert isinstance(enc, PAMAEncoder)
     feats, coords = _grid_bag(n, 384, 0)
@@ -326,7 +356,8 @@ def measure_size(n: int, anchors: list[int], device: str, repeats: int) -> list[
             times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     rows.append(
-        {"kind": "step", "n_patches": n, "anchors": min(128, n // 18 + 1), "seconds": step,
+        {"kind": "step", "n_patches": n, "anchors": n_anchors(n, 128, patches_per_anchor),
+         "patches_per_anchor": patches_per_anchor, "seconds": step,
          "bags_per_s": 1.0 / step, "peak_mb": peak()}
     )  # fmt: skip
     return rows
@@ -334,16 +365,17 @@ def measure_size(n: int, anchors: list[int], device: str, repeats: int) -> list[
 
 def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     sizes = [int(x) for x in args.sizes.split(",")]
-    anchors = [16, 32, 64, 128]
+    anchors = [16, 32, 64, 128] if args.speed_anchors else []
+    ppa = getattr(args, "patches_per_anchor", 18)
     rows: list[dict[str, Any]] = []
     for n in sizes:
         if args.device == "cuda":
-            got = measure_size(n, anchors, "cuda", args.speed_repeats)
+            got = measure_size(n, anchors, "cuda", args.speed_repeats, ppa)
         else:  # a child per bag size: its peak RSS is its own
             code = (
                 f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                 "from bench_pama import measure_size; "
-                f"print(json.dumps(measure_size({n}, {anchors}, 'cpu', {args.speed_repeats})))"
+                f"print(json.dumps(measure_size({n}, {anchors}, 'cpu', {args.speed_repeats}, {ppa})))"
             )
             res = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -352,6 +384,18 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows += got
         for row in got:
             print(json.dumps(row), flush=True)
+    fit: dict[str, Any] = {"kind": "fit"}
+    if anchors:
+        fit.update(_encoder_scaling(rows))
+    steps = pd.DataFrame([r for r in rows if r["kind"] == "step"])
+    print(f"\ntraining step (75 % masked, anchors min(128, N/{ppa} + 1)):")
+    print(steps[["n_patches", "anchors", "seconds", "bags_per_s", "peak_mb"]].round(3)
+          .to_string(index=False))  # fmt: skip
+    return [*rows, fit]
+
+
+def _encoder_scaling(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Encoder forwards vs N x anchors: the table and the log-log slopes."""
     enc = pd.DataFrame([r for r in rows if r["kind"] == "encoder"])
     enc["pairs"] = enc["n_patches"] * enc["anchors"]
     enc["us_per_1k_pairs"] = enc["seconds"] / enc["pairs"] * 1e9
@@ -366,11 +410,7 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(enc[["n_patches", "anchors", "seconds", "us_per_1k_pairs", "peak_mb"]]
           .round(4).to_string(index=False))  # fmt: skip
     print(f"log-log slope of time on N x anchors: {slope:.2f}; on anchors at fixed N: {by_k}")
-    steps = pd.DataFrame([r for r in rows if r["kind"] == "step"])
-    print("\ntraining step (75 % masked, anchors min(128, N/18 + 1)):")
-    print(steps[["n_patches", "anchors", "seconds", "bags_per_s", "peak_mb"]].round(3)
-          .to_string(index=False))  # fmt: skip
-    return [*rows, {"kind": "fit", "slope_pairs": slope, "slope_anchors_at_n": by_k}]
+    return {"slope_pairs": slope, "slope_anchors_at_n": by_k}
 
 
 def main() -> None:
@@ -400,6 +440,20 @@ def main() -> None:
     )
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument(
+        "--patches-per-anchor",
+        type=int,
+        default=18,
+        help="anchor density: N / this + 1 anchors per slide (the paper's 18)",
+    )
+    parser.add_argument("--max-anchors", type=int, default=128)
+    parser.add_argument(
+        "--probe-half",
+        choices=["A", "B"],
+        default="B",
+        help="B: the protocol (probe the held-out half); A: development probe on the "
+        "pre-training half's own labels (for choosing settings without touching half B)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -409,6 +463,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--sizes", default="512,1024,2048,4096,8192,16384")
+    parser.add_argument(
+        "--no-speed-anchors",
+        dest="speed_anchors",
+        action="store_false",
+        help="speed part: training steps only (skip the encoder forwards at 16-128 anchors)",
+    )
     args = parser.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)

@@ -103,8 +103,15 @@ def kmeans_anchors(pos: Tensor, k: int, iters: int = 8) -> Tensor:
     return torch.tensor(list(seen), dtype=torch.long)
 
 
-def n_anchors(n_patches: int, max_anchors: int) -> int:
-    return max(1, min(max_anchors, n_patches // 18 + 1, n_patches))
+PATCHES_PER_ANCHOR = 18  # the paper's anchor rule: K = N / 18 + 1
+
+
+def n_anchors(
+    n_patches: int, max_anchors: int, patches_per_anchor: int = PATCHES_PER_ANCHOR
+) -> int:
+    """Anchors of a bag of ``n_patches``: N // ``patches_per_anchor`` + 1, at most
+    ``max_anchors`` and N."""
+    return max(1, min(max_anchors, n_patches // patches_per_anchor + 1, n_patches))
 
 
 def fit_codebook(x: Tensor, k: int, generator: torch.Generator, iters: int = 50) -> Tensor:
@@ -270,8 +277,13 @@ class PAMAEncoder(SlideEncoder):
         anchor_dropout: float = 0.2,
         positions: Positions = "on",
         pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
+        patches_per_anchor: int = PATCHES_PER_ANCHOR,
     ) -> None:
         super().__init__()
+        if patches_per_anchor < 1:
+            raise ConfigError(f"patches_per_anchor must be >= 1, got {patches_per_anchor}")
+        if max_anchors < 1:
+            raise ConfigError(f"max_anchors must be >= 1, got {max_anchors}")
         if positions not in ("on", "off", "shuffled"):
             raise ConfigError(f"positions must be on, off or shuffled, not {positions!r}")
         if pool not in ("cls", "mean", "cls+mean"):
@@ -285,6 +297,7 @@ class PAMAEncoder(SlideEncoder):
         self.mlp_ratio = mlp_ratio
         self.n_distance_bins = n_distance_bins
         self.max_anchors = max_anchors
+        self.patches_per_anchor = patches_per_anchor
         self.kro = kro
         self.anchor_dropout = anchor_dropout
         self.positions: Positions = positions
@@ -307,6 +320,7 @@ class PAMAEncoder(SlideEncoder):
             "mlp_ratio": self.mlp_ratio,
             "n_distance_bins": self.n_distance_bins,
             "max_anchors": self.max_anchors,
+            "patches_per_anchor": self.patches_per_anchor,
             "kro": self.kro,
             "anchor_dropout": self.anchor_dropout,
             "positions": self.positions,
@@ -326,7 +340,7 @@ class PAMAEncoder(SlideEncoder):
         return pos
 
     def choose_anchors(self, pos: Tensor, generator: torch.Generator) -> Tensor:
-        k = n_anchors(pos.shape[0], self.max_anchors)
+        k = n_anchors(pos.shape[0], self.max_anchors, self.patches_per_anchor)
         if self.positions == "off":  # no position may reach the model: random anchors
             return torch.randperm(pos.shape[0], generator=generator)[:k].sort().values
         return kmeans_anchors(pos.cpu(), k)
@@ -428,6 +442,7 @@ class PAMA(PretrainMethod):
         target: Target = "features",
         codebook_size: int = 16,
         masking: Masking = "patches",
+        patches_per_anchor: int = PATCHES_PER_ANCHOR,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.05,
@@ -453,6 +468,7 @@ class PAMA(PretrainMethod):
             anchor_dropout=anchor_dropout,
             positions=positions,
             pool=pool,
+            patches_per_anchor=patches_per_anchor,
         )
         self.decoder_width = decoder_width
         self.decoder_depth = decoder_depth
@@ -587,7 +603,8 @@ class PAMA(PretrainMethod):
         regions in random order until ``mask_ratio`` of the patches are masked (one region
         always stays visible)."""
         n = pos.shape[0]
-        centres = kmeans_anchors(pos.cpu(), n_anchors(n, self.encoder.max_anchors))
+        enc = self.encoder
+        centres = kmeans_anchors(pos.cpu(), n_anchors(n, enc.max_anchors, enc.patches_per_anchor))
         r = centres.numel()
         if r < 2:  # a bag too small for regions: patches at random
             perm = torch.randperm(n, generator=generator).to(self.device)
@@ -608,6 +625,7 @@ class PAMA(PretrainMethod):
 
 __all__ = [
     "PAMA",
+    "PATCHES_PER_ANCHOR",
     "TOKENIZER_FILE",
     "PACABlock",
     "PAMAEncoder",
