@@ -6,14 +6,18 @@ K-fold cross-validation of the model on them gives the in-distribution score (ea
 on its held-out source patients). Every fold model is then applied to the shifted site, whose
 labels it never saw: unadapted, and adapted in each of ``VARIANTS`` (``--variants``, default
 all): re-standardised only, plain Tent, the entropy steps with the diversity term (``im``, the
-defaults before decision matching), with the training class frequencies as the diversity
-target (``im_prior``), CORAL with and without the steps, decision matching alone, and the
-defaults (``adapted``: re-standardisation, entropy steps with the diversity term, decision
-matching).
+first default), with the training class frequencies as the diversity target (``im_prior``),
+CORAL with and without the steps, decision matching alone, re-standardisation + entropy steps +
+decision matching (``im_match``, the second default), and per-tissue alignment
+(``--adapt-align tissues``) alone (``tissues_only``, the variant chosen on development seeds
+0-2), with decision matching (``tissues_match``) and with the entropy steps and decision
+matching (``tissues``). ``adapted`` is the current default: per-tissue alignment alone
+(``auto``, which is ``tissues`` on models that store the tissue summary).
 
 A ``--work`` folder of an earlier call is reused: its simulations and fold models are kept
-(fold models written before the covariance and decision rates were stored get them, computed
-as fit time computes them); predictions are made again.
+(fold models written before the covariance, decision rates or tissue summary were stored get
+them, computed as fit time computes them, from each fold's own training patients);
+predictions are made again.
 
     lost      = in-distribution score - unseen-site score without adaptation
     recovered = (adapted score - unadapted score) / lost
@@ -56,20 +60,29 @@ from oncoslide.features.cache import FeatureCache
 from oncoslide.simulate import make_simulation_config, simulate_cohort
 from oncoslide.training import cross_validate, make_config
 from oncoslide.training.adapt import ADAPTATION_TABLE, AdaptConfig
-from oncoslide.training.feature_stats import FeatureStats
+from oncoslide.training.feature_stats import FeatureStats, with_tissues
 from oncoslide.training.model_folder import load_model_folder
 from oncoslide.training.predict import predict_cohort, predict_logits
 
-# every variant is scored; "adapted" (the defaults) is the pass/fail one
+# every variant is scored; "adapted" (the defaults) is the pass/fail one. Each variant names
+# its settings in full, so that a change of the defaults does not change what it measures.
+_STEPS = dict(steps=10, lr=0.01, diversity=1.0)  # the entropy steps as measured since the start
 VARIANTS = {
-    "restandardise": AdaptConfig(steps=0, match="none"),
-    "tent": AdaptConfig(diversity=0.0, match="none"),
-    "im": AdaptConfig(match="none"),  # the defaults before decision matching
-    "im_prior": AdaptConfig(prior="training", match="none"),
+    "restandardise": AdaptConfig(align="standardise", steps=0, match="none"),
+    "tent": AdaptConfig(align="standardise", **{**_STEPS, "diversity": 0.0}, match="none"),
+    "im": AdaptConfig(align="standardise", **_STEPS, match="none"),  # the first default
+    "im_prior": AdaptConfig(align="standardise", **_STEPS, prior="training", match="none"),
     "coral": AdaptConfig(align="coral", steps=0, match="none"),
-    "coral_im": AdaptConfig(align="coral", match="none"),
-    "decisions": AdaptConfig(align="none", steps=0),  # decision matching alone
+    "coral_im": AdaptConfig(align="coral", **_STEPS, match="none"),
+    "decisions": AdaptConfig(align="none", steps=0, match="decisions"),  # matching alone
+    # the second default (re-standardisation, entropy steps, decision matching)
+    "im_match": AdaptConfig(align="standardise", **_STEPS, match="decisions"),
+    # the default since 2026-12-01: per-tissue alignment alone (auto = tissues on these models)
     "adapted": AdaptConfig(),
+    # per-tissue alignment alone, then with decision matching, then with the entropy steps too
+    "tissues_only": AdaptConfig(align="tissues", steps=0, match="none"),
+    "tissues_match": AdaptConfig(align="tissues", steps=0, match="decisions"),
+    "tissues": AdaptConfig(align="tissues", **_STEPS, match="decisions"),
 }
 
 
@@ -101,18 +114,26 @@ def undo_shift(root: Path, slides: pd.DataFrame, out: Path) -> Path:
 
 
 def backfill_stats(model_dir: Path, cohort: Cohort, cache: FeatureCache) -> None:
-    """A fold model written before the covariance and decision rates were stored (a reused
-    ``--work``) gets them now, computed as fit time does: ``FeatureStats.of`` over the training
-    part's slides in the stored order, and the argmax shares of the model's outputs on the
-    training part (full bags, eval mode)."""
+    """A fold model written before the covariance, decision rates or tissue summary were stored
+    (a reused ``--work``, or fold models trained before cv.py computes the tissue summary) gets
+    them now, computed as fit time does: ``FeatureStats.of`` and ``with_tissues`` over the
+    training part's slides in the stored order, and the argmax shares of the model's outputs on
+    the training part (full bags, eval mode)."""
     stats = FeatureStats.load(model_dir)
-    if stats.cov is not None and stats.decision_rates is not None:
+    if stats.tissue_share_cov is not None:
         return
     trained = load_model_folder(model_dir)
     train = [p for p in trained.patients().query("part == 'train'")["patient_id"]]
-    stats = FeatureStats.of(
-        cache.get(path).features for pid in train for path in cohort.slide_paths(pid)
-    )
+    slides = [cache.get(path) for pid in train for path in cohort.slide_paths(pid)]
+    if stats.cov is not None and stats.decision_rates is not None:
+        started = time.perf_counter()
+        stats = with_tissues(stats, [(s.features, s.coords) for s in slides])
+        stats.save(model_dir)
+        where = f"{model_dir.parents[2].name}/{model_dir.parent.name}"
+        print(f"  tissue summary of {where}: {time.perf_counter() - started:.1f} s", flush=True)
+        return
+    stats = FeatureStats.of(s.features for s in slides)
+    stats = with_tissues(stats, [(s.features, s.coords) for s in slides])
     if not trained.task.is_survival:
         logits, _ = predict_logits(trained, cohort, train, cache)
         chosen = logits.argmax(dim=-1).numpy()

@@ -872,12 +872,12 @@ def predict(
     adapt: bool = typer.Option(
         False,
         "--adapt",
-        help="adapt the model to each site's unlabelled slides first: feature "
-        "alignment, then entropy minimisation of normalisation parameters "
-        "(labels are never read; see docs/training.md)",
+        help="adapt the model to each site's unlabelled slides first: by default a "
+        "per-tissue feature alignment (optionally entropy steps and decision matching; labels "
+        "are never read; see docs/training.md)",
     ),
     adapt_steps: int = typer.Option(
-        10, "--adapt-steps", min=0, help="entropy steps per site (0: align only)"
+        0, "--adapt-steps", min=0, help="entropy steps per site (0: align only; default)"
     ),
     adapt_lr: float = typer.Option(0.01, "--adapt-lr", min=0.0, help="learning rate of --adapt"),
     adapt_diversity: float = typer.Option(
@@ -892,8 +892,10 @@ def predict(
     adapt_align: str | None = typer.Option(
         None,
         "--adapt-align",
-        help="--adapt: standardise (per-dimension mean and sd; default), coral (full "
-        "covariance) or none",
+        help="--adapt: auto (default: tissues when the model stores tissue clusters, else "
+        "standardise), tissues (standardise, then a shift per tissue cluster, clusters paired "
+        "with training's without labels), standardise (per-dimension mean and sd), coral "
+        "(full covariance) or none",
     ),
     adapt_prior: str = typer.Option(
         "uniform",
@@ -901,10 +903,10 @@ def predict(
         help="--adapt: target of the diversity term, uniform or training (class frequencies)",
     ),
     adapt_match: str = typer.Option(
-        "decisions",
+        "none",
         "--adapt-match",
         help="--adapt, classification: decisions (predict the site's patients in the shares "
-        "the model predicted its training part; default) or none",
+        "the model predicted its training part) or none (default)",
     ),
 ) -> None:
     """Apply a trained model to a cohort: predictions, patient and slide embeddings."""
@@ -998,14 +1000,14 @@ def _adapt_config(
     *,
     align: str | None = None,
     prior: str = "uniform",
-    match: str = "decisions",
+    match: str = "none",
 ) -> Any:
     from oncoslide.errors import ConfigError
     from oncoslide.training.adapt import AdaptConfig
 
     if not restandardise and align not in (None, "none"):
         raise ConfigError(f"--adapt-no-restandardise contradicts --adapt-align {align}")
-    chosen = align or ("standardise" if restandardise else "none")
+    chosen = align or ("auto" if restandardise else "none")
     config = AdaptConfig(
         steps=steps, lr=lr, diversity=diversity, prior=prior, align=chosen, match=match
     )

@@ -3,6 +3,7 @@ entropy minimisation of normalisation parameters only, and labels of the new sit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,14 +28,28 @@ from oncoslide.training.adapt import (
     _log_distribution,
     coral_map,
     decision_bias,
+    pair_tissues,
+    tissue_alignment,
     training_prior,
 )
-from oncoslide.training.feature_stats import FEATURE_STATS_FILE, FeatureStats
+from oncoslide.training.feature_stats import (
+    FEATURE_STATS_FILE,
+    FeatureStats,
+    share_covariance,
+    tissue_clusters,
+    tissue_signature,
+    with_tissues,
+)
 from oncoslide.training.fit_all import fit_all
 from oncoslide.training.model_folder import load_model_folder
 from oncoslide.training.predict import predict_cohort
 
 FAST = dict(epochs=2, batch_size=8, n_boot=20, progress=False)
+
+
+# the default before per-tissue alignment (re-standardisation, 10 entropy steps with the
+# diversity term, decision matching): the tests of those steps name it
+ENTROPY_STEPS = AdaptConfig(align="standardise", steps=10, match="decisions")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +93,28 @@ def msi_model(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _fit(world, tmp_path_factory.mktemp("msi") / "model")
 
 
+def _add_tissue_summary(model: Path, world: Path, out: Path) -> Path:
+    """A copy of ``model`` whose statistics hold the tissue summary of its training part, as
+    ``with_tissues`` computes it (fit time in cv.py does not store it yet)."""
+    out.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    parts = pd.read_csv(model / "patients.csv", dtype={"patient_id": str})
+    train = parts.loc[parts["part"] == "train", "patient_id"]
+    cohort = load_cohort(_tables(world)[0], world / "features")
+    with FeatureCache() as cache:
+        slides = [cache.get(p) for pid in train for p in cohort.slide_paths(pid)]
+        stats = with_tissues(FeatureStats.load(model), [(s.features, s.coords) for s in slides])
+    stats.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tissue_model(msi_model: Path, world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _add_tissue_summary(msi_model, world, tmp_path_factory.mktemp("tissues") / "model")
+
+
 def _target(world: Path, table: pd.DataFrame | None = None, labels: tuple[str, ...] = ("msi",)):
     return load_cohort(
         _tables(world)[1] if table is None else table, world / "features", label_cols=labels
@@ -115,7 +152,7 @@ def test_coral_gives_the_site_the_training_covariance() -> None:
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # a rotation and gains: the new scanner
     site_x = (rng.normal(size=(3000, d)) @ colour) @ q * np.exp(rng.normal(0, 0.3, d)) - 1.0
     train, site = FeatureStats.of([train_x]), FeatureStats.of([site_x])
-    assert site.cov is not None
+    assert site.cov is not None and train.cov is not None
 
     class Echo(torch.nn.Module):
         in_dim, n_outputs, dropout, hidden_dim, embed_dim = d, 1, 0.0, d, d
@@ -177,7 +214,7 @@ def test_adapt_writes_before_and_after_and_changes_only_the_adapted_parameters(
     original = {k: v.clone() for k, v in trained.model.state_dict().items()}
     cohort = _target(world)
     plain = predict_cohort(trained, cohort, tmp_path / "plain", embeddings=False)
-    adapted = predict_cohort(trained, cohort, tmp_path / "adapted", adapt=AdaptConfig())
+    adapted = predict_cohort(trained, cohort, tmp_path / "adapted", adapt=ENTROPY_STEPS)
     # the trained model itself is untouched; each site adapts a copy
     for k, v in trained.model.state_dict().items():
         assert torch.equal(v, original[k]), k
@@ -201,7 +238,7 @@ def test_adapt_writes_before_and_after_and_changes_only_the_adapted_parameters(
 
 
 def test_adapted_predictions_never_read_the_new_sites_labels(
-    msi_model: Path, world: Path, tmp_path: Path
+    msi_model: Path, tissue_model: Path, world: Path, tmp_path: Path
 ) -> None:
     """Planted labels that would help (the target, and a copy of it) change nothing."""
     trained = load_model_folder(msi_model)
@@ -217,10 +254,12 @@ def test_adapted_predictions_never_read_the_new_sites_labels(
     # every alignment and diversity target: the fit-time statistics (covariance, class
     # frequencies) come from the model folder, never from the new site's labels
     settings = {
-        "default": AdaptConfig(),
-        "coral": AdaptConfig(align="coral", prior="training", steps=3),
+        "default": (trained, AdaptConfig()),
+        "coral": (trained, AdaptConfig(align="coral", prior="training", steps=3)),
+        # the tissue summary (cluster means, shares, adjacency) comes from the model folder too
+        "tissues": (load_model_folder(tissue_model), AdaptConfig(align="tissues", steps=3)),
     }
-    for setting, adapt in settings.items():
+    for setting, (trained, adapt) in settings.items():
         preds = {
             name: predict_cohort(trained, c, tmp_path / setting / name, adapt=adapt)
             for name, c in runs.items()
@@ -401,9 +440,11 @@ def test_coral_needs_the_stored_covariance(msi_model: Path, world: Path, tmp_pat
     assert FeatureStats.load(old).cov is None
     with pytest.raises(ConfigError, match=r"no training feature covariance.*--fit-all"):
         predict_cohort(trained, _target(world), tmp_path / "p", adapt=AdaptConfig(align="coral"))
-    # nor decision rates: the default (decision matching) is refused, --adapt-match none works
+    # nor decision rates: decision matching is refused, --adapt-match none works
     with pytest.raises(ConfigError, match=r"no decision rates.*--fit-all.*--adapt-match none"):
-        predict_cohort(trained, _target(world), tmp_path / "p", adapt=AdaptConfig(steps=2))
+        predict_cohort(
+            trained, _target(world), tmp_path / "p", adapt=AdaptConfig(steps=2, match="decisions")
+        )
     predict_cohort(
         trained,
         _target(world),
@@ -452,7 +493,7 @@ def test_decision_matching_predicts_the_training_parts_shares(
     expected = np.bincount(logits.argmax(dim=-1).numpy(), minlength=2) / len(train)
     np.testing.assert_allclose(stats.decision_rates, expected)
     target = _target(world)
-    got = predict_cohort(trained, target, tmp_path / "p", embeddings=False, adapt=AdaptConfig())
+    got = predict_cohort(trained, target, tmp_path / "p", embeddings=False, adapt=ENTROPY_STEPS)
     n = len(target.patient_ids)
     positive = int((got.predictions["prob_1"] > 0.5).sum())
     assert positive == round(stats.decision_rates[1] * n)
@@ -479,7 +520,7 @@ def test_cli_predict_adapt_align_coral(msi_model: Path, world: Path, tmp_path: P
     result = CliRunner().invoke(
         app,
         [*common, "--out", str(out), "--adapt-align", "coral", "--adapt-prior", "training",
-         "--adapt-steps", "2"],
+         "--adapt-steps", "2", "--adapt-match", "decisions"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     settings = json.loads((out / ADAPTATION_FILE).read_text())["settings"]
@@ -512,3 +553,219 @@ def test_cli_predict_adapt_align_coral(msi_model: Path, world: Path, tmp_path: P
     assert result.exit_code == 2 and "contradicts" in result.output
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "s"), "--adapt-align", "x"])
     assert result.exit_code == 2 and "align must be one of" in result.output
+
+
+# ------------------------------------------------------------------ per-tissue alignment
+
+
+def _tissue_slides(
+    rng: np.random.Generator, n_slides: int, logits: np.ndarray, side: int = 14
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Slides of ``side`` x ``side`` patches whose tissues fill spatially clustered regions:
+    each cell takes the tissue with the highest smoothed random field plus its log-odds."""
+    from scipy import ndimage
+
+    out = []
+    for _ in range(n_slides):
+        fields = np.stack(
+            [ndimage.gaussian_filter(rng.standard_normal((side, side)), 2.0) for _ in logits]
+        )
+        fields /= fields.std(axis=(1, 2), keepdims=True)
+        lab = np.argmax(fields + logits[:, None, None], axis=0).ravel()
+        rows, cols = np.divmod(np.arange(side * side), side)
+        out.append((lab, np.stack([cols * 448 + 1000, rows * 448 + 500], axis=1)))
+    return out
+
+
+def test_tissue_clusters_are_paired_without_labels_and_their_shift_undone() -> None:
+    """Planted: 4 tissues of different shares in spatial regions; a site whose features are
+    rotated, rescaled and shifted, with a different extra shift per tissue (the site-shift
+    world's transform). The site's clusters are paired with the training ones from shares and
+    adjacency alone, and after the per-tissue shift each site patch lies nearest its own
+    tissue's training centre (checked against the planted tissue of every patch)."""
+    rng = np.random.default_rng(11)
+    k, d = 4, 10
+    centres = rng.normal(0.0, 2.0, size=(k, d))
+    logits = np.log(np.array([0.45, 0.28, 0.17, 0.10])) * 2.0
+
+    def features(lab: np.ndarray) -> np.ndarray:
+        return centres[lab] + 0.5 * rng.standard_normal((len(lab), d))
+
+    train = [(features(lab), xy, lab) for lab, xy in _tissue_slides(rng, 60, logits)]
+    stats = FeatureStats.of(x for x, _, _ in train)
+    stats = with_tissues(stats, [(x, xy) for x, xy, _ in train], k=k)
+    assert stats.tissue_centres is not None and stats.tissue_shares is not None
+    # each training cluster is one planted tissue (the nearest planted centre)
+    truth_of_train = np.argmin(
+        ((stats.tissue_centres[:, None, :] - centres[None]) ** 2).sum(axis=-1), axis=1
+    )
+    assert sorted(truth_of_train) == list(range(k))
+
+    rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    gain = np.exp(rng.normal(0.0, 0.3, size=d))
+    content = 3.0 * rng.standard_normal((k, d)) / np.sqrt(d) * 2.0
+    site = []
+    for lab, xy in _tissue_slides(rng, 40, logits):
+        x = (features(lab) @ rotation) * gain + 1.5 + content[lab]
+        site.append((x, xy, lab))
+    site_stats = FeatureStats.of(x for x, _, _ in site)
+    part, shift, info = tissue_alignment([(x, xy) for x, xy, _ in site], site_stats, stats)
+    x = np.concatenate([s[0] for s in site]).astype(np.float64)
+    truth = np.concatenate([s[2] for s in site])
+    z = (x - site_stats.mean) / site_stats.std
+    lab = part.assign(z)
+    # the site's clusters are the planted tissues, and each is paired with its own tissue
+    majority = np.array([np.bincount(truth[lab == g], minlength=k).argmax() for g in range(k)])
+    assert (majority[lab] == truth).mean() > 0.95
+    paired = truth_of_train[np.asarray(info["paired_training_cluster"])]
+    np.testing.assert_array_equal(paired, majority)
+    assert info["second_best_cost"] > info["pairing_cost"]
+    # after the shift the patches sit at their own tissue's training centre
+    moved = z + shift[lab]
+    train_z = (centres - stats.mean) / stats.std
+    nearest = np.argmin(((moved[:, None, :] - train_z[None]) ** 2).sum(axis=-1), axis=1)
+    assert (nearest == truth).mean() > 0.95
+    # re-standardisation alone does not bring them there
+    nearest = np.argmin(((z[:, None, :] - train_z[None]) ** 2).sum(axis=-1), axis=1)
+    assert (nearest == truth).mean() < 0.8
+
+
+def test_pair_tissues_recovers_a_permutation_of_the_signatures() -> None:
+    rng = np.random.default_rng(4)
+    k = 6
+    shares = rng.dirichlet(np.ones(k) * 3)
+    adjacency = rng.normal(size=(k, k))
+    adjacency = (adjacency + adjacency.T) / 2
+    perm = rng.permutation(k)
+    # the site's cluster j is training cluster perm[j]; its signatures are training's, noisy
+    site_shares = shares[perm] * np.exp(rng.normal(0, 0.02, size=k))
+    site_adj = adjacency[np.ix_(perm, perm)] + rng.normal(0, 0.02, size=(k, k))
+    order, cost, second = pair_tissues(site_shares, site_adj, shares, adjacency)
+    np.testing.assert_array_equal(order, perm)
+    assert second > cost
+    # the covariance of the slides' shares joins the cost when both sides have it
+    cov = rng.normal(size=(k, k))
+    cov = cov @ cov.T
+    order, cost_cov, _ = pair_tissues(
+        site_shares, site_adj, shares, adjacency, cov[np.ix_(perm, perm)], cov
+    )
+    np.testing.assert_array_equal(order, perm)
+    assert cost_cov == pytest.approx(cost)
+    # the signatures alone decide: with flat shares and adjacency the covariance pairs them
+    flat, zero = np.full(k, 1.0 / k), np.zeros((k, k))
+    order, _, second = pair_tissues(flat, zero, flat, zero, cov[np.ix_(perm, perm)], cov)
+    np.testing.assert_array_equal(order, perm)
+    assert second > 0
+
+
+def test_share_covariance_is_the_covariance_of_centred_log_shares() -> None:
+    labels = [np.array([0, 0, 1]), np.array([1, 1, 1, 0]), np.array([0, 1])]
+    shares = np.array([[2 / 3, 1 / 3], [1 / 4, 3 / 4], [1 / 2, 1 / 2]])
+    logs = np.log(shares + 0.01)
+    logs -= logs.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(share_covariance(labels, 2), np.cov(logs.T))
+    np.testing.assert_array_equal(share_covariance(labels[:1], 2), np.zeros((2, 2)))
+
+
+def test_tissue_signature_counts_four_neighbour_pairs() -> None:
+    """A 2 x 3 slide: 7 neighbour pairs; enrichment from counts (hand-computed)."""
+    lab = np.array([0, 0, 1, 0, 1, 1])
+    xy = np.array([[0, 0], [448, 0], [896, 0], [0, 448], [448, 448], [896, 448]])
+    shares, enrichment = tissue_signature([lab], [xy], 2)
+    np.testing.assert_allclose(shares, [0.5, 0.5])
+    # pairs: horizontal (0,0), (0,1), (0,1), (1,1); vertical (0,0), (0,1), (1,1)
+    pairs = np.array([[4.0, 3.0], [3.0, 4.0]])
+    expected = np.outer(pairs.sum(1), pairs.sum(0)) / pairs.sum()
+    np.testing.assert_allclose(enrichment, np.log((pairs + 1) / (expected + 1)))
+
+
+def test_tissue_clusters_are_deterministic_and_checked() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 5))
+    coords = [np.stack([np.arange(300) % 20, np.arange(300) // 20], axis=1) * 448]
+    zero, one = np.zeros(5), np.ones(5)
+    a = tissue_clusters([(z, coords[0])], zero, one, 3)
+    b = tissue_clusters([(z[:130], coords[0][:130]), (z[130:], coords[0][130:])], zero, one, 3)
+    # the same patches split over two slides: the same clusters (pairs across slides aside)
+    assert set(a.assign(z)) == {0, 1, 2}
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    again = tissue_clusters([(z, coords[0])], zero, one, 3)
+    np.testing.assert_array_equal(a.assign(z), again.assign(z))
+    with pytest.raises(ConfigError, match=r"tissue clusters must be in \[2, 8\]"):
+        tissue_clusters([(z, coords[0])], zero, one, 9)
+    with pytest.raises(ConfigError, match="need at least 24 patches"):
+        tissue_clusters([(z[:10], coords[0][:10])], zero, one, 3)
+
+
+def test_tissue_alignment_is_stored_used_and_recorded(
+    tissue_model: Path, world: Path, tmp_path: Path
+) -> None:
+    """The tissue summary survives a save and load; a folder without it (every folder fitted
+    before it was stored) refuses ``align="tissues"`` with a message and still adapts
+    otherwise; with it, the site's pairing and shifts are recorded."""
+    stats = FeatureStats.load(tissue_model)
+    assert stats.tissue_centres is not None and stats.tissue_adjacency is not None
+    assert stats.tissue_centres.shape == (8, stats.dim)
+    assert stats.tissue_shares is not None and stats.tissue_shares.sum() == pytest.approx(1.0)
+    assert stats.tissue_share_cov is not None and stats.tissue_share_cov.shape == (8, 8)
+    # a folder as written before the summary was stored
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in tissue_model.iterdir():
+        if f.is_file():
+            (old / f.name).write_bytes(f.read_bytes())
+    dataclasses.replace(
+        stats,
+        tissue_centres=None,
+        tissue_shares=None,
+        tissue_adjacency=None,
+        tissue_share_cov=None,
+    ).save(old)
+    assert FeatureStats.load(old).tissue_centres is None
+    tissues = AdaptConfig(align="tissues", steps=2)
+    with pytest.raises(ConfigError, match=r"no tissue clusters.*--fit-all.*standardise"):
+        predict_cohort(load_model_folder(old), _target(world), tmp_path / "p", adapt=tissues)
+    # the default (auto) falls back to re-standardisation for such a folder, and says so
+    predict_cohort(load_model_folder(old), _target(world), tmp_path / "o", adapt=AdaptConfig())
+    fallback = json.loads((tmp_path / "o" / ADAPTATION_FILE).read_text())
+    assert fallback["settings"]["align"] == "standardise" and fallback["settings"]["steps"] == 0
+    # and uses the tissues where the folder stores them
+    predict_cohort(
+        load_model_folder(tissue_model), _target(world), tmp_path / "a", adapt=AdaptConfig()
+    )
+    auto = json.loads((tmp_path / "a" / ADAPTATION_FILE).read_text())
+    assert auto["settings"]["align"] == "tissues" and auto["sites"][0]["tissues"]
+    trained = load_model_folder(tissue_model)
+    result = predict_cohort(trained, _target(world), tmp_path / "q", adapt=tissues)
+    doc = json.loads((tmp_path / "q" / ADAPTATION_FILE).read_text())
+    info = doc["sites"][0]["tissues"]
+    assert sorted(info["paired_training_cluster"]) == list(range(8))
+    assert info["pairing_cost"] <= info["second_best_cost"]
+    assert "shift per tissue cluster" in doc["objective_note"]
+    # through the CLI: the chosen variant (alignment alone) and the refusal without a summary
+    _, target = _tables(world)
+    target.to_csv(tmp_path / "site.csv", index=False)
+    common = [
+        "predict", "-c", str(tmp_path / "site.csv"), "-f", str(world / "features"),
+        "--no-progress", "--no-embeddings", "--adapt", "--adapt-align", "tissues",
+        "--adapt-steps", "0", "--adapt-match", "none",
+    ]  # fmt: skip
+    cli = CliRunner().invoke(
+        app, [common[0], str(tissue_model), *common[1:], "--out", str(tmp_path / "c")]
+    )
+    assert cli.exit_code == 0, cli.output
+    settings = json.loads((tmp_path / "c" / ADAPTATION_FILE).read_text())["settings"]
+    assert settings["align"] == "tissues" and settings["steps"] == 0
+    cli = CliRunner().invoke(app, [common[0], str(old), *common[1:], "--out", str(tmp_path / "d")])
+    assert cli.exit_code != 0 and "no tissue clusters" in cli.output
+    # the shift changes the predictions against re-standardisation alone
+    plain = predict_cohort(
+        trained,
+        _target(world),
+        tmp_path / "r",
+        adapt=AdaptConfig(align="standardise", steps=2),
+        embeddings=False,
+    )
+    assert not np.allclose(
+        result.predictions["prob_1"].to_numpy(), plain.predictions["prob_1"].to_numpy()
+    )

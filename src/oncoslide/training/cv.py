@@ -14,10 +14,10 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, overload
 
 import lightning.pytorch as pl
 import numpy as np
@@ -69,7 +69,7 @@ from oncoslide.training.data import (
     length_sorted_order,
 )
 from oncoslide.training.details import patient_details, with_details
-from oncoslide.training.feature_stats import FeatureStats
+from oncoslide.training.feature_stats import FeatureStats, with_tissues
 from oncoslide.training.model_folder import initialise_from, save_model_folder, versions
 from oncoslide.training.module import TARGET_KEYS, MILModule
 from oncoslide.training.progress import EpochLog, FoldProgress, make_progress, quiet_lightning
@@ -423,10 +423,20 @@ class FoldOutcome:
     model: MILModel | None = None  # the chosen weights, on the CPU, in eval mode
     contract: FeatureContract | None = None
     parts: dict[str, list[str]] = field(default_factory=dict)
-    feature_stats: FeatureStats | None = None  # of the training part, for test-time adaptation
+    # of the training part, for test-time adaptation: computed when a model folder is written
+    # (feature_stats_source), so benchmark cells that keep no model never pay for it
+    feature_stats: FeatureStats | None = None
+    feature_stats_source: Callable[[], FeatureStats] | None = field(default=None, repr=False)
     details: pd.DataFrame | None = None  # per test patient (models that describe_patients)
     choice: dict[str, Any] = field(default_factory=dict)  # values chosen on validation
     choices: pd.DataFrame | None = None  # every combination's validation scores (choose)
+
+    def training_feature_stats(self) -> FeatureStats | None:
+        """The training part's feature statistics (computed on first use, then kept)."""
+        if self.feature_stats is None and self.feature_stats_source is not None:
+            self.feature_stats = self.feature_stats_source()
+            self.feature_stats_source = None
+        return self.feature_stats
 
     def save_model(self, path: Path, config: TrainConfig) -> Path:
         """Write the fold's self-describing model folder (see training.model_folder)."""
@@ -446,7 +456,7 @@ class FoldOutcome:
             self.contract,
             parts={k: self.parts[k] for k in ("train", "val") if k in self.parts},
             info={"seed": self.seed, "fold": self.fold, **self.info, **grid},
-            feature_stats=self.feature_stats,
+            feature_stats=self.training_feature_stats(),
             run_key=run_key,
         )
 
@@ -792,13 +802,18 @@ def _finish_fold(
     )
     trained = cast(MILModel, module.model).cpu().eval()
     # every patch of the training part (no validation or test patient), for predict --adapt
-    feature_stats = FeatureStats.of(
-        cache.get(path).features for pid in f.train_ids for path in cohort.slide_paths(pid)
-    )
+    train_paths = [path for pid in f.train_ids for path in cohort.slide_paths(pid)]
+    rates = None
     if not task.is_survival and len(train_logits):
         chosen = train_logits.float().argmax(dim=-1).cpu().numpy()
         rates = np.bincount(chosen, minlength=train_logits.shape[-1]) / len(chosen)
-        feature_stats = dataclasses.replace(feature_stats, decision_rates=rates)
+
+    def feature_stats() -> FeatureStats:
+        stats = FeatureStats.of(cache.get(path).features for path in train_paths)
+        # label-free tissue clusters of the same patches (predict --adapt-align tissues)
+        stats = with_tissues(stats, _CachedSlides(cache, train_paths))
+        return stats if rates is None else dataclasses.replace(stats, decision_rates=rates)
+
     return FoldOutcome(
         seed=f.seed,
         fold=f.fold,
@@ -828,7 +843,7 @@ def _finish_fold(
         model=trained,
         contract=f.contract,
         parts={"train": list(f.train_ids), "val": list(f.val_ids), "test": list(f.test_ids)},
-        feature_stats=feature_stats,
+        feature_stats_source=feature_stats,
         details=details,
     )
 
@@ -1080,6 +1095,29 @@ def _aux_weights(config: TrainConfig, meta: Mapping[str, object]) -> dict[str, f
             f"{', '.join(declared) or 'none'}"
         )
     return {k: float(v) for k, v in {**declared, **config.aux_weights}.items()}
+
+
+class _CachedSlides(Sequence[tuple[np.ndarray, np.ndarray]]):
+    """Slides as (features, coords), read through the cache on each access: a bounded cache
+    re-reads evicted files rather than this holding every training slide in memory."""
+
+    def __init__(self, cache: FeatureCache, paths: Sequence[Path]) -> None:
+        self.cache, self.paths = cache, list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[np.ndarray, np.ndarray]]: ...
+    def __getitem__(
+        self, i: int | slice
+    ) -> tuple[np.ndarray, np.ndarray] | Sequence[tuple[np.ndarray, np.ndarray]]:
+        if isinstance(i, slice):
+            return _CachedSlides(self.cache, self.paths[i])
+        slide = self.cache.get(self.paths[i])
+        return slide.features, slide.coords
 
 
 def pretraining_patients(config: TrainConfig, cohort: Cohort) -> frozenset[str]:

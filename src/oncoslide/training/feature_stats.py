@@ -5,13 +5,18 @@ statistics, so they are computed when the model is fitted (training part only, e
 every slide of its patients) and written as ``feature_stats.npz`` beside ``weights.pt``: the
 mean and sd of each dimension (re-standardisation), the full covariance (CORAL alignment) and,
 for classification, the share of training patients the fitted model predicts as each class
-(decision matching). Folders written before the last two were stored lack them; the
+(decision matching) and a label-free summary of the tissues (per-tissue alignment,
+``--adapt-align tissues``): the training part's patches are clustered into ``K`` tissue
+clusters (:func:`tissue_clusters`), and each cluster's mean, its share of the patches, how its
+share varies and co-varies over slides and how often its patches touch each other cluster's
+on the slide grid are kept (:func:`with_tissues`). Folders written before some of these were stored lack them; the
 adaptation steps that need them then refuse with a message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,11 @@ class FeatureStats:
     # classification: the share of training-part patients the fitted model predicts as each
     # class (argmax of its outputs, full bags); None: not stored (survival, or an older folder)
     decision_rates: np.ndarray | None = None
+    # tissue clusters of the training part (see with_tissues); None: not stored
+    tissue_centres: np.ndarray | None = None  # (K, D) float64, each cluster's mean feature
+    tissue_shares: np.ndarray | None = None  # (K,) share of the patches in each cluster
+    tissue_adjacency: np.ndarray | None = None  # (K, K) log enrichment of 4-neighbour pairs
+    tissue_share_cov: np.ndarray | None = None  # (K, K) covariance of slides' centred log shares
 
     @property
     def dim(self) -> int:
@@ -90,7 +100,8 @@ class FeatureStats:
                 "n_patches": np.int64(self.n_patches),
                 "n_slides": np.int64(self.n_slides),
             }
-            for key, value in (("cov", self.cov), ("decision_rates", self.decision_rates)):
+            for key in _OPTIONAL:
+                value = getattr(self, key)
                 if value is not None:
                     arrays[key] = value
             np.savez(fh, **arrays)
@@ -118,17 +129,259 @@ class FeatureStats:
                     std=np.asarray(data["std"], dtype=np.float64),
                     n_patches=int(data["n_patches"]),
                     n_slides=int(data["n_slides"]),
-                    cov=(
-                        np.asarray(data["cov"], dtype=np.float64) if "cov" in data.files else None
-                    ),
-                    decision_rates=(
-                        np.asarray(data["decision_rates"], dtype=np.float64)
-                        if "decision_rates" in data.files
-                        else None
-                    ),
+                    **{
+                        key: (
+                            np.asarray(data[key], dtype=np.float64) if key in data.files else None
+                        )
+                        for key in _OPTIONAL
+                    },
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"cannot read {file}: {exc}") from None
 
 
-__all__ = ["FEATURE_STATS_FILE", "FeatureStats"]
+_OPTIONAL = (
+    "cov",
+    "decision_rates",
+    "tissue_centres",
+    "tissue_shares",
+    "tissue_adjacency",
+    "tissue_share_cov",
+)
+
+# ------------------------------------------------------------------ tissue clusters
+
+#: tissue clusters kept per model (the pairing at adaptation time enumerates all K! orders)
+TISSUE_CLUSTERS = 8
+MAX_TISSUE_CLUSTERS = 8
+#: k-means first finds this many clusters, then they are merged down to K by how often their
+#: patches touch on the slide: k-means at K alone favours clusters of equal size, so it splits
+#: a large elongated tissue and merges two small ones, and merging the closest centroids is
+#: unstable where tissues overlap in feature space (both seen on the site-shift world, where
+#: merging by adjacency found all 8 tissues in 12 of 12 trials; 16 and 32 did worse)
+TISSUE_OVERCLUSTER = 24
+#: at most this many patches (an even subsample) fit the k-means; every patch is then assigned
+TISSUE_SAMPLE = 20_000
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TissuePartition:
+    """A partition of (standardised) feature space: ``M`` k-means centroids, each in one of ``K``
+    merged clusters; a patch belongs to the cluster of its nearest centroid."""
+
+    centroids: np.ndarray  # (M, D)
+    groups: np.ndarray  # (M,) int64 in [0, K)
+    k: int
+
+    def assign(self, z: np.ndarray) -> np.ndarray:
+        """(N,) cluster of each row of ``z`` (N, D), in the partition's units."""
+        z64 = np.asarray(z, dtype=np.float64)
+        c = self.centroids
+        d2 = (c**2).sum(axis=1)[None, :] - 2.0 * z64 @ c.T
+        out: np.ndarray = self.groups[np.argmin(d2, axis=1)]
+        return out
+
+
+def _grid_step(coords: np.ndarray) -> int:
+    """The patch spacing of a slide: the smallest positive gap between coordinate values."""
+    gaps = [np.diff(np.unique(coords[:, a])) for a in (0, 1)]
+    pos = np.concatenate([g[g > 0] for g in gaps])
+    return int(pos.min()) if len(pos) else 1
+
+
+def neighbour_pairs(
+    labels: Sequence[np.ndarray], coords: Sequence[np.ndarray], k: int
+) -> np.ndarray:
+    """(k, k) symmetric counts of 4-neighbour patch pairs by cluster, over slides.
+
+    ``labels[i]`` and ``coords[i]`` are one slide's clusters and patch coordinates; the grid
+    step is the slide's smallest coordinate gap.
+    """
+    pairs = np.zeros((k, k))
+    for lab, xy in zip(labels, coords, strict=True):
+        lab = np.asarray(lab, dtype=np.int64)
+        if len(lab) < 2:
+            continue
+        xy = np.asarray(xy, dtype=np.int64)
+        cell = xy // _grid_step(xy)
+        cell = cell - cell.min(axis=0) + 1
+        grid = np.full(tuple(cell.max(axis=0) + 2), -1, dtype=np.int64)
+        grid[cell[:, 0], cell[:, 1]] = lab
+        for dr, dc in ((1, 0), (0, 1)):
+            nb = grid[cell[:, 0] + dr, cell[:, 1] + dc]
+            ok = nb >= 0
+            np.add.at(pairs, (lab[ok], nb[ok]), 1.0)
+    out: np.ndarray = pairs + pairs.T
+    return out
+
+
+def enrichment(pairs: np.ndarray) -> np.ndarray:
+    """log((pairs + 1) / (expected + 1)), expected as if neighbours were drawn at random from
+    the clusters' totals of pairs."""
+    expected = np.outer(pairs.sum(axis=1), pairs.sum(axis=0)) / max(float(pairs.sum()), 1.0)
+    out: np.ndarray = np.log((pairs + 1.0) / (expected + 1.0))
+    return out
+
+
+def tissue_clusters(
+    slides: Sequence[tuple[np.ndarray, np.ndarray]],
+    mean: np.ndarray,
+    std: np.ndarray,
+    k: int = TISSUE_CLUSTERS,
+    *,
+    over: int = TISSUE_OVERCLUSTER,
+    sample: int = TISSUE_SAMPLE,
+    seed: int = 0,
+) -> TissuePartition:
+    """Cluster the patches of ``slides`` ((features, coords) per slide), standardised with
+    ``mean`` and ``std``, into ``k`` tissue clusters.
+
+    k-means with ``over`` clusters (k-means++, 2 restarts, on an even subsample of at most
+    ``sample`` patches); every patch goes to its nearest centroid; then the two groups whose
+    patches are 4-neighbours most often relative to chance (highest log enrichment) are merged
+    until ``k`` remain: the pieces of one tissue lie in the same regions of the slide, distinct
+    tissues do not. Slides are read one at a time after the subsample (memory: the subsample).
+    Deterministic for the same slides and ``seed``.
+
+    Raises:
+        ConfigError: fewer patches than ``over``, or ``k`` out of range.
+    """
+    from sklearn.cluster import KMeans
+
+    if not 2 <= k <= MAX_TISSUE_CLUSTERS:
+        raise ConfigError(f"tissue clusters must be in [2, {MAX_TISSUE_CLUSTERS}], got {k}")
+    over = max(over, k)
+    total = sum(len(x) for x, _ in slides)
+    if total < over:
+        raise ConfigError(f"need at least {over} patches to find tissue clusters, got {total}")
+    step = max(1, -(-total // sample))
+    picked, start = [], 0
+    for x, _ in slides:
+        first = (-start) % step  # the slide's first row whose global index is a multiple of step
+        if first < len(x):
+            picked.append(_standardise(np.asarray(x)[first::step], mean, std))
+        start += len(x)
+    km = KMeans(n_clusters=over, n_init=2, random_state=seed).fit(np.concatenate(picked))
+    centroids = np.asarray(km.cluster_centers_, dtype=np.float64)
+    fine = TissuePartition(centroids=centroids, groups=np.arange(over), k=over)
+    labels = [fine.assign(_standardise(x, mean, std)) for x, _ in slides]
+    pairs = neighbour_pairs(labels, [xy for _, xy in slides], over)
+    members = [[j] for j in range(over)]
+    while len(members) > k:
+        member = np.zeros((len(members), over))
+        for i, m in enumerate(members):
+            member[i, m] = 1.0
+        e = enrichment(member @ pairs @ member.T)
+        e[np.diag_indices_from(e)] = -np.inf
+        first, second = (int(v) for v in np.unravel_index(np.argmax(e), e.shape))
+        a, b = min(first, second), max(first, second)
+        members[a] += members.pop(b)
+    groups = np.zeros(over, dtype=np.int64)
+    for g, m in enumerate(members):
+        groups[m] = g
+    return TissuePartition(centroids=centroids, groups=groups, k=k)
+
+
+def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (np.asarray(x, dtype=np.float64) - mean) / std
+    return out
+
+
+def share_covariance(labels: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """(K, K) covariance over slides of log(share + 0.01), each slide's logs centred on their
+    mean (a log-ratio transform): how the clusters' shares vary and co-vary from slide to
+    slide, which a stain does not change. Zeros with fewer than two slides."""
+    if len(labels) < 2:
+        return np.zeros((k, k))
+    shares = np.stack([np.bincount(lab, minlength=k) / max(len(lab), 1) for lab in labels])
+    logs = np.log(shares + 0.01)
+    logs -= logs.mean(axis=1, keepdims=True)
+    out: np.ndarray = np.cov(logs.T)
+    return out
+
+
+def tissue_summary(
+    slides: Sequence[tuple[np.ndarray, np.ndarray]],
+    mean: np.ndarray,
+    std: np.ndarray,
+    part: TissuePartition,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Per slide the cluster of each patch, the shares and 4-neighbour enrichment of the
+    clusters (:func:`tissue_signature`), and each cluster's mean in standardised units (K, D)
+    (zero for an empty cluster). :func:`share_covariance` of the labels completes the
+    signatures."""
+    labels, sums = [], np.zeros((part.k, len(mean)))
+    for x, _ in slides:
+        z = _standardise(x, mean, std)
+        lab = part.assign(z)
+        np.add.at(sums, lab, z)
+        labels.append(lab)
+    shares, enriched = tissue_signature(labels, [xy for _, xy in slides], part.k)
+    counts = np.zeros(part.k)
+    for lab in labels:
+        counts += np.bincount(lab, minlength=part.k)
+    centres = sums / np.maximum(counts, 1.0)[:, None]
+    return labels, shares, enriched, centres
+
+
+def tissue_signature(
+    labels: Sequence[np.ndarray], coords: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of the patches per cluster and the (K, K) log enrichment of 4-neighbour pairs.
+
+    ``labels[i]`` and ``coords[i]`` are one slide's clusters and patch coordinates. The
+    enrichment (:func:`enrichment`) does not change when the feature space is transformed (a
+    site's stain), only when tissues are arranged differently; the simulator arranges tissues
+    spatially in the same way at every site.
+    """
+    counts = np.zeros(k)
+    for lab in labels:
+        counts += np.bincount(np.asarray(lab, dtype=np.int64), minlength=k)
+    return counts / max(counts.sum(), 1.0), enrichment(neighbour_pairs(labels, coords, k))
+
+
+def with_tissues(
+    stats: FeatureStats,
+    slides: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int = TISSUE_CLUSTERS,
+    seed: int = 0,
+) -> FeatureStats:
+    """``stats`` plus the tissue summary of the same patches, given as (features, coords) per
+    slide: clusters found in the training-standardised features (:func:`tissue_clusters`),
+    each cluster's mean, share, 4-neighbour enrichment (:func:`tissue_summary`) and the
+    covariance of its share over slides (:func:`share_covariance`).
+
+    Too few patches to cluster (fewer than :data:`TISSUE_OVERCLUSTER`): ``stats`` unchanged
+    (no summary; ``--adapt-align tissues`` then refuses with a message).
+    """
+    # a Sequence is read as it is (it may read slides on demand: cv's cached slides), anything
+    # else is gathered once
+    kept: Sequence[tuple[np.ndarray, np.ndarray]] = (
+        slides if isinstance(slides, Sequence) else [(x, xy) for x, xy in slides if len(x)]
+    )
+    if sum(len(x) for x, _ in kept) < max(TISSUE_OVERCLUSTER, k):
+        return stats
+    part = tissue_clusters(kept, stats.mean, stats.std, k, seed=seed)
+    labels, shares, enriched, centres = tissue_summary(kept, stats.mean, stats.std, part)
+    return dataclasses.replace(
+        stats,
+        tissue_centres=stats.mean + stats.std * centres,
+        tissue_shares=shares,
+        tissue_adjacency=enriched,
+        tissue_share_cov=share_covariance(labels, k),
+    )
+
+
+__all__ = [
+    "FEATURE_STATS_FILE",
+    "TISSUE_CLUSTERS",
+    "FeatureStats",
+    "TissuePartition",
+    "enrichment",
+    "neighbour_pairs",
+    "share_covariance",
+    "tissue_clusters",
+    "tissue_signature",
+    "tissue_summary",
+    "with_tissues",
+]

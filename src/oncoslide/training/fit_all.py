@@ -157,6 +157,7 @@ def fit_all(
                     side=side,
                     log_label="all patients",
                 )
+                outcome.training_feature_stats()  # read while the cache is open
         finally:
             if own:
                 cache.close()
