@@ -4,13 +4,16 @@ One simulated world with ``--cancers`` cancers (the last is the target, the othe
 zoo), everything timed in one process on the target's same bags:
 
 * **training**: seconds of a fixed schedule (2 folds x ``--epochs`` epochs, no validation part,
-  last checkpoint) of ``abmil``, and of ``roupkt`` with 1, 2, 4, ... experts (the others left
-  out with ``exclude``), ``zoo_probe`` and ``zoo_finetune`` (one named source);
+  last checkpoint) of ``abmil``, and of ``roupkt`` with 1, 2, 4, ... zoo experts (the others
+  left out with ``exclude``; each with the trainable own expert, the default, and the largest
+  also without it, ``own_expert: false``), ``zoo_probe`` and ``zoo_finetune`` (one named
+  source);
 * **inference**: seconds of ``predict`` of each fold-0 model over all the target's patients.
 
 Each cost is printed as a ratio to ABMIL's. ROUPKT runs every expert's frozen forward pass on
 every bag (training and inference), so its cost should grow about linearly with the experts:
-1 + K x (an expert's forward share of an ABMIL step), the router and adapters adding little.
+1 + K x (an expert's forward share of an ABMIL step), the router and adapters adding little;
+the own expert adds about one ABMIL (a trained slide path).
 
     python benchmarks/bench_roupkt.py                 # a few minutes on 2 CPU cores
 """
@@ -63,6 +66,7 @@ def main() -> None:
             exclude = [c for c in cancers if c not in kept]
             kwargs = {"experts": str(root / "zoo"), "exclude": exclude, "top_k": min(5, k)}
             runs.append((f"roupkt, {k} expert(s)", "roupkt", kwargs))
+        runs.append((f"roupkt, {k} expert(s), no own", "roupkt", {**kwargs, "own_expert": False}))
         one = {"experts": str(root / "zoo"), "source": sources[0]}
         runs += [("zoo_probe", "zoo_probe", one), ("zoo_finetune", "zoo_finetune", one)]
         seconds: dict[str, tuple[float, float]] = {}
@@ -78,9 +82,9 @@ def main() -> None:
         base_train, base_predict = seconds["abmil"]
         print(f"target {target}: {len(cohort.patient_ids)} patients; zoo of {len(sources)} "
               f"source models; 2 folds x {args.epochs} epochs")  # fmt: skip
-        print(f"  {'model':24s} {'train s':>8s} {'x abmil':>8s} {'predict s':>10s} {'x abmil':>8s}")
+        print(f"  {'model':32s} {'train s':>8s} {'x abmil':>8s} {'predict s':>10s} {'x abmil':>8s}")
         for label, (train, predict) in seconds.items():
-            print(f"  {label:24s} {train:8.1f} {train / base_train:8.2f} {predict:10.2f} "
+            print(f"  {label:32s} {train:8.1f} {train / base_train:8.2f} {predict:10.2f} "
                   f"{predict / base_predict:8.2f}")  # fmt: skip
 
 

@@ -3,10 +3,13 @@
 1. simulate the untouched `pan-cancer` preset (``--seed``);
 2. a zoo of the cancers with >= ``--min-patients`` patients (ABMIL, ``--epochs``, 5-fold CV);
 3. the transfer matrix of the zoo on every cancer;
-4. a benchmark with one survival task per target cancer and the entries ``abmil`` (the
+4. benchmarks with one survival task per target cancer and the entries ``abmil`` (the
    cancer-specific model), ``roupkt``, ``zoo_finetune`` and ``zoo_probe`` (all three with
-   ``exclude: auto``; ``--models`` chooses), ``--seeds`` x 5 folds;
-5. ``oncoslide transfer report`` of the three, with the world's truth.
+   ``exclude: auto``; ``--models`` chooses): the rare targets (at most ``--rare-max``
+   patients) under repeated stratified CV, 5 folds x ``--rare-seeds`` (``bench-rare/``; issue
+   13 asks for e.g. 5 x 5 where the patients are few), the others 5 folds x ``--seeds``
+   (``bench/``); ``--parts`` runs one of the two only;
+5. ``oncoslide transfer report`` of the matrix and both benchmarks, with the world's truth.
 
 It prints the report's router-weight check (same-family concentration). Everything is written
 under ``--out`` and resumes (zoo runs and benchmark cells are keyed by their data).
@@ -36,7 +39,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
     parser.add_argument("--min-patients", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="CV repeats of the large targets")  # fmt: skip
+    parser.add_argument("--rare-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="CV repeats of the rare targets")  # fmt: skip
+    parser.add_argument("--rare-max", type=int, default=60)
+    parser.add_argument("--parts", nargs="+", choices=["rare", "large"],
+                        default=["rare", "large"])  # fmt: skip
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(METHODS),
                         help="entries of the benchmark (abmil is the baseline)")  # fmt: skip
@@ -59,30 +68,45 @@ def main() -> None:
         transfer_matrix(load_zoo(out / "zoo"), cohort, out / "tm", n_boot=200)
     print(f"matrix ({time.perf_counter() - started:.0f} s)")
 
-    cancers = sorted(cohort.patients["cohort"].astype(str).unique())
+    sizes = cohort.patients["cohort"].astype(str).value_counts()
     kwargs = {"experts": str(out / "zoo"), "exclude": "auto"}
     train = {"epochs": args.epochs}
-    raw = {
-        "name": "pan-cancer-transfer", "cohort": str(world / "cohort.csv"), "folds": 5,
-        "seeds": list(args.seeds), "n_boot": 1000,
-        "feature_sets": [{"name": "sim", "features": str(world / "features")}],
-        "tasks": [{"name": f"os-{c}", "kind": "survival", "filter": {"cohort": [c]}}
-                  for c in cancers],
-        "models": [
-            {"name": m, "protocol": "mil", "model": m, "train": train,
-             **({"kwargs": kwargs} if m != "abmil" else {})}
-            for m in args.models
-        ],
-    }  # fmt: skip
-    run = run_benchmark(spec_from_dict(raw), out / "bench", workers=args.workers, progress=False)
-    print(f"benchmark: {run.n_ran} cells ran, {len(run.failures)} failed "
-          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
-    for failure in run.failures[:10]:
-        print("  failed:", failure)
+    benches = []
+    for part, folder, seeds in (("rare", "bench-rare", args.rare_seeds),
+                                ("large", "bench", args.seeds)):  # fmt: skip
+        rare = part == "rare"
+        cancers = sorted(c for c, n in sizes.items() if (n <= args.rare_max) == rare)
+        if not cancers:
+            continue
+        if part not in args.parts:
+            if (out / folder / "results.sqlite").exists():
+                benches.append(out / folder)  # computed before: reported
+            continue
+        raw = {
+            "name": f"pan-cancer-transfer-{part}", "cohort": str(world / "cohort.csv"),
+            "folds": 5, "seeds": list(seeds), "n_boot": 1000,
+            "feature_sets": [{"name": "sim", "features": str(world / "features")}],
+            "tasks": [{"name": f"os-{c}", "kind": "survival", "filter": {"cohort": [c]}}
+                      for c in cancers],
+            "models": [
+                {"name": m, "protocol": "mil", "model": m, "train": train,
+                 **({"kwargs": kwargs} if m != "abmil" else {})}
+                for m in args.models
+            ],
+        }  # fmt: skip
+        run = run_benchmark(spec_from_dict(raw), out / folder, workers=args.workers,
+                            progress=False)  # fmt: skip
+        print(f"benchmark {part} ({', '.join(cancers)}; {len(seeds)} x 5-fold CV): "
+              f"{run.n_ran} cells ran, {len(run.failures)} failed "
+              f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+        for failure in run.failures[:10]:
+            print("  failed:", failure)
+        benches.append(out / folder)
 
     from oncoslide.transfer.report import transfer_report
 
-    report = transfer_report(out / "tm", out / "report", bench=out / "bench", world=world)
+    report = transfer_report(out / "tm", out / "report", bench=benches, world=world,
+                             rare_max=args.rare_max)  # fmt: skip
     print(report.summary_text())
     print(f"report: {report.html_path} ({time.perf_counter() - started:.0f} s)")
 

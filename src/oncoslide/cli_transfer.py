@@ -11,11 +11,12 @@ from rich.markup import escape
 
 def transfer_report_cmd(
     matrix: Path = typer.Argument(..., help="transfer matrix folder (oncoslide transfer matrix)"),
-    bench: Path | None = typer.Option(
+    bench: list[Path] | None = typer.Option(
         None,
         "--bench",
         help="benchmark folder with one survival task per target cancer (the cancer-specific "
-        "model and transfer methods as entries)",
+        "model and transfer methods as entries); repeat for several (e.g. rare targets under "
+        "5 x 5 CV, the others under 5 x 1), each task in one only",
     ),
     world: Path | None = typer.Option(
         None, "--world", help="simulated world folder (or its truth.json): the planted truth"
@@ -33,7 +34,7 @@ def transfer_report_cmd(
     from oncoslide.transfer.report import transfer_report
 
     report = transfer_report(
-        matrix, out, bench=bench, world=world, baseline=baseline, rare_max=rare_max,
+        matrix, out, bench=bench or None, world=world, baseline=baseline, rare_max=rare_max,
         n_boot=n_boot, seed=seed,
     )  # fmt: skip
     console.print(escape(report.summary_text()), highlight=False)

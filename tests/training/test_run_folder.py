@@ -53,3 +53,23 @@ def test_without_a_stored_config_the_run_keys_are_named(tmp_path: Path) -> None:
     said = f"holds another run (run key 0123456789abcdef, this one {wanted.run_key()})"
     with pytest.raises(ConfigError, match=re.escape(said)):
         run.prepare(wanted.run_key(), overwrite=False, config=wanted)
+
+
+def test_a_model_revision_keys_runs_apart_and_other_models_keep_their_keys() -> None:
+    """A model whose defaults changed declares ``revision`` in the registry: its runs (and so
+    benchmark cells) get new keys; a model without one keeps the key it always had."""
+    from oncoslide.models import MODELS
+    from oncoslide.models.abmil import ABMIL
+
+    plain = make_config(task="survival", model="abmil")
+    assert "model_revision" not in plain.keyed_settings()
+    assert make_config(task="survival", model="roupkt").keyed_settings()["model_revision"] == 2
+    MODELS.register("abmil-revised", revision=3)(ABMIL)
+    try:
+        revised = make_config(task="survival", model="abmil-revised")
+        assert revised.keyed_settings()["model_revision"] == 3
+        unrevised = plain.model_copy(update={"model": "abmil-revised"})
+        assert revised.run_key() != make_config(task="survival", model="abmil").run_key()
+        assert unrevised.run_key() == revised.run_key()  # same settings, same revision
+    finally:
+        MODELS.unregister("abmil-revised")

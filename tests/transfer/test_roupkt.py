@@ -4,6 +4,7 @@ and the leak check that refuses experts trained on the fold's held-out patients.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from oncoslide.cli import app
 from oncoslide.cohort.table import load_cohort
 from oncoslide.errors import ConfigError
 from oncoslide.models import create_model
+from oncoslide.models.roupkt import ROUPKT
 from oncoslide.training import cross_validate, make_config
 from oncoslide.training.model_folder import load_model_folder
 from oncoslide.transfer import build_zoo, load_zoo
@@ -39,29 +41,66 @@ def _target(tiny_cohort: Path, tmp_path: Path, cancer: str) -> Path:
     return out
 
 
-def test_routing_mixes_the_top_k_frozen_experts(zoo: Path) -> None:
+@pytest.mark.parametrize("own_expert", [True, False])
+def test_routing_mixes_the_top_k_frozen_experts(zoo: Path, own_expert: bool) -> None:
     torch.manual_seed(0)
-    model = create_model("roupkt", in_dim=16, n_outputs=4, hidden_dim=8, experts=str(zoo),
-                         top_k=1).train()  # fmt: skip
+    model = cast(ROUPKT, create_model("roupkt", in_dim=16, n_outputs=4, hidden_dim=8,
+                                      experts=str(zoo), top_k=1,
+                                      own_expert=own_expert)).train()  # fmt: skip
+    names = ["SIM-A", "SIM-B", *(["own"] if own_expert else [])]
+    assert model.routed_names == names and model.router.out_features == len(names)
     before = {k: v.clone() for k, v in model.experts.state_dict().items()}
     features = torch.randn(3, 20, 16)
     mask = torch.ones(3, 20, dtype=torch.bool)
+    model.top_k = len(names)  # every expert kept, so that each gets a gradient
     out = model(features, mask)
+    model.top_k = 1
     assert out.logits.shape == (3, 4) and set(out.aux_losses) == {"balance", "z"}
     (out.logits.sum() + sum(out.aux_losses.values())).backward()
     assert all(p.grad is None for p in model.experts.parameters())  # frozen
     assert all(not m.training for m in model.experts.modules())  # no expert dropout
     torch.testing.assert_close(model.experts.state_dict(), before)
-    # with top_k = 1 each patient's mixture is its top expert's adapted embedding times p_top
+    if own_expert:  # the own expert trains (its patch projection gets a gradient)
+        assert model.own is not None and model.own.training
+        assert model.own.proj[0].weight.grad is not None
+        assert model.own.proj[0].weight.grad.abs().sum() > 0
+        assert "own" in model.parameter_groups()
+    else:
+        assert model.own is None
+    # with top_k = 1 each patient's mixture is its top expert's adapted embedding times p_top;
+    # the own expert's embedding is ABMIL's attention pooling with its weights, recomputed here
     model.eval()
     with torch.no_grad():
         out = model(features, mask)
-        weights = torch.stack(list(model.routing(features, mask).values()), dim=1)
+        routing = model.routing(features, mask)
+        assert list(routing) == names
+        weights = torch.stack(list(routing.values()), dim=1)
         embeddings = [e(features, mask).embedding for e in model.experts]
+        if own_expert:
+            assert model.own is not None
+            hidden = model.own.proj(features)  # (B, N, H), no padding here
+            logits = model.own.attention(hidden.reshape(-1, 8)).reshape(3, 20)
+            embeddings.append((torch.softmax(logits, dim=1).unsqueeze(-1) * hidden).sum(1))
         adapted = torch.stack([a(x) for a, x in zip(model.adapters, embeddings, strict=True)], 1)
         top = weights.argmax(dim=1)
         expected = weights[torch.arange(3), top, None] * adapted[torch.arange(3), top]
     torch.testing.assert_close(out.embedding, expected)
+
+
+def test_folders_saved_without_the_own_expert_still_load(zoo: Path) -> None:
+    """Weights of a ROUPKT without the own expert (saved before it existed, when its folder
+    recorded no own_expert keyword) load into the default model, which then routes as before."""
+    torch.manual_seed(0)
+    kwargs = dict(in_dim=16, n_outputs=4, hidden_dim=8, experts=str(zoo))
+    old = create_model("roupkt", own_expert=False, **kwargs).eval()
+    new = cast(ROUPKT, create_model("roupkt", **kwargs)).eval()
+    assert new.own is not None
+    new.load_state_dict(old.state_dict())
+    assert new.own is None and new.routed_names == ["SIM-A", "SIM-B"]
+    features, mask = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool)
+    torch.testing.assert_close(new(features, mask).logits, old(features, mask).logits)
+    with pytest.raises(ConfigError, match="own_expert"):
+        create_model("roupkt", own_expert="yes", **kwargs)
 
 
 def test_experts_that_saw_held_out_patients_are_refused(
@@ -92,6 +131,11 @@ def test_roupkt_trains_predicts_and_reloads_through_the_cli(
     assert {"train_aux_balance", "train_aux_z"} <= set(history.columns)
     preds = pd.read_parquet(run / "predictions.parquet")
     assert np.isfinite(preds["risk"]).all()
+    # the router's weights, the own expert's included, beside each prediction; they sum to 1
+    routing = ["detail_routing_SIM-A", "detail_routing_own"]
+    assert set(routing) <= set(preds.columns)
+    np.testing.assert_allclose(preds[routing].sum(axis=1), 1.0, rtol=1e-5)
     trained = load_model_folder(run / "folds" / "seed0-fold0" / "model")
     assert trained.model.expert_names == ["SIM-A"]
+    assert trained.model.routed_names == ["SIM-A", "own"]
     assert load_zoo(zoo).cancers == ["SIM-A", "SIM-B"]

@@ -2,8 +2,10 @@
 untouched `pan-cancer` world (seed 0): a zoo of the cancers with >= 100 patients (ABMIL, 12
 epochs), ROUPKT on every target cancer (``exclude: auto``, 5-fold CV, 12 epochs) as benchmark
 cells, then the transfer report. Per target with same-family sources among its experts, the
-router's weight on them (per patient, summed, then averaged) is compared with the share uniform
-routing would give them; over targets, a one-sided Wilcoxon signed-rank test of the excess.
+router's weight on them (per patient, summed, as a share of its weight on the zoo's sources,
+then averaged; ROUPKT's own expert, on by default, is no source) is compared with the share
+uniform routing would give them; over targets, a one-sided Wilcoxon signed-rank test of the
+excess.
 The settings are those of ``benchmarks/bench_transfer_report.py --seeds 0`` (see
 docs/transfer.md for the measured numbers)."""
 

@@ -28,7 +28,12 @@ from oncoslide.training import cross_validate, make_config
 from oncoslide.training.model_folder import load_model_folder
 from oncoslide.training.predict import predict_cohort
 from oncoslide.transfer import build_zoo, load_zoo, transfer_matrix
-from oncoslide.transfer.report import ROUTING_PREFIX, transfer_report
+from oncoslide.transfer.report import (
+    OWN_EXPERT,
+    ROUTING_PREFIX,
+    paired_replicate_diffs,
+    transfer_report,
+)
 
 runner = CliRunner()
 SMALL = {"hidden_dim": 8, "attn_dim": 8}
@@ -85,7 +90,8 @@ def test_routing_weights_are_written_beside_the_predictions(
                          progress=False, model_kwargs={"experts": str(world["zoo"]),
                                                        "exclude": "auto", **SMALL})  # fmt: skip
     run = cross_validate(cohort, config, tmp_path / "run")
-    columns = [f"{ROUTING_PREFIX}{c}" for c in ("SIM-A", "SIM-B", "SIM-D")]  # SIM-C's own: out
+    # SIM-C's zoo model is out (it saw the patients); its trainable own expert comes last
+    columns = [f"{ROUTING_PREFIX}{c}" for c in ("SIM-A", "SIM-B", "SIM-D", "own")]
     preds = run.predictions
     assert [c for c in preds.columns if c.startswith("detail_")] == columns
     np.testing.assert_allclose(preds[columns].sum(axis=1), 1.0, atol=1e-5)  # softmax weights
@@ -170,6 +176,19 @@ def test_transfer_report_from_matrix_benchmark_and_truth(
     assert report.summary["spearman_oracle_planted"] == pytest.approx(
         stats.spearmanr(planted, oracle).statistic
     )
+    # the ceilings of what slides show across a pair: in pairs.csv and summarised
+    pairs = pd.read_csv(out / "pairs.csv").set_index(["source", "target"])
+    off_keys = list(zip(off["source"], off["target"], strict=True))
+    for column, key in (("visible_c_index", "spearman_visible_planted"),
+                        ("readout_c_index", "spearman_readout_planted")):  # fmt: skip
+        assert report.summary[key] == pytest.approx(
+            stats.spearmanr(planted, pairs.loc[off_keys, column]).statistic
+        )
+    # within a family every tumour morphology is shared and every latent shows: the visible
+    # oracle is the planted one (written to 4 decimals)
+    same = pairs[pairs["same_family"].astype(bool)]
+    assert len(same) > 0
+    np.testing.assert_allclose(same["visible_c_index"], same["oracle_c_index"], atol=1e-4)
 
     # gains: the benchmark's paired comparison, one row per target, all targets rare here
     assert sorted(report.gains["target"]) == ["SIM-C", "SIM-D"]
@@ -185,19 +204,47 @@ def test_transfer_report_from_matrix_benchmark_and_truth(
     assert row["significant"] == (direct.lower > 0 or direct.upper < 0)
     assert ("not significant" in page) == bool((~report.gains["significant"]).any())
 
-    # routing: the mean over SIM-C's patients of the stored weights, its own model left out
+    # the mean over the rare targets: each target's paired replicate differences (those of
+    # paired_comparison, drawn with seed i for the i-th target) averaged, then percentiles
+    diffs = {}
+    for i, target in enumerate(("SIM-C", "SIM-D")):
+        with ResultStore.in_dir(world["bench"]) as store:
+            sub = store.predictions(task=f"os-{target}")
+        info = TaskInfo(f"os-{target}", "survival")
+        diffs[target] = paired_replicate_diffs(sub, info, ("f", "roupkt"), ("f", "abmil"),
+                                               n_boot=200, seed=i)  # fmt: skip
+        direct = paired_comparison(sub, info, ("f", "roupkt"), ("f", "abmil"), n_boot=200,
+                                   seed=i)  # fmt: skip
+        ok = diffs[target][np.isfinite(diffs[target])]
+        assert np.quantile(ok, [0.025, 0.975]) == pytest.approx([direct.lower, direct.upper])
+    pooled = (diffs["SIM-C"] + diffs["SIM-D"]) / 2
+    pooled = pooled[np.isfinite(pooled)]
+    rare = report.summary["rare_mean_diff"]["roupkt"]
+    assert rare["mean_diff"] == pytest.approx(report.gains["diff"].mean())
+    assert [rare["lower"], rare["upper"]] == pytest.approx(np.quantile(pooled, [0.025, 0.975]))
+    assert rare["lower"] <= rare["mean_diff"] <= rare["upper"]
+
+    # routing: the mean over SIM-C's patients of the stored weights, its zoo model left out,
+    # its own (trainable) expert in
     routing = report.routing.set_index(["target", "source"])["mean_weight"]
     mine = preds[preds["model"] == "roupkt"]
-    for source in ("SIM-A", "SIM-B", "SIM-D"):
+    for source in ("SIM-A", "SIM-B", "SIM-D", "own"):
         expected = mine.groupby("patient_id")[f"{ROUTING_PREFIX}{source}"].mean().mean()
         assert routing.loc[("SIM-C", source)] == pytest.approx(expected)
     assert ("SIM-C", "SIM-C") not in routing.index
     same = report.routing.set_index(["target", "source"])["same_family"]
     assert bool(same.loc[("SIM-C", "SIM-A")]) and not bool(same.loc[("SIM-C", "SIM-B")])
-    # concentration: SIM-C's family has SIM-A among 3 experts (uniform share 1/3)
+    assert pd.isna(same.loc[("SIM-C", "own")])  # no source of any family
+    # concentration: SIM-C's family has SIM-A among 3 zoo experts (uniform share 1/3); its
+    # share of each patient's weight on the zoo (the own expert's left out), averaged
     conc = report.concentration.set_index("target").loc["SIM-C"]
-    assert conc["uniform_share"] == pytest.approx(1 / 3)
-    assert conc["same_share"] == pytest.approx(routing.loc[("SIM-C", "SIM-A")])
+    assert conc["uniform_share"] == pytest.approx(1 / 3) and conc["n_experts"] == 3
+    zoo = mine.groupby("patient_id")[[f"{ROUTING_PREFIX}{s}" for s in ("SIM-A", "SIM-B",
+                                                                        "SIM-D")]].mean()  # fmt: skip
+    assert conc["same_share"] == pytest.approx(
+        (zoo[f"{ROUTING_PREFIX}SIM-A"] / zoo.sum(axis=1)).mean()
+    )
+    assert conc["mean_weight_own"] == pytest.approx(routing.loc[("SIM-C", "own")])
     assert report.summary["concentration"]["n_targets"] == 2
 
 
@@ -216,6 +263,19 @@ def test_transfer_report_through_the_cli(world: dict[str, Path], tmp_path: Path)
                                 str(tmp_path / "r3")])  # fmt: skip
     assert other.exit_code == 0, other.output
     assert pd.read_csv(tmp_path / "r3" / "gains.csv").empty
-    assert len(pd.read_csv(tmp_path / "r3" / "routing.csv")) == 6  # 2 targets x 3 experts
+    assert len(pd.read_csv(tmp_path / "r3" / "routing.csv")) == 8  # 2 targets x (3 zoo + own)
     notes = json.loads((tmp_path / "r3" / "summary.json").read_text())["notes"]
     assert any("no 'nosuch' entry" in n for n in notes)
+
+
+def test_benchmarks_are_read_together_each_task_once(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from oncoslide.models import roupkt
+
+    assert OWN_EXPERT == roupkt.OWN_EXPERT
+    one = transfer_report(world["tm"], tmp_path / "one", bench=world["bench"], n_boot=100)
+    listed = transfer_report(world["tm"], tmp_path / "two", bench=[world["bench"]], n_boot=100)
+    pd.testing.assert_frame_equal(one.gains, listed.gains)
+    with pytest.raises(ConfigError, match="repeats tasks"):
+        transfer_report(world["tm"], tmp_path / "three", bench=[world["bench"], world["bench"]])

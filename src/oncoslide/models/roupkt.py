@@ -9,15 +9,22 @@ embeddings feeds the survival head. Two auxiliary losses (0.01 each) keep the ro
 load balance, K * sum_j mean(p_j) * (share of patients whose top-1 is j), and the router
 z-loss, mean(logsumexp(logits)^2).
 
+The target's own model is one more expert (``own_expert=True``, the default, as in the paper:
+"the frozen source models' embeddings plus the target's own model"): a cancer-specific ABMIL
+slide path (:class:`~oncoslide.models.abmil.AttentionSlidePath`, with its own adapter) trained
+jointly with the router on the fold's training part. It never leaks (it only sees the fold's
+training patients), and it lets the router fall back on the target's own morphology where no
+source helps. Its router weight is the detail column ``routing_own``.
+
 An expert trained on one of the target's patients would leak its outcome: the training path
 asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
 fold whose test or validation part holds one; ``exclude`` leaves experts out by cancer (e.g.
-the target's own zoo model, which saw all its patients).
+the target's zoo model, which saw all its patients).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +32,7 @@ from torch import Tensor, nn
 
 from oncoslide.errors import ConfigError
 from oncoslide.features.schema import FeatureContract
-from oncoslide.models.abmil import GatedAttention
+from oncoslide.models.abmil import AttentionSlidePath, GatedAttention
 from oncoslide.models.base import (
     MODELS,
     Dropout,
@@ -37,10 +44,26 @@ from oncoslide.models.base import (
 )
 from oncoslide.models.heads import make_head
 
+#: The name of the target's own (trainable) expert in :meth:`ROUPKT.routing` and the details.
+OWN_EXPERT = "own"
+
 _REFERENCE = (
     "Cross-cancer prognosis knowledge transfer (CROPKT / ROUPKT), seed 000: routing over "
     "off-the-shelf cancer models"
 )
+
+
+class OwnExpert(AttentionSlidePath):
+    """The target's own expert: ABMIL's slide path (``proj`` + gated ``attention``), no head;
+    trained with the router, so it only ever sees the fold's training patients."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, dropout: float, attn_dim: int) -> None:
+        super().__init__(in_dim, 1, dropout, hidden_dim)
+        self._build_slide_path(attn_dim)
+
+    def forward(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> MILOutput:
+        embedding, attention = self.slide_embedding(features, mask)
+        return MILOutput(logits=embedding[:, :0], embedding=embedding, attention=attention)
 
 
 @MODELS.register(
@@ -51,6 +74,9 @@ _REFERENCE = (
     aux_losses={"balance": 0.01, "z": 0.01},
     needs_experts=True,
     describes_patients=True,  # routing weights per expert, beside the predictions
+    # 2: the target's own trainable expert by default (own_expert=True); earlier runs and
+    # benchmark cells had none and keep their keys apart
+    revision=2,
     description="ROUPKT: a router over the frozen models of a zoo (experts=ZOO)",
 )
 class ROUPKT(MILModel):
@@ -60,8 +86,11 @@ class ROUPKT(MILModel):
         in_dim, n_outputs, dropout, hidden_dim: see :class:`~oncoslide.models.base.MILModel`.
         experts: a zoo folder (``oncoslide zoo train``).
         exclude: cancers of the zoo left out as experts.
-        top_k: experts kept per patient (5 in the paper; at most the number of experts).
-        attn_dim: width of the router's gated attention.
+        top_k: experts kept per patient (5 in the paper; at most the number of experts, the
+            own expert included).
+        attn_dim: width of the router's gated attention (and of the own expert's).
+        own_expert: add the target's own expert, a trainable cancer-specific ABMIL slide path
+            (the paper's "plus the target's own model"; see the module docstring).
     """
 
     def __init__(
@@ -74,9 +103,13 @@ class ROUPKT(MILModel):
         exclude: Sequence[str] = (),
         top_k: int = 5,
         attn_dim: int = 128,
+        own_expert: bool = True,
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
         from oncoslide.transfer.zoo import load_zoo
+
+        if not isinstance(own_expert, bool):
+            raise ConfigError(f"roupkt: own_expert must be true or false, got {own_expert!r}")
 
         if experts is None:
             raise ConfigError("roupkt needs a zoo of experts: --model-arg experts=ZOO_FOLDER")
@@ -89,6 +122,11 @@ class ROUPKT(MILModel):
         self.expert_names = [c for c in zoo.cancers if c not in set(exclude)]
         if not self.expert_names:
             raise ConfigError("roupkt: every expert of the zoo is excluded")
+        if own_expert and OWN_EXPERT in self.expert_names:
+            raise ConfigError(
+                f"roupkt: the zoo has a cancer named {OWN_EXPERT!r}, the own expert's name; "
+                f"exclude it or set own_expert=false"
+            )
         loaded = [zoo.model(c) for c in self.expert_names]
         for name, trained in zip(self.expert_names, loaded, strict=True):
             if trained.model.in_dim != in_dim:
@@ -110,11 +148,42 @@ class ROUPKT(MILModel):
                 for t in loaded
             ]
         )
-        self.top_k = min(top_k, len(loaded))
+        self.own_expert = own_expert
+        # the own expert comes last: its index is len(expert_names), its adapter the last one
+        self.own: OwnExpert | None = None
+        if own_expert:
+            self.own = OwnExpert(in_dim, hidden_dim, dropout, attn_dim)
+            self.adapters.append(
+                nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
+            )
+        n_experts = len(loaded) + int(own_expert)
+        self._top_k_asked = top_k
+        self.top_k = min(top_k, n_experts)
         self.proj = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), Dropout(dropout))
         self.attention = GatedAttention(hidden_dim, attn_dim, dropout, gated=True)
-        self.router = nn.Linear(hidden_dim, len(loaded))
+        self.router = nn.Linear(hidden_dim, n_experts)
         self.head = make_head(hidden_dim, n_outputs)
+
+    @property
+    def routed_names(self) -> list[str]:
+        """The router's experts in its order: the zoo's, then ``own`` (if any)."""
+        return [*self.expert_names, *([OWN_EXPERT] if self.own is not None else [])]
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        if self.own is not None and not any(k.startswith("own.") for k in state_dict):
+            # a model folder saved before the own expert existed (before 2026-12-01, when
+            # own_expert was not a keyword): the model it holds routed over the zoo alone
+            self._drop_own_expert()
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def _drop_own_expert(self) -> None:
+        self.own = None
+        self.own_expert = False
+        del self.adapters[-1]
+        self.router = nn.Linear(self.hidden_dim, len(self.expert_names))
+        self.top_k = min(self._top_k_asked, len(self.expert_names))
 
     def train(self, mode: bool = True) -> ROUPKT:
         super().train(mode)
@@ -133,6 +202,8 @@ class ROUPKT(MILModel):
         self.check_inputs(features, mask, coords)
         with torch.no_grad():
             embeddings = [expert(features, mask).embedding for expert in self.experts]
+        if self.own is not None:  # trainable: outside no_grad
+            embeddings.append(self.own.slide_embedding(features, mask)[0])
         adapted = torch.stack(
             [adapter(e) for adapter, e in zip(self.adapters, embeddings, strict=True)], dim=1
         )  # (B, K, H)
@@ -162,8 +233,9 @@ class ROUPKT(MILModel):
             rows = project_valid(self.proj, features, mask, pack=self.pack_valid)
             pooled, _ = attention_pool(self.attention(rows), rows, mask, bag_index(mask))
             probs = torch.softmax(self.router(pooled), dim=-1)
-        return {name: probs[:, k] for k, name in enumerate(self.expert_names)}
+        return {name: probs[:, k] for k, name in enumerate(self.routed_names)}
 
     def patient_details(self, features: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """``routing_<expert>``: the router's softmax weight of each expert (before top-k)."""
+        """``routing_<expert>``: the router's softmax weight of each expert (before top-k);
+        ``routing_own`` for the target's own expert."""
         return {f"routing_{k}": v for k, v in self.routing(features, mask).items()}

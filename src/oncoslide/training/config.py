@@ -257,17 +257,34 @@ class TrainConfig(BaseModel):
     def keyed_settings(self, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
         """The settings that can change the results (see KEYED_V1_FIELDS)."""
         payload = self.model_dump(mode=mode, exclude=set(EXECUTION_ONLY_FIELDS))
-        return {
+        keyed = {
             k: v
             for k, v in payload.items()
             if k in KEYED_V1_FIELDS
             or v != type(self).model_fields[k].get_default(call_default_factory=True)
         }
+        # a model whose defaults changed declares a revision (registry metadata): runs and
+        # benchmark cells of the old defaults are then not taken for the new ones; models
+        # without one keep their keys
+        revision = _model_revision(self.model)
+        if revision is not None:
+            keyed["model_revision"] = revision
+        return keyed
 
     def run_key(self) -> str:
         """A short hash of every field that can change the results."""
         blob = json.dumps(self.keyed_settings(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _model_revision(name: str) -> int | None:
+    from oncoslide.models import MODELS
+
+    try:
+        revision = MODELS.metadata(name).get("revision")
+    except (ConfigError, KeyError):  # an unknown name is reported where the model is built
+        return None
+    return None if revision is None else int(revision)
 
 
 def make_config(**kwargs: Any) -> TrainConfig:

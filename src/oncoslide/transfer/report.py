@@ -8,7 +8,9 @@ survival tasks and, for simulated data, the world's planted truth.
       matrix.png          the recovered matrix (clustered order, as ``transfer matrix``)
       similarity.png      planted similarity beside the recovered matrix, same order (truth)
       pairs.csv           off-diagonal pairs: source, target, c_index, planted similarity,
-                          oracle transfer C, same_family (truth)
+                          oracle transfer C, same_family, and the oracle restricted to what
+                          the slides show across the pair (visible_c_index, readout_c_index;
+                          :func:`visible_oracle`) (truth)
       gains.csv           per target and method: C of the method and of the cancer-specific
                           model, the paired difference, its interval and p, n patients, rare
       gains.png
@@ -44,10 +46,22 @@ from oncoslide._io import atomic_path, check_folder_target, write_json, write_ta
 from oncoslide.bench.store import DETAIL_PREFIX
 from oncoslide.errors import ConfigError
 
-__all__ = ["ROUTING_PREFIX", "TransferReport", "World", "load_world", "transfer_report"]
+__all__ = [
+    "OWN_EXPERT",
+    "ROUTING_PREFIX",
+    "TransferReport",
+    "World",
+    "load_world",
+    "paired_replicate_diffs",
+    "transfer_report",
+    "visible_oracle",
+]
 
 #: Prediction columns of the router weights (ROUPKT's ``patient_details``).
 ROUTING_PREFIX = f"{DETAIL_PREFIX}routing_"
+#: ROUPKT's own (trainable, cancer-specific) expert (``oncoslide.models.roupkt.OWN_EXPERT``;
+#: not imported, to keep torch out of the report): not a source of the zoo.
+OWN_EXPERT = "own"
 PathLike = str | os.PathLike[str]
 
 GAIN_COLUMNS = ["task", "target", "feature_set", "method", "baseline", "n_patients", "n_paired",
@@ -58,7 +72,7 @@ ROUTING_COLUMNS = ["task", "target", "feature_set", "model", "source", "n_expert
 CONCENTRATION_COLUMNS = ["task", "target", "feature_set", "model", "n_patients", "n_experts",
                          "same_family_sources", "same_share", "uniform_share", "excess",
                          "patients_above_uniform", "mean_weight_same",
-                         "mean_weight_other"]  # fmt: skip
+                         "mean_weight_other", "mean_weight_own"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,9 @@ class World:
     families: dict[str, int]
     similarity: pd.DataFrame  # cancer x cancer cosine similarity of the hazard coefficients
     oracle: pd.DataFrame | None  # oracle_transfer_c_index[source][target]
+    # per ordered pair: the oracle restricted to what the slides show across it (see
+    # visible_oracle); None when the truth lacks the patients or prototypes
+    visible: pd.DataFrame | None = None
 
     def same_family(self, a: str, b: str) -> bool | None:
         if a not in self.families or b not in self.families:
@@ -98,7 +115,103 @@ def load_world(path: PathLike) -> World:
         families={str(k): int(v) for k, v in (prognosis.get("families") or {}).items()},
         similarity=similarity,
         oracle=None if oracle is None else pd.DataFrame(oracle).T.astype(float),
+        visible=visible_oracle(truth),
     )
+
+
+VISIBLE_COLUMNS = ["source", "target", "shared_prototypes", "visible_latents",
+                   "visible_c_index", "readout_c_index"]  # fmt: skip
+
+
+def _prototype_sets(truth: dict[str, Any]) -> dict[str, set[str]]:
+    """Per cancer, the names of the prototypes its slides draw from: shared ones (no cohort, no
+    family), its family's tumour morphologies and its own nuisance ones."""
+    families = truth["prognosis"].get("families") or {}
+    out: dict[str, set[str]] = {}
+    for cancer in truth["prognosis"]["similarity"]:
+        out[cancer] = {
+            str(p["name"])
+            for p in truth["prototypes"]
+            if p.get("cohort") in (None, cancer)
+            and (p.get("family") is None or p.get("family") == families.get(cancer))
+        }
+    return out
+
+
+def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
+    """The world's oracle transfer C restricted to what a slide model can read across a pair.
+
+    The planted oracle scores target b's patients with source a's true risk, coef_a . z_b over
+    the prognostic latents z. A slide model sees the latents only through the morphologies
+    (prototypes) whose share in the tissue (loading) or whose cells' state moves with them; a
+    model trained on cancer a meets on b's slides only the prototypes the two cancers share
+    (the shared tissue roles, and the tumour morphologies when they are of one family). Two
+    ceilings per ordered pair (a, b), Harrell's C on b's patients:
+
+    - ``visible_c_index``: coef_a restricted to the latents some shared prototype expresses,
+      times b's true latents (the latent read perfectly wherever it shows at all);
+    - ``readout_c_index``: coef_a times b's latents as the shared prototypes' realised shares
+      in each patient's slides tell them: a least-squares fit (with intercept) of the latents
+      on those shares, over every patient of the world whose cancer has all the shared
+      prototypes (the world's reading, not the sample's). Cells' state is not used, so this
+      one is conservative for same-family pairs.
+
+    Only the four named latents (no interface or genomic term; None if the world has them),
+    and None when the truth lacks the patients or the prototypes."""
+    from oncoslide.simulate.truth import harrell_c
+
+    prognosis = truth.get("prognosis") or {}
+    names = list(prognosis.get("latents") or [])
+    patients, prototypes = truth.get("patients"), truth.get("prototypes")
+    if not patients or not prototypes or "hazard_coefs" not in prognosis or len(names) != 4:
+        return None
+    needed = {"cohort", "z", "event_time", "censor_time", "mix_realised"}
+    if not all(needed <= set(p) for p in patients):
+        return None  # a truth written before these were recorded
+    coefs = {
+        c: np.array([float(v[n]) for n in names]) for c, v in prognosis["hazard_coefs"].items()
+    }
+    members = _prototype_sets(truth)
+    expresses: dict[str, np.ndarray] = {}
+    for p in prototypes:
+        shown = np.asarray(p.get("loadings") or [0.0] * 4, dtype=float)[:4] != 0
+        if p.get("state_latent") in names:
+            shown[names.index(p["state_latent"])] = True
+        expresses[str(p["name"])] = shown
+    table = pd.DataFrame(patients)
+    z = np.array([row[:4] for row in table["z"]], dtype=float)
+    time = np.minimum(table["event_time"].to_numpy(float), table["censor_time"].to_numpy(float))
+    event = table["event_time"].to_numpy(float) <= table["censor_time"].to_numpy(float)
+    cohort = table["cohort"].astype(str).to_numpy()
+    mixes = list(table["mix_realised"])
+    rows = []
+    for a in coefs:
+        for b in coefs:
+            if a == b or a not in members or b not in members:
+                continue
+            shared = sorted(members[a] & members[b])
+            seen = np.zeros(4, dtype=bool)
+            for name in shared:
+                seen |= expresses[name]
+            mine = cohort == b
+            visible = harrell_c(time[mine], event[mine], z[mine] @ (coefs[a] * seen))
+            # the world's least-squares reading of the latents from the shared shares
+            fit = np.array([set(shared) <= set(members[str(c)]) for c in cohort])
+            shares = np.array([[float(m.get(n, 0.0)) for n in shared] for m in mixes])
+            design = np.column_stack([np.ones(len(shares)), shares])
+            beta, *_ = np.linalg.lstsq(design[fit], z[fit], rcond=None)
+            readout = harrell_c(time[mine], event[mine], design[mine] @ beta @ coefs[a])
+            rows.append(
+                {
+                    "source": a,
+                    "target": b,
+                    "shared_prototypes": ";".join(shared),
+                    "visible_latents": ";".join(n for n, v in zip(names, seen, strict=True) if v),
+                    "visible_c_index": visible,
+                    "readout_c_index": readout,
+                }
+            )
+    return pd.DataFrame(rows, columns=VISIBLE_COLUMNS)
 
 
 @dataclass
@@ -129,10 +242,21 @@ class TransferReport:
                     else ""
                 )
             )
+        if s.get("spearman_visible_planted") is not None:
+            lines.append(
+                "ceilings of what the slides show across each pair, vs planted: the oracle on "
+                f"the visible latents {s['spearman_visible_planted']:.3f}, on the latents read "
+                f"from the shared morphologies {_fmt(s.get('spearman_readout_planted'))}"
+            )
         for method, rare in (s.get("rare_mean_diff") or {}).items():
+            interval = (
+                f" [{rare['lower']:+.3f}, {rare['upper']:+.3f}], p {rare['p_value']:.3g}"
+                if "lower" in rare
+                else ""
+            )
             lines.append(
                 f"{method} - {s['baseline']} over the {s['n_rare']} rare targets: mean "
-                f"{rare['mean_diff']:+.3f} ({rare['n_better']} better, "
+                f"{rare['mean_diff']:+.3f}{interval} ({rare['n_better']} better, "
                 f"{rare['n_significant']} significant)"
             )
         c = s.get("concentration")
@@ -142,6 +266,11 @@ class TransferReport:
                 f"{c['mean_uniform_share']:.3f} at uniform routing (excess "
                 f"{c['mean_excess']:+.3f}, {c['n_positive']}/{c['n_targets']} targets above; "
                 f"Wilcoxon one-sided p {c['wilcoxon_p']:.3g})"
+                + (
+                    f"; the own expert's mean weight {c['mean_weight_own']:.3f}"
+                    if c.get("mean_weight_own") is not None
+                    else ""
+                )
             )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -213,6 +342,13 @@ def _pairs(cells: pd.DataFrame, world: World | None) -> pd.DataFrame:
         off["same_family"] = [
             world.same_family(s, t) for s, t in zip(off["source"], off["target"], strict=True)
         ]
+        if world.visible is not None:
+            v = world.visible.set_index(["source", "target"])
+            for column in ("visible_c_index", "readout_c_index"):
+                off[column] = [
+                    float(v.at[(s, t), column]) if (s, t) in v.index else math.nan
+                    for s, t in zip(off["source"], off["target"], strict=True)
+                ]
     return off.reset_index(drop=True)
 
 
@@ -223,6 +359,85 @@ def _spearman(a: pd.Series, b: pd.Series) -> float | None:
     if ok.sum() < 3:
         return None
     return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def _bench_list(bench: PathLike | Sequence[PathLike] | None) -> list[Path]:
+    if bench is None:
+        return []
+    if isinstance(bench, str | os.PathLike):
+        return [Path(bench)]
+    return [Path(b) for b in bench]
+
+
+def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    kept = [p for p in parts if not p.empty]
+    if not kept:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(kept, ignore_index=True)[columns]
+
+
+def paired_replicate_diffs(
+    preds: pd.DataFrame,
+    task: Any,
+    a: tuple[str, str],
+    b: tuple[str, str],
+    *,
+    n_boot: int,
+    seed: int,
+) -> np.ndarray:
+    """The (n_boot,) replicate differences a - b behind
+    :func:`oncoslide.bench.stats.paired_comparison` with the same arguments (the same patient
+    and seed draws; NaN where a replicate is undefined), whose percentiles are its interval.
+    ``paired_comparison`` returns only their summary; the mean over targets needs them."""
+    from oncoslide.bench import stats
+
+    frame = stats._prepare(preds, task)
+    part_a, part_b = stats._entry_frame(frame, a), stats._entry_frame(frame, b)
+    pairs_a = pd.MultiIndex.from_frame(part_a[stats._PAIR_KEYS])
+    pairs_b = pd.MultiIndex.from_frame(part_b[stats._PAIR_KEYS])
+    part_a, part_b = part_a.loc[pairs_a.isin(pairs_b)], part_b.loc[pairs_b.isin(pairs_a)]
+    patients = pd.Index(np.sort(part_a["patient_id"].unique()))
+    counts = stats.bootstrap_counts(len(patients), n_boot, seed)
+    seed_draws = stats.SeedDraws.draw(part_a["seed"], n_boot, seed)
+    result_a, result_b = (
+        stats._evaluate_entry(part, task, counts, patients) for part in (part_a, part_b)
+    )
+    return np.asarray(
+        result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws), dtype=float
+    )
+
+
+def _pooled_interval(
+    task_preds: dict[str, pd.DataFrame],
+    gains: pd.DataFrame,
+    baseline: str,
+    *,
+    n_boot: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """The mean over targets (the rows of ``gains``, one method) of the paired difference,
+    with the two-level (patients, seeds) paired bootstrap of each target drawn independently
+    (target i with seed ``seed + i``: the targets' patients are disjoint) and the replicate
+    differences averaged over targets: a 95% interval and a two-sided p of the mean."""
+    from oncoslide.bench.stats import TaskInfo
+
+    draws = []
+    for i, row in enumerate(gains.sort_values("task").itertuples()):
+        info = TaskInfo(str(row.task), "survival")
+        draws.append(paired_replicate_diffs(
+            task_preds[str(row.task)], info, (str(row.feature_set), str(row.method)),
+            (str(row.feature_set), baseline), n_boot=n_boot, seed=seed + i))  # fmt: skip
+    if not draws:
+        return {}
+    means = np.mean(np.vstack(draws), axis=0)
+    means = means[np.isfinite(means)]
+    if not means.size:
+        return {}
+    lower, upper = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    below, above = int((means <= 0).sum()), int((means >= 0).sum())
+    p = min(1.0, 2.0 * min(below + 1, above + 1) / (means.size + 1))
+    return {"lower": float(lower), "upper": float(upper), "p_value": float(p)}
 
 
 def _gains(
@@ -322,11 +537,14 @@ def _concentration(
     preds: pd.DataFrame, routing: pd.DataFrame, targets: dict[str, str], world: World
 ) -> pd.DataFrame:
     """Per target (and entry) with same-family sources among its experts: the router's weight
-    on them (mean over patients of each patient's summed weight) against the share uniform
-    routing would give them (n same-family / n experts), and the share of patients above it."""
+    on them (mean over patients of each patient's summed weight, as a share of its weight on the
+    zoo's sources) against the share uniform routing would give them (n same-family / n zoo
+    experts), and the share of patients above it; the own expert's mean weight beside."""
     rows = []
     for (task, fs, model), r in routing.groupby(["task", "feature_set", "model"], sort=True):
-        sources = list(r["source"])
+        # the zoo's sources; ROUPKT's own expert is no source: the shares are of the weight
+        # the router gives the zoo (renormalised per patient; unchanged without an own expert)
+        sources = [s for s in r["source"] if s != OWN_EXPERT]
         same = [s for s in sources if world.same_family(s, targets[task])]
         if not same or len(same) == len(sources):
             continue  # nothing to concentrate on, or nothing else to weigh
@@ -334,9 +552,12 @@ def _concentration(
             (preds["task"] == task) & (preds["feature_set"] == fs) & (preds["model"] == model)
         ]
         per_patient = sub.groupby("patient_id")[[f"{ROUTING_PREFIX}{s}" for s in sources]].mean()
-        share = per_patient[[f"{ROUTING_PREFIX}{s}" for s in same]].sum(axis=1)
+        share = per_patient[[f"{ROUTING_PREFIX}{s}" for s in same]].sum(axis=1) / per_patient.sum(
+            axis=1
+        )
         uniform = len(same) / len(sources)
         others = [s for s in sources if s not in same]
+        own = r.loc[r["source"] == OWN_EXPERT, "mean_weight"]
         rows.append(
             {
                 "task": task,
@@ -352,6 +573,7 @@ def _concentration(
                 "patients_above_uniform": float((share > uniform).mean()),
                 "mean_weight_same": float(r.loc[r["source"].isin(same), "mean_weight"].mean()),
                 "mean_weight_other": float(r.loc[r["source"].isin(others), "mean_weight"].mean()),
+                "mean_weight_own": float(own.iloc[0]) if len(own) else math.nan,
             }
         )
     return pd.DataFrame(rows, columns=CONCENTRATION_COLUMNS)
@@ -364,6 +586,7 @@ def concentration_summary(concentration: pd.DataFrame) -> dict[str, Any] | None:
 
     if concentration.empty:
         return None
+    own = concentration["mean_weight_own"].dropna()
     excess = concentration["excess"].to_numpy(float)
     p = (
         float(wilcoxon(excess, alternative="greater").pvalue)
@@ -379,6 +602,7 @@ def concentration_summary(concentration: pd.DataFrame) -> dict[str, Any] | None:
         "wilcoxon_p": p,
         "mean_weight_same": float(concentration["mean_weight_same"].mean()),
         "mean_weight_other": float(concentration["mean_weight_other"].mean()),
+        "mean_weight_own": float(own.mean()) if len(own) else None,
     }
 
 
@@ -560,7 +784,12 @@ def _page(report: TransferReport, figures: list[str], has_world: bool) -> str:
             "<p>Spearman over the off-diagonal pairs: recovered vs planted "
             f"{_fmt(rho)}; the oracle's transfer C vs planted "
             f"{_fmt(s.get('spearman_oracle_planted'))}; recovered vs oracle "
-            f"{_fmt(s.get('spearman_recovered_oracle'))} ({s.get('n_pairs', 0)} pairs).</p>",
+            f"{_fmt(s.get('spearman_recovered_oracle'))} ({s.get('n_pairs', 0)} pairs). "
+            "What the slides can carry across a pair (the oracle restricted to the latents "
+            "that prototypes the source and target share express, and to the latents as the "
+            "shares of those prototypes read them) vs planted: "
+            f"{_fmt(s.get('spearman_visible_planted'))} and "
+            f"{_fmt(s.get('spearman_readout_planted'))}.</p>",
         ]
     if not report.gains.empty:
         g = report.gains.copy()
@@ -622,7 +851,7 @@ def transfer_report(
     matrix_dir: PathLike,
     out_dir: PathLike,
     *,
-    bench: PathLike | None = None,
+    bench: PathLike | Sequence[PathLike] | None = None,
     world: PathLike | None = None,
     baseline: str = "abmil",
     rare_max: int = 60,
@@ -637,7 +866,9 @@ def transfer_report(
         bench: a benchmark folder whose tasks are per-target survival tasks (a task's target is
             the one cancer of its filter, or named in the task); its entries are compared with
             the ``baseline`` model's entry, and entries that record router weights
-            (``detail_routing_<source>``) give the router table.
+            (``detail_routing_<source>``) give the router table. Several folders (e.g. the
+            rare targets under 5 x 5 CV, the others under 5 x 1) are read together; a task may
+            appear in one only.
         world: a simulated world's folder (or truth.json): the planted similarity and families.
         rare_max: targets with at most this many patients are marked rare.
         n_boot, seed: the paired bootstrap's replicates and seed.
@@ -665,23 +896,45 @@ def transfer_report(
             pairs["oracle_c_index"], pairs["planted_similarity"]
         )
         summary["spearman_recovered_oracle"] = _spearman(pairs["c_index"], pairs["oracle_c_index"])
+        if "visible_c_index" in pairs:
+            # the ceilings of what the slides carry across each pair (visible_oracle)
+            summary["spearman_visible_planted"] = _spearman(
+                pairs["visible_c_index"], pairs["planted_similarity"]
+            )
+            summary["spearman_readout_planted"] = _spearman(
+                pairs["readout_c_index"], pairs["planted_similarity"]
+            )
         if summary["spearman_planted"] is None:
             del summary["spearman_planted"]
 
     gains = pd.DataFrame(columns=GAIN_COLUMNS)
     routing = pd.DataFrame(columns=ROUTING_COLUMNS)
     concentration = pd.DataFrame(columns=CONCENTRATION_COLUMNS)
-    if bench is not None:
-        spec, tasks, preds = _bench_predictions(Path(bench))
-        targets = _task_targets(spec, [str(t["task"]) for t in tasks], cancers)
-        unmatched = [str(t["task"]) for t in tasks if str(t["task"]) not in targets]
-        if unmatched:
-            notes.append(f"tasks without one target cancer of the matrix: {', '.join(unmatched)}")
-        gains = _gains(preds, tasks, targets, baseline, rare_max=rare_max, n_boot=n_boot,
-                       seed=seed, notes=notes)  # fmt: skip
-        routing = _routing(preds, targets, truth, rare_max)
-        if truth is not None:
-            concentration = _concentration(preds, routing, targets, truth)
+    benches = _bench_list(bench)
+    if benches:
+        gain_parts, routing_parts, conc_parts = [], [], []
+        task_preds: dict[str, pd.DataFrame] = {}
+        for folder in benches:
+            spec, tasks, preds = _bench_predictions(folder)
+            targets = _task_targets(spec, [str(t["task"]) for t in tasks], cancers)
+            unmatched = [str(t["task"]) for t in tasks if str(t["task"]) not in targets]
+            if unmatched:
+                notes.append(
+                    f"tasks without one target cancer of the matrix: {', '.join(unmatched)}"
+                )
+            twice = sorted(set(targets) & set(task_preds))
+            if twice:
+                raise ConfigError(f"benchmark {folder} repeats tasks of another: {twice}")
+            task_preds.update({t: preds[preds["task"] == t] for t in targets})
+            gain_parts.append(_gains(preds, tasks, targets, baseline, rare_max=rare_max,
+                                     n_boot=n_boot, seed=seed, notes=notes))  # fmt: skip
+            part_routing = _routing(preds, targets, truth, rare_max)
+            routing_parts.append(part_routing)
+            if truth is not None:
+                conc_parts.append(_concentration(preds, part_routing, targets, truth))
+        gains = _concat(gain_parts, GAIN_COLUMNS)
+        routing = _concat(routing_parts, ROUTING_COLUMNS)
+        concentration = _concat(conc_parts, CONCENTRATION_COLUMNS)
         rare = gains[gains["rare"].astype(bool)]
         summary["n_rare"] = int(rare["target"].nunique())
         summary["rare_mean_diff"] = {
@@ -690,6 +943,7 @@ def transfer_report(
                 "n_better": int((g["diff"] > 0).sum()),
                 "n_significant": int(g["significant"].sum()),
                 "n_targets": len(g),
+                **_pooled_interval(task_preds, g, baseline, n_boot=n_boot, seed=seed),
             }
             for m, g in rare.groupby("method")
         }
@@ -703,7 +957,7 @@ def transfer_report(
     write_table(out / "matrix_wide.csv", wide.reset_index())
     if planted is not None:
         write_table(out / "similarity_wide.csv", planted.rename_axis("source").reset_index())
-    if bench is not None:
+    if benches:
         write_table(out / "gains.csv", gains)
         write_table(out / "routing.csv", routing)
         if _gains_figure(gains, out):
