@@ -16,7 +16,9 @@ Variants: full PAMA; positions off (no position reaches the model); shuffled coo
 KRO; no anchor dropout. The encoder kept is chosen by RankMe (label-free), as the CLI does.
 ``--target codes`` (with ``--codebook-size``), ``--masking regions`` and ``--mask-ratio`` give
 every variant that pretext (masked k-means codes, block masking); ``--patches-per-anchor``
-(and ``--max-anchors``) the anchor density; ``--set seed=1`` simulates another world of the
+(and ``--max-anchors``) the anchor density; ``--local-neighbours K`` the encoder's
+short-range patch mixing (each patch attends to its K nearest patches; 0, off, the paper's);
+``--set seed=1`` simulates another world of the
 preset (to confirm a result on a world no choice was made on); ``--probe-half A`` probes the
 pre-training half with its own labels instead (a development probe, for choosing settings
 without touching half B; the pre-training is the same as the protocol's).
@@ -28,7 +30,8 @@ at the default anchor rule, and one encoder forward over the whole bag at fixed 
 (16 to 128): seconds, bags/s, peak memory (CUDA: max allocated; CPU: peak RSS growth of a
 child process per measurement), and the attention time per (N x anchors) pair, which should
 stay flat if the cost scales as N x anchors. ``--patches-per-anchor`` sets the training
-step's anchor rule; ``--no-speed-anchors`` measures the training steps only.
+step's anchor rule, ``--local-neighbours`` the encoder's local mixing (both parts);
+``--no-speed-anchors`` measures the training steps only.
 
     python benchmarks/bench_pama.py --out out/pama                # both parts, ~40 min on 2 CPUs
     python benchmarks/bench_pama.py --part probe --epochs 20 --variants full,positions-off
@@ -38,6 +41,10 @@ step's anchor rule; ``--no-speed-anchors`` measures the training steps only.
         --epochs 30 --patches-per-anchor 4 --probe-half A --out out/pama-dense-dev
     python benchmarks/bench_pama.py --part speed --no-speed-anchors --sizes 300,2048 \
         --patches-per-anchor 4
+    python benchmarks/bench_pama.py --part probe --variants full,positions-off,shuffled \
+        --target codes --mask-ratio 0.5 --epochs 30 --local-neighbours 8 --out out/pama-local
+    python benchmarks/bench_pama.py --part speed --no-speed-anchors --sizes 512,2048,8192 \
+        --local-neighbours 8
 """
 
 from __future__ import annotations
@@ -211,6 +218,10 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if max_anchors != 128:
             kwargs.update(max_anchors=max_anchors)
             tag = f"{tag}-k{max_anchors}"
+        local = getattr(args, "local_neighbours", 0)
+        if local:  # short-range patch mixing (the paper's encoder: 0, off)
+            kwargs.update(local_neighbours=local)
+            tag = f"{tag}-ln{local}"
         if getattr(args, "probe_half", "B") == "A":
             tag = f"{tag}-devA"
         enc_dir, emb_dir = out / f"enc-{tag}", out / f"emb-{tag}"
@@ -275,6 +286,7 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "mask_ratio": getattr(args, "mask_ratio", 0.75),
         "patches_per_anchor": getattr(args, "patches_per_anchor", 18),
         "max_anchors": getattr(args, "max_anchors", 128),
+        "local_neighbours": getattr(args, "local_neighbours", 0),
         "probe_half": getattr(args, "probe_half", "B"),
         "auc": aucs,
         "pretraining": pretrain_rows,
@@ -293,7 +305,12 @@ def _grid_bag(n: int, dim: int, seed: int) -> tuple[Any, Any]:
 
 
 def measure_size(
-    n: int, anchors: list[int], device: str, repeats: int, patches_per_anchor: int = 18
+    n: int,
+    anchors: list[int],
+    device: str,
+    repeats: int,
+    patches_per_anchor: int = 18,
+    local_neighbours: int = 0,
 ) -> list[dict[str, Any]]:
     """Encoder forwards at each anchor count (ascending), then one training step (anchors by
     the rule N / ``patches_per_anchor`` + 1, at most 128), on one bag of ``n`` patches. Memory: CUDA max allocated per measurement; on CPU the growth of this
@@ -306,7 +323,9 @@ def measure_size(
     from oncoslide.pretrain.pama import PAMAEncoder, kmeans_anchors, n_anchors
 
     torch.manual_seed(0)
-    method = create_method("pama", in_dim=384, patches_per_anchor=patches_per_anchor).to(device)
+    method = create_method(
+        "pama", in_dim=384, patches_per_anchor=patches_per_anchor, local_neighbours=local_neighbours
+    ).to(device)
     enc = method.encoder
     assert isinstance(enc, PAMAEncoder)
     feats, coords = _grid_bag(n, 384, 0)
@@ -357,7 +376,8 @@ def measure_size(
     step = float(np.median(times))
     rows.append(
         {"kind": "step", "n_patches": n, "anchors": n_anchors(n, 128, patches_per_anchor),
-         "patches_per_anchor": patches_per_anchor, "seconds": step,
+         "patches_per_anchor": patches_per_anchor, "local_neighbours": local_neighbours,
+         "seconds": step,
          "bags_per_s": 1.0 / step, "peak_mb": peak()}
     )  # fmt: skip
     return rows
@@ -367,15 +387,16 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     sizes = [int(x) for x in args.sizes.split(",")]
     anchors = [16, 32, 64, 128] if args.speed_anchors else []
     ppa = getattr(args, "patches_per_anchor", 18)
+    local = getattr(args, "local_neighbours", 0)
     rows: list[dict[str, Any]] = []
     for n in sizes:
         if args.device == "cuda":
-            got = measure_size(n, anchors, "cuda", args.speed_repeats, ppa)
+            got = measure_size(n, anchors, "cuda", args.speed_repeats, ppa, local)
         else:  # a child per bag size: its peak RSS is its own
             code = (
                 f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                 "from bench_pama import measure_size; "
-                f"print(json.dumps(measure_size({n}, {anchors}, 'cpu', {args.speed_repeats}, {ppa})))"
+                f"print(json.dumps(measure_size({n}, {anchors}, 'cpu', {args.speed_repeats}, {ppa}, {local})))"
             )
             res = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -446,6 +467,13 @@ def main() -> None:
         help="anchor density: N / this + 1 anchors per slide (the paper's 18)",
     )
     parser.add_argument("--max-anchors", type=int, default=128)
+    parser.add_argument(
+        "--local-neighbours",
+        type=int,
+        default=0,
+        help="short-range mixing: each patch attends to its K nearest patches before each "
+        "PACA block (0: off, the paper's encoder; 8: the 8-neighbourhood)",
+    )
     parser.add_argument(
         "--probe-half",
         choices=["A", "B"],

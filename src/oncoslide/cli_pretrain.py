@@ -74,6 +74,12 @@ def pretrain_pama(
         "--patches-per-anchor",
         help="anchor density: N / this + 1 anchors per slide (the paper's 18; lower is denser)",
     ),
+    local_neighbours: int = typer.Option(
+        0,
+        "--local-neighbours",
+        help="short-range mixing: each patch attends to its K nearest patches before each PACA "
+        "block (0: off, the paper's encoder; 8: the 8-neighbourhood)",
+    ),
     mask_ratio: float = typer.Option(0.75, "--mask-ratio", help="share of patches masked"),
     kro: bool = typer.Option(True, "--kro/--no-kro", help="kernel reorientation (ablation)"),
     anchor_dropout: float = typer.Option(0.2, "--anchor-dropout", help="0 ablates AD"),
@@ -103,6 +109,7 @@ def pretrain_pama(
             decoder_depth=decoder_depth,
             max_anchors=max_anchors,
             patches_per_anchor=patches_per_anchor,
+            local_neighbours=local_neighbours,
             mask_ratio=mask_ratio,
             kro=kro,
             anchor_dropout=anchor_dropout,

@@ -31,6 +31,15 @@ grid step read from the coordinates). Per bag:
   at the variance), but which morphology it shows is predictable from its neighbours.
   ``masking="regions"`` (option) masks whole anchor regions instead of random patches
   (BEiT / SimMIM block masking).
+- **Local mixing** (``local_neighbours`` K > 0, an option added here; 0, the default, is the
+  paper's encoder): before each PACA block every patch token attends to itself and its K
+  nearest patches by coordinate (K = 8: the 8-neighbourhood of a full grid) with a learned
+  per-head bias on the binned distance. Why: PACA only mixes patches through anchors about 4
+  patches apart, so no patch token knows its immediate neighbours, the scale at which the
+  arrangement signal of the `spatial` world sits. In pre-training the encoder sees the visible
+  patches only, so masked patches are never keys. ``positions="off"``: K random patches and no
+  distance bias (the same capacity, no position); ``"shuffled"``: neighbours by the shuffled
+  coordinates.
 - **Embedding**: LayerNorm'd CLS token and mean of the patch tokens, concatenated (``pool``).
 
 Ablations: ``kro=False``, ``anchor_dropout=0``, ``positions="off"`` (no position biases and
@@ -173,7 +182,91 @@ def _geometry(anchor_pos: Tensor, patch_pos: Tensor, n_dist_bins: int) -> _Geome
     return _Geometry(dist_bin, angle_bin.clamp(0, N_ANGLE_BINS - 1))
 
 
+def nearest_patches(pos: Tensor, k: int, chunk: int = 2048) -> Tensor:
+    """(N, min(k, N - 1)) indices of each patch's ``k`` nearest other patches by position,
+    ordered by distance, ties by index (deterministic).
+
+    Patches on a lattice of unit step (positions in patch units, as PAMA's): a grid lookup in
+    the (2r + 1)^2 window around each patch (r from 3 to 8, wider for sparser bags: about 3 k
+    expected patches in the window), exact whenever the k-th candidate lies within r patches
+    (nothing outside the window is closer); the other rows, and positions off the lattice, by
+    ``torch.cdist`` over chunks of ``chunk`` rows (memory chunk x N)."""
+    n = pos.shape[0]
+    k = min(k, n - 1)
+    device = pos.device
+    if k <= 0:
+        return torch.zeros(n, 0, dtype=torch.long, device=device)
+    out = torch.empty(n, k, dtype=torch.long, device=device)
+    todo = torch.arange(n, device=device)
+    rel = pos.double() - pos.double().min(0).values
+    cells = rel.round()
+    extent = cells.max(0).values.long() + 1
+    lattice = bool((rel - cells).abs().max() < 1e-4)
+    if lattice and int(extent[0]) * int(extent[1]) <= 16 * n + 65_536:
+        density = n / (int(extent[0]) * int(extent[1]))
+        r = min(8, max(3, math.ceil((math.sqrt(3 * (k + 1) / density) - 1) / 2)))
+        cx, cy = cells[:, 0].long(), cells[:, 1].long()
+        grid = torch.full(
+            (int(extent[1]) + 2 * r, int(extent[0]) + 2 * r), -1, dtype=torch.long, device=device
+        )
+        grid[cy + r, cx + r] = torch.arange(n, device=device)
+        if int((grid >= 0).sum()) == n:  # one patch per cell (else: the exact search below)
+            span = torch.arange(-r, r + 1, device=device)
+            dy, dx = torch.meshgrid(span, span, indexing="ij")
+            off = (dx != 0) | (dy != 0)
+            dx, dy = dx[off], dy[off]
+            cand = grid[cy.unsqueeze(1) + r + dy, cx.unsqueeze(1) + r + dx]  # (N, (2r + 1)^2 - 1)
+            # ties by index: sort the candidates by index, then stably by squared distance
+            by_index = cand.masked_fill(cand < 0, n).sort(1).indices
+            cand = cand.gather(1, by_index)
+            d2 = (dx * dx + dy * dy).expand_as(cand).gather(1, by_index).double()
+            d2 = d2.masked_fill(cand < 0, math.inf)
+            order = d2.sort(dim=1, stable=True).indices[:, :k]
+            exact = d2.gather(1, order)[:, -1] <= r * r
+            out[exact] = cand.gather(1, order)[exact]
+            todo = todo[~exact]
+    for start in range(0, todo.numel(), chunk):
+        rows = todo[start : start + chunk]
+        dist = torch.cdist(
+            pos[rows].double(), pos.double(), compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        dist[torch.arange(rows.numel(), device=device), rows] = math.inf  # not itself
+        out[rows] = dist.sort(dim=1, stable=True).indices[:, :k]
+    return out
+
+
 # ------------------------------------------------------------------------------- blocks
+class LocalMixing(nn.Module):
+    """Patch -> nearby-patch attention: each patch attends to itself and its neighbours
+    (``nbr`` (N, K) indices) with a learned per-head bias on the binned distance (the bins of
+    the PACA tables; the last row: no position). Residual, pre-norm; the PACA block's MLP
+    follows."""
+
+    def __init__(self, width: int, heads: int, n_dist_bins: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"PAMA width {width} must be a multiple of heads {heads}")
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dist_table = nn.Parameter(torch.zeros(heads, n_dist_bins + 1))
+
+    def forward(self, x: Tensor, nbr: Tensor, dist_bin: Tensor) -> Tensor:
+        """``x`` (N, W); ``nbr`` (N, K); ``dist_bin`` (N, K + 1), itself first."""
+        n, w = x.shape
+        h = self.heads
+        q, k, v = (
+            t.reshape(n, h, w // h).transpose(0, 1) for t in self.qkv(self.norm(x)).chunk(3, -1)
+        )  # (H, N, d)
+        keys = torch.cat([torch.arange(n, device=x.device).unsqueeze(1), nbr], dim=1)  # (N, K+1)
+        kg, vg = k[:, keys], v[:, keys]  # (H, N, K + 1, d)
+        logits = (q.unsqueeze(2) * kg).sum(-1) * q.shape[-1] ** -0.5
+        attn = (logits + self.dist_table[:, dist_bin]).softmax(-1)  # (H, N, K + 1)
+        upd = (attn.unsqueeze(-1) * vg).sum(2).transpose(0, 1).reshape(n, w)
+        return x + self.proj(upd)
+
+
 class PACABlock(nn.Module):
     """Bidirectional patch <-> anchor cross-attention with distance and angle biases."""
 
@@ -278,8 +371,11 @@ class PAMAEncoder(SlideEncoder):
         positions: Positions = "on",
         pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
         patches_per_anchor: int = PATCHES_PER_ANCHOR,
+        local_neighbours: int = 0,
     ) -> None:
         super().__init__()
+        if local_neighbours < 0:
+            raise ConfigError(f"local_neighbours must be >= 0, got {local_neighbours}")
         if patches_per_anchor < 1:
             raise ConfigError(f"patches_per_anchor must be >= 1, got {patches_per_anchor}")
         if max_anchors < 1:
@@ -298,6 +394,7 @@ class PAMAEncoder(SlideEncoder):
         self.n_distance_bins = n_distance_bins
         self.max_anchors = max_anchors
         self.patches_per_anchor = patches_per_anchor
+        self.local_neighbours = local_neighbours
         self.kro = kro
         self.anchor_dropout = anchor_dropout
         self.positions: Positions = positions
@@ -308,6 +405,12 @@ class PAMAEncoder(SlideEncoder):
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
         self.blocks = nn.ModuleList(
             PACABlock(width, heads, mlp_ratio, n_distance_bins) for _ in range(depth)
+        )
+        # local mixing (option): one layer before each PACA block; absent (no parameters) when
+        # off, so the paper's encoder and folders written before the option are unchanged
+        self.local = nn.ModuleList(
+            LocalMixing(width, heads, n_distance_bins)
+            for _ in range(depth if local_neighbours else 0)
         )
         self.norm = nn.LayerNorm(width)
 
@@ -321,6 +424,7 @@ class PAMAEncoder(SlideEncoder):
             "n_distance_bins": self.n_distance_bins,
             "max_anchors": self.max_anchors,
             "patches_per_anchor": self.patches_per_anchor,
+            "local_neighbours": self.local_neighbours,
             "kro": self.kro,
             "anchor_dropout": self.anchor_dropout,
             "positions": self.positions,
@@ -381,7 +485,11 @@ class PAMAEncoder(SlideEncoder):
             draw = torch.rand(k, generator=generator).to(device)
             keep[:k] = draw >= self.anchor_dropout
         orientation = torch.zeros(k + 1, dtype=torch.long, device=device)
-        for block in self.blocks:
+        if self.local_neighbours:
+            nbr, nbr_bin = self.neighbours(pos, generator)
+        for i, block in enumerate(self.blocks):
+            if self.local_neighbours:
+                tokens = self.local[i](tokens, nbr, nbr_bin)
             angle = torch.where(
                 positioned.unsqueeze(1),
                 (angle_abs - orientation.unsqueeze(1)) % N_ANGLE_BINS,
@@ -391,6 +499,28 @@ class PAMAEncoder(SlideEncoder):
             if self.kro:
                 orientation = _orientation(attn_a, angle_abs, positioned)
         return Encoded(tokens, anchors, anchor_pos, pos, orientation)
+
+    def neighbours(
+        self, pos: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Local mixing's keys: (N, K) neighbour indices and (N, K + 1) distance bins (itself
+        first). ``positions="off"``: K random other patches (drawn from ``generator``, or a fixed
+        seed) and the no-position bin, so no position reaches the model."""
+        n = pos.shape[0]
+        k = min(self.local_neighbours, n - 1)
+        if self.positions == "off":
+            gen = generator if generator is not None else torch.Generator().manual_seed(_EMBED_SEED)
+            # k random other patches (repeats possible): an offset in 1..n-1 is never itself
+            offs = torch.randint(1, max(2, n), (n, k), generator=gen)  # k = 0 when n = 1
+            nbr = ((torch.arange(n).unsqueeze(1) + offs) % n).to(pos.device)
+            bins = torch.full((n, k + 1), self.n_distance_bins, dtype=torch.long, device=pos.device)
+            return nbr, bins
+        nbr = nearest_patches(pos, k)
+        dist = torch.cat(
+            [torch.zeros(n, 1, device=pos.device), (pos[nbr] - pos.unsqueeze(1)).norm(dim=-1)], 1
+        )
+        bins = (dist.sqrt() * 8).floor().long().clamp(max=self.n_distance_bins - 1)
+        return nbr, bins
 
     def pooled(self, enc: Encoded) -> Tensor:
         cls = self.norm(enc.anchors[-1])
@@ -443,6 +573,7 @@ class PAMA(PretrainMethod):
         codebook_size: int = 16,
         masking: Masking = "patches",
         patches_per_anchor: int = PATCHES_PER_ANCHOR,
+        local_neighbours: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.05,
@@ -469,6 +600,7 @@ class PAMA(PretrainMethod):
             positions=positions,
             pool=pool,
             patches_per_anchor=patches_per_anchor,
+            local_neighbours=local_neighbours,
         )
         self.decoder_width = decoder_width
         self.decoder_depth = decoder_depth
@@ -627,6 +759,7 @@ __all__ = [
     "PAMA",
     "PATCHES_PER_ANCHOR",
     "TOKENIZER_FILE",
+    "LocalMixing",
     "PACABlock",
     "PAMAEncoder",
     "assign_codes",
@@ -634,4 +767,5 @@ __all__ = [
     "grid_step",
     "kmeans_anchors",
     "n_anchors",
+    "nearest_patches",
 ]
