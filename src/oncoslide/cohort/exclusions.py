@@ -84,6 +84,12 @@ def _patients_of_slides(cohort: Cohort, slides: Iterable[str]) -> frozenset[str]
     return frozenset(by_slide[s] for s in slides if s in by_slide)
 
 
+def _of_slides(cohort: Cohort, slides: list[str], source: Path) -> Exclusions:
+    return Exclusions(
+        _patients_of_slides(cohort, slides), len(set(slides)), "slide", _digest(slides), str(source)
+    )
+
+
 def read_exclusions(source: str | os.PathLike[str], cohort: Cohort) -> Exclusions:
     """The cohort's patients that ``source`` (a table, an encoder folder or a slide-embedding
     folder; see the module docstring) names.
@@ -101,13 +107,7 @@ def read_exclusions(source: str | os.PathLike[str], cohort: Cohort) -> Exclusion
                 f"folder has {PRETRAIN_SLIDES_FILE}; a slide-embedding folder's manifest names "
                 "them): give a table with a patient_id or slide_id column"
             )
-        return Exclusions(
-            _patients_of_slides(cohort, slides),
-            len(set(slides)),
-            "slide",
-            _digest(slides),
-            str(path),
-        )
+        return _of_slides(cohort, slides, path)
     problems: list[str] = []
     df = read_table_file(path, problems, string_columns=("patient_id", "slide_id"))
     if df is None:
@@ -118,13 +118,7 @@ def read_exclusions(source: str | os.PathLike[str], cohort: Cohort) -> Exclusion
         return Exclusions(known, len(ids), "patient", _digest(ids), str(path))
     if "slide_id" in df.columns:
         slides = [str(v) for v in df["slide_id"].dropna()]
-        return Exclusions(
-            _patients_of_slides(cohort, slides),
-            len(set(slides)),
-            "slide",
-            _digest(slides),
-            str(path),
-        )
+        return _of_slides(cohort, slides, path)
     raise ConfigError(f"exclusion list {path} needs a patient_id or slide_id column")
 
 
