@@ -222,6 +222,10 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if local:  # short-range patch mixing (the paper's encoder: 0, off)
             kwargs.update(local_neighbours=local)
             tag = f"{tag}-ln{local}"
+        pool = getattr(args, "pool", "cls+mean")
+        if pool != "cls+mean":  # the slide embedding's readout (the paper's: cls+mean)
+            kwargs.update(pool=pool)
+            tag = f"{tag}-pairs"
         if getattr(args, "probe_half", "B") == "A":
             tag = f"{tag}-devA"
         enc_dir, emb_dir = out / f"enc-{tag}", out / f"emb-{tag}"
@@ -287,6 +291,7 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "patches_per_anchor": getattr(args, "patches_per_anchor", 18),
         "max_anchors": getattr(args, "max_anchors", 128),
         "local_neighbours": getattr(args, "local_neighbours", 0),
+        "pool": getattr(args, "pool", "cls+mean"),
         "probe_half": getattr(args, "probe_half", "B"),
         "auc": aucs,
         "pretraining": pretrain_rows,
@@ -473,6 +478,13 @@ def main() -> None:
         default=0,
         help="short-range mixing: each patch attends to its K nearest patches before each "
         "PACA block (0: off, the paper's encoder; 8: the 8-neighbourhood)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=["cls+mean", "cls+mean+pairs"],
+        default="cls+mean",
+        help="the slide embedding: CLS + mean token (the paper's) or + the 4-neighbour pairs "
+        "readout (second-order, 8 label-free axes)",
     )
     parser.add_argument(
         "--probe-half",

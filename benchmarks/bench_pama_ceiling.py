@@ -68,21 +68,15 @@ _EPS = 1e-4  # rates' floor in the log ratio (a pair never seen in a patient)
 # ------------------------------------------------------------------------------ geometry
 def grid_edges(coords: np.ndarray) -> np.ndarray:
     """(E, 2) indices of patch pairs one grid step apart (right and down neighbours: each
-    4-neighbour edge once). The grid step is read from the coordinates as PAMA does."""
+    4-neighbour edge once), PAMA's pairs-readout edges. The grid step is read from the
+    coordinates as PAMA does."""
     import torch
 
+    from oncoslide.pretrain.pama import grid_edges as pama_grid_edges
     from oncoslide.pretrain.pama import grid_step
 
-    step = grid_step(torch.from_numpy(np.asarray(coords, dtype=np.float64)))
-    cells = np.rint(np.asarray(coords, dtype=np.float64) / step).astype(np.int64)
-    index = {(int(x), int(y)): i for i, (x, y) in enumerate(cells)}
-    edges = []
-    for i, (x, y) in enumerate(cells):
-        for dx, dy in ((1, 0), (0, 1)):
-            j = index.get((int(x) + dx, int(y) + dy))
-            if j is not None:
-                edges.append((i, j))
-    return np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    pos = torch.from_numpy(np.asarray(coords, dtype=np.float64))
+    return pama_grid_edges(pos / grid_step(pos)).numpy()
 
 
 # ------------------------------------------------------------------------------ tokenizer

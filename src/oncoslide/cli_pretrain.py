@@ -80,6 +80,12 @@ def pretrain_pama(
         help="short-range mixing: each patch attends to its K nearest patches before each PACA "
         "block (0: off, the paper's encoder; 8: the 8-neighbourhood)",
     ),
+    pool: str = typer.Option(
+        "cls+mean",
+        "--pool",
+        help="slide embedding: cls+mean (the paper's), cls, mean, or cls+mean+pairs (adds the "
+        "mean over 4-neighbour patch pairs of their tokens' products on 8 label-free axes)",
+    ),
     mask_ratio: float = typer.Option(0.75, "--mask-ratio", help="share of patches masked"),
     kro: bool = typer.Option(True, "--kro/--no-kro", help="kernel reorientation (ablation)"),
     anchor_dropout: float = typer.Option(0.2, "--anchor-dropout", help="0 ablates AD"),
@@ -110,6 +116,7 @@ def pretrain_pama(
             max_anchors=max_anchors,
             patches_per_anchor=patches_per_anchor,
             local_neighbours=local_neighbours,
+            pool=pool,
             mask_ratio=mask_ratio,
             kro=kro,
             anchor_dropout=anchor_dropout,

@@ -9,7 +9,10 @@ Measured (docs/pretrain.md): neither PAMA as specified (MSE on masked raw patch 
 the discrete-target option (cross-entropy on masked k-means codes, ``target="codes"``) beats
 mean pooling here, nor does it with denser anchors (``patches_per_anchor=4``), nor with short-range patch mixing in the encoder
 (``local_neighbours=8``, codes, 50 % masked, 30 epochs: positions now matter, full beats
-positions off, but not mean pooling); the test states the requirement for each of these and
+positions off, but not mean pooling), nor with the second-order pairs readout on top of that
+(``pool="cls+mean+pairs"``: +0.12 on worlds 0 and 1, -0.005 on world 2, the one named in
+advance for confirmation; not a case here, as it passes on world 0, where it was developed);
+the test states the requirement for each of these and
 is marked as an expected failure until a method meets it (strict=False: it passes the day one
 does).
 

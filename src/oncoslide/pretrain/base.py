@@ -161,6 +161,12 @@ class PretrainMethod(pl.LightningModule):
         must be deterministic given (dataset, seed); what it fits must be buffers (they travel
         in the checkpoints). Default: nothing."""
 
+    def fit_readout(self, encoder: SlideEncoder, dataset: Any, seed: int) -> None:
+        """Label-free fit of what the exported encoder's readout needs from the pre-training
+        bags (e.g. projection axes), called once at the end on ``encoder`` holding the chosen
+        epoch's weights; what it fits must be ``encoder`` buffers (they go to the folder's
+        weights). Deterministic given (weights, dataset, seed). Default: nothing."""
+
     def folder_files(self) -> dict[str, dict[str, Tensor]]:
         """Extra tensors the encoder folder keeps beside the encoder ({file name: tensors},
         saved with torch.save), e.g. a tokenizer's codebook. Default: none."""

@@ -41,6 +41,15 @@ grid step read from the coordinates). Per bag:
   distance bias (the same capacity, no position); ``"shuffled"``: neighbours by the shuffled
   coordinates.
 - **Embedding**: LayerNorm'd CLS token and mean of the patch tokens, concatenated (``pool``).
+  ``pool="cls+mean+pairs"`` (an option added here) appends a second-order spatial readout:
+  the LayerNorm'd patch tokens of the whole slide are projected on ``pair_dim`` (8) principal
+  axes fitted once, label-free, on the pre-training bags' tokens of the exported weights
+  (:meth:`PAMA.fit_readout`), and the slide's mean over its 4-neighbour grid edges of the
+  symmetrised outer product z_i z_j^T is appended (upper triangle: 36 numbers). Why: a CLS or
+  mean token is a first-order summary, while an arrangement (how often immune patches touch
+  tumour) is a second-order statistic of neighbouring tokens; a linear probe can read it from
+  this readout. ``positions="off"``: random patch pairs (no position); ``"shuffled"``: edges of
+  the shuffled coordinates.
 
 Ablations: ``kro=False``, ``anchor_dropout=0``, ``positions="off"`` (no position biases and
 anchors drawn at random instead of by k-means: no position reaches the model) and
@@ -65,12 +74,14 @@ from oncoslide.errors import ConfigError
 from oncoslide.pretrain.base import PRETRAINERS, SLIDE_ENCODERS, Bag, PretrainMethod, SlideEncoder
 
 Positions = Literal["on", "off", "shuffled"]
+Pool = Literal["cls", "mean", "cls+mean", "cls+mean+pairs"]
 Target = Literal["features", "codes"]
 Masking = Literal["patches", "regions"]
 TOKENIZER_FILE = "tokenizer.pt"  # the codebook of target="codes", in the encoder folder
 _TOKENIZER_PATCHES = 65_536  # patches the k-means tokenizer is fitted on, at most
 N_ANGLE_BINS = 8
 _EMBED_SEED = 20240917  # the fixed draw of embed-time randomness (positions off / shuffled)
+_READOUT_PATCHES = 65_536  # patch tokens the pairs readout's axes are fitted on, at most
 
 
 # ------------------------------------------------------------------------------- geometry
@@ -235,6 +246,38 @@ def nearest_patches(pos: Tensor, k: int, chunk: int = 2048) -> Tensor:
     return out
 
 
+def grid_edges(pos: Tensor) -> Tensor:
+    """(E, 2) indices of the patch pairs one grid step apart (each 4-neighbour edge once: the
+    right and the lower neighbour), for positions in patch units. Positions are rounded to the
+    lattice; a cell holding several patches links its first (lowest index) patch."""
+    n = pos.shape[0]
+    if n < 2:
+        return torch.zeros(0, 2, dtype=torch.long, device=pos.device)
+    cells = (pos.double() - pos.double().min(0).values).round().long()
+    width = int(cells[:, 0].max()) + 2  # + 2: a right neighbour never wraps to the next row
+    key = cells[:, 1] * width + cells[:, 0]
+    order = torch.sort(key, stable=True)
+    sorted_keys, idx = order.values, order.indices
+    parts = []
+    for step in (1, width):  # right, down
+        want = key + step
+        at = torch.searchsorted(sorted_keys, want).clamp(max=n - 1)
+        hit = sorted_keys[at] == want
+        src = torch.arange(n, device=pos.device)[hit]
+        parts.append(torch.stack([src, idx[at[hit]]], dim=1))
+    return torch.cat(parts)
+
+
+def random_pairs(n: int, generator: torch.Generator, per_patch: int = 2) -> Tensor:
+    """(n * per_patch, 2) pairs of distinct patches drawn at random (the pairs readout's
+    edges when no position may reach the model: as many as a full grid's 4-neighbour edges)."""
+    if n < 2:
+        return torch.zeros(0, 2, dtype=torch.long)
+    src = torch.arange(n).repeat_interleave(per_patch)
+    offs = torch.randint(1, n, (n * per_patch,), generator=generator)  # never itself
+    return torch.stack([src, (src + offs) % n], dim=1)
+
+
 # ------------------------------------------------------------------------------- blocks
 class LocalMixing(nn.Module):
     """Patch -> nearby-patch attention: each patch attends to itself and its neighbours
@@ -355,6 +398,8 @@ class PAMAEncoder(SlideEncoder):
 
     name = "pama"
     uses_coords = True
+    pair_centre: Tensor  # (W,) buffers of pool="cls+mean+pairs"
+    pair_axes: Tensor  # (W, pair_dim)
 
     def __init__(
         self,
@@ -369,7 +414,8 @@ class PAMAEncoder(SlideEncoder):
         kro: bool = True,
         anchor_dropout: float = 0.2,
         positions: Positions = "on",
-        pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
+        pool: Pool = "cls+mean",
+        pair_dim: int = 8,
         patches_per_anchor: int = PATCHES_PER_ANCHOR,
         local_neighbours: int = 0,
     ) -> None:
@@ -382,8 +428,10 @@ class PAMAEncoder(SlideEncoder):
             raise ConfigError(f"max_anchors must be >= 1, got {max_anchors}")
         if positions not in ("on", "off", "shuffled"):
             raise ConfigError(f"positions must be on, off or shuffled, not {positions!r}")
-        if pool not in ("cls", "mean", "cls+mean"):
-            raise ConfigError(f"pool must be cls, mean or cls+mean, not {pool!r}")
+        if pool not in ("cls", "mean", "cls+mean", "cls+mean+pairs"):
+            raise ConfigError(f"pool must be cls, mean, cls+mean or cls+mean+pairs, not {pool!r}")
+        if not 1 <= pair_dim <= width:
+            raise ConfigError(f"pair_dim must be in [1, width {width}], got {pair_dim}")
         if not 0.0 <= anchor_dropout < 1.0:
             raise ConfigError(f"anchor_dropout must be in [0, 1), got {anchor_dropout}")
         self.in_dim = in_dim
@@ -398,8 +446,17 @@ class PAMAEncoder(SlideEncoder):
         self.kro = kro
         self.anchor_dropout = anchor_dropout
         self.positions: Positions = positions
-        self.pool = pool
-        self.embed_dim = width * (2 if pool == "cls+mean" else 1)
+        self.pool: Pool = pool
+        self.pair_dim = pair_dim
+        self.pairs = pool == "cls+mean+pairs"
+        n_pairs = pair_dim * (pair_dim + 1) // 2 if self.pairs else 0
+        self.embed_dim = width * (1 if pool in ("cls", "mean") else 2) + n_pairs
+        if self.pairs:
+            # the readout's projection (PAMA.fit_readout fits it after pre-training; zeros until
+            # then, so the pairs part is 0 during pre-training's RankMe probe); buffers only
+            # with the option, so folders written without it load unchanged
+            self.register_buffer("pair_centre", torch.zeros(width))
+            self.register_buffer("pair_axes", torch.zeros(width, pair_dim))
         self.patch_embed = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width))
         self.anchor_token = nn.Parameter(torch.randn(width) * 0.02)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
@@ -429,6 +486,7 @@ class PAMAEncoder(SlideEncoder):
             "anchor_dropout": self.anchor_dropout,
             "positions": self.positions,
             "pool": self.pool,
+            "pair_dim": self.pair_dim,
         }
 
     def positions_of(self, coords: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
@@ -522,20 +580,73 @@ class PAMAEncoder(SlideEncoder):
         bins = (dist.sqrt() * 8).floor().long().clamp(max=self.n_distance_bins - 1)
         return nbr, bins
 
-    def pooled(self, enc: Encoded) -> Tensor:
+    def pooled(self, enc: Encoded, generator: torch.Generator | None = None) -> Tensor:
         cls = self.norm(enc.anchors[-1])
-        mean = self.norm(enc.patches).mean(0)
+        tokens = self.norm(enc.patches)
+        mean = tokens.mean(0)
         if self.pool == "cls":
             return cls
         if self.pool == "mean":
             return mean
-        return torch.cat([cls, mean])
+        if not self.pairs:
+            return torch.cat([cls, mean])
+        return torch.cat([cls, mean, self.pair_readout(tokens, enc.patch_pos, generator)])
+
+    def readout_edges(self, pos: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The pairs readout's patch pairs: 4-neighbour grid edges of ``pos`` (shuffled
+        positions give the shuffled edges), random pairs with ``positions="off"``."""
+        if self.positions == "off":
+            n = pos.shape[0]
+            gen = generator if generator is not None else torch.Generator().manual_seed(_EMBED_SEED)
+            return random_pairs(n, gen).to(pos.device)
+        return grid_edges(pos)
+
+    def pair_readout(
+        self, tokens: Tensor, pos: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Mean over the readout's edges of sym(z_i z_j^T), upper triangle; z = the normed
+        tokens on the fitted axes. A bag without edges gives zeros."""
+        z = (tokens - self.pair_centre) @ self.pair_axes
+        edges = self.readout_edges(pos, generator)
+        d = self.pair_dim
+        rows, cols = torch.triu_indices(d, d, device=tokens.device)
+        if edges.shape[0] == 0:
+            return tokens.new_zeros(rows.numel())
+        a, b = z[edges[:, 0]], z[edges[:, 1]]
+        m = a.T @ b / edges.shape[0]
+        return ((m + m.T) / 2)[rows, cols]
+
+    @torch.no_grad()
+    def fit_pair_axes(self, tokens: Tensor) -> None:
+        """Fit the pairs readout's centre and ``pair_dim`` principal axes on (M, W) normed patch
+        tokens (label-free). Each axis' sign is fixed (its largest entry positive), so a refit
+        on the same tokens gives the same embedding."""
+        if not self.pairs:
+            return
+        t = tokens.double()
+        centre = t.mean(0)
+        cov = (t - centre).T @ (t - centre) / max(1, t.shape[0] - 1)
+        _, vecs = torch.linalg.eigh(cov)  # ascending
+        axes = vecs[:, -self.pair_dim :].flip(1)
+        sign = torch.sign(axes.gather(0, axes.abs().argmax(0, keepdim=True)))
+        axes = axes * torch.where(sign == 0, torch.ones_like(sign), sign)
+        self.pair_centre.copy_(centre.to(self.pair_centre))
+        self.pair_axes.copy_(axes.to(self.pair_axes))
+
+    @torch.no_grad()
+    def patch_tokens(self, features: Tensor, coords: Tensor | None = None) -> Tensor:
+        """(N, W) the normed final patch tokens of a whole bag (no masking, no anchor dropout),
+        as the embedding reads them."""
+        gen = torch.Generator().manual_seed(_EMBED_SEED + features.shape[0])
+        pos = self.positions_of(coords, features.shape[0], gen).to(features.device)
+        anchors = self.choose_anchors(pos, gen).to(features.device)
+        return self.norm(self.encode(features, pos, pos[anchors]).patches)
 
     def forward(self, features: Tensor, coords: Tensor | None = None) -> Tensor:
         gen = torch.Generator().manual_seed(_EMBED_SEED + features.shape[0])
         pos = self.positions_of(coords, features.shape[0], gen).to(features.device)
         anchors = self.choose_anchors(pos, gen).to(features.device)
-        return self.pooled(self.encode(features, pos, pos[anchors]))
+        return self.pooled(self.encode(features, pos, pos[anchors]), gen)
 
 
 # ------------------------------------------------------------------------------- method
@@ -565,7 +676,8 @@ class PAMA(PretrainMethod):
         kro: bool = True,
         anchor_dropout: float = 0.2,
         positions: Positions = "on",
-        pool: Literal["cls", "mean", "cls+mean"] = "cls+mean",
+        pool: Pool = "cls+mean",
+        pair_dim: int = 8,
         decoder_width: int = 32,
         decoder_depth: int = 1,
         mask_ratio: float = 0.75,
@@ -599,6 +711,7 @@ class PAMA(PretrainMethod):
             anchor_dropout=anchor_dropout,
             positions=positions,
             pool=pool,
+            pair_dim=pair_dim,
             patches_per_anchor=patches_per_anchor,
             local_neighbours=local_neighbours,
         )
@@ -668,6 +781,29 @@ class PAMA(PretrainMethod):
             float(counts.min()) / x.shape[0],
             float(counts.max()) / x.shape[0],
         )
+
+    @torch.no_grad()
+    def fit_readout(self, encoder: SlideEncoder, dataset: Any, seed: int) -> None:
+        """``pool="cls+mean+pairs"``: fit the pairs readout's axes on the normed patch tokens
+        that ``encoder`` (the exported weights) gives the pre-training bags (at most 65,536
+        tokens, an equal share per bag, drawn with a generator seeded by ``seed``). No label."""
+        if not isinstance(encoder, PAMAEncoder) or not encoder.pairs:
+            return
+        gen = torch.Generator().manual_seed(int(seed) * 7919 + 7)
+        per_bag = max(1, -(-_READOUT_PATCHES // max(1, len(dataset))))
+        was_training = encoder.training
+        encoder.eval()
+        parts = []
+        try:
+            for i in range(len(dataset)):
+                bag = dataset.load(i, subsample=True, epoch=0)
+                tokens = encoder.patch_tokens(bag.features, bag.coords).cpu()
+                if tokens.shape[0] > per_bag:
+                    tokens = tokens[torch.randperm(tokens.shape[0], generator=gen)[:per_bag]]
+                parts.append(tokens)
+        finally:
+            encoder.train(was_training)
+        encoder.fit_pair_axes(torch.cat(parts))
 
     def folder_files(self) -> dict[str, dict[str, Tensor]]:
         if self.target != "codes":
@@ -764,8 +900,10 @@ __all__ = [
     "PAMAEncoder",
     "assign_codes",
     "fit_codebook",
+    "grid_edges",
     "grid_step",
     "kmeans_anchors",
     "n_anchors",
     "nearest_patches",
+    "random_pairs",
 ]

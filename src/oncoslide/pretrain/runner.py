@@ -19,6 +19,7 @@ RankMe, the encoder folder.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import math
 import os
@@ -484,6 +485,12 @@ class _Recorder(pl.Callback):
             if best_file.exists()
             else None
         )
+        # the exported encoder: the chosen epoch's weights, then its label-free readout fit
+        encoder = copy.deepcopy(method.encoder)
+        if state is not None:
+            encoder.load_state_dict(state)
+        method.fit_readout(encoder, self.dataset, int(method.seed))
+        state = encoder.state_dict()
         done = [h for h in self.history if h.get("bags_per_s") is not None]
         rate = float(np.mean([h["bags_per_s"] for h in done])) if done else math.nan
         extra_files = method.folder_files()
@@ -492,7 +499,7 @@ class _Recorder(pl.Callback):
                 torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
         write_encoder_folder(
             self.out,
-            method.encoder,
+            encoder,
             state_dict=state,
             contract=self.contract,
             method={

@@ -1,0 +1,209 @@
+"""PAMA's second-order pairs readout (``pool="cls+mean+pairs"``): the grid edges against a
+brute-force search, the readout against a hand computation, the label-free axes against numpy's
+principal components, the position ablations, a planted arrangement it must tell apart, and the
+encoder folder and CLI option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from oncoslide.cli import app
+from oncoslide.errors import ConfigError
+from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
+from oncoslide.pretrain.bags import feature_slide_ids
+from oncoslide.pretrain.pama import PAMA, PAMAEncoder, grid_edges, random_pairs
+
+SMALL = dict(width=16, depth=2, heads=2, decoder_width=8)
+
+
+def _grid(w: int, h: int) -> torch.Tensor:
+    xy = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), -1)
+    return xy.reshape(-1, 2).float()
+
+
+def _brute_edges(pos: torch.Tensor) -> set[tuple[int, int]]:
+    pts = [tuple(round(v) for v in p) for p in pos.tolist()]
+    out = set()
+    for i, (x, y) in enumerate(pts):
+        for j, (u, v) in enumerate(pts):
+            if (u, v) in ((x + 1, y), (x, y + 1)):
+                out.add((i, j))
+    return out
+
+
+def test_grid_edges_match_a_brute_force_search() -> None:
+    gen = torch.Generator().manual_seed(0)
+    full = _grid(9, 7)
+    cases = {
+        "full grid": full,
+        "holes, shuffled order": full[torch.randperm(63, generator=gen)[:40]],
+        "offset, negative": full - torch.tensor([20.0, 3.0]),
+        "a row": _grid(6, 1),
+    }
+    for name, pos in cases.items():
+        edges = grid_edges(pos)
+        got = {(int(a), int(b)) for a, b in edges.tolist()}
+        assert len(got) == edges.shape[0], name  # each edge once
+        assert got == _brute_edges(pos), name
+    assert grid_edges(_grid(9, 7)).shape[0] == 8 * 7 + 9 * 6
+    assert grid_edges(torch.zeros(1, 2)).shape == (0, 2)
+
+
+def test_random_pairs_are_distinct_patches() -> None:
+    pairs = random_pairs(50, torch.Generator().manual_seed(1))
+    assert pairs.shape == (100, 2)
+    assert bool((pairs[:, 0] != pairs[:, 1]).all())
+    assert int(pairs.max()) < 50 and int(pairs.min()) >= 0
+    assert random_pairs(1, torch.Generator()).shape == (0, 2)
+
+
+def _pairs_encoder(positions: str = "on") -> PAMAEncoder:
+    return PAMAEncoder(
+        in_dim=12, width=16, depth=2, heads=2, pool="cls+mean+pairs", pair_dim=3,
+        positions=positions,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_readout_equals_a_hand_computation() -> None:
+    enc = _pairs_encoder()
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(20, 16, generator=gen)
+    pos = _grid(5, 4)
+    enc.pair_centre.copy_(torch.randn(16, generator=gen))
+    enc.pair_axes.copy_(torch.randn(16, 3, generator=gen))
+    got = enc.pair_readout(tokens, pos).numpy()
+    z = ((tokens - enc.pair_centre) @ enc.pair_axes).double().numpy()
+    m = np.zeros((3, 3))
+    edges = _brute_edges(pos)
+    for i, j in edges:
+        m += (np.outer(z[i], z[j]) + np.outer(z[j], z[i])) / 2
+    m /= len(edges)
+    want = [m[a, b] for a in range(3) for b in range(a, 3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the embedding: CLS, mean, then the 6 pair statistics
+    assert enc.embed_dim == 2 * 16 + 6
+    feats = torch.randn(20, 12, generator=gen)
+    assert enc.embed(feats, pos * 224).shape == (38,)
+
+
+def test_axes_are_the_tokens_principal_components() -> None:
+    enc = _pairs_encoder()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(500, 16, generator=gen) * torch.linspace(3, 0.1, 16)
+    enc.fit_pair_axes(tokens)
+    t = tokens.double().numpy()
+    np.testing.assert_allclose(enc.pair_centre.numpy(), t.mean(0), atol=1e-5)
+    _, _, vt = np.linalg.svd(t - t.mean(0), full_matrices=False)
+    axes = enc.pair_axes.double().numpy()
+    np.testing.assert_allclose(np.abs(axes.T @ vt[:3].T), np.eye(3), atol=1e-4)  # up to sign
+    # the sign convention makes a refit reproduce the same axes
+    first = enc.pair_axes.clone()
+    enc.fit_pair_axes(tokens.flip(0))
+    assert torch.allclose(enc.pair_axes, first, atol=1e-5)
+
+
+def test_the_readout_tells_a_planted_arrangement_apart() -> None:
+    """Two slides with the same two patch types in the same shares (identical first-order
+    statistics), one as two separate halves and one as a checkerboard: only the pairs part
+    differs, and in the planted direction (checkerboard pairs are mixed: negative products on
+    the axis separating the types)."""
+    enc = _pairs_encoder(positions="on")
+    pos = _grid(8, 8)
+    kind_halves = (pos[:, 0] >= 4).float()
+    kind_checker = ((pos[:, 0] + pos[:, 1]) % 2).float()
+    direction = torch.zeros(16)
+    direction[0] = 1.0
+    enc.pair_centre.zero_()
+    enc.pair_axes.zero_()
+    enc.pair_axes[0, 0] = 1.0
+
+    def readout(kind: torch.Tensor) -> torch.Tensor:
+        tokens = (2 * kind - 1).unsqueeze(1) * direction  # +-1 on the first axis
+        return enc.pair_readout(tokens, pos)
+
+    halves, checker = readout(kind_halves), readout(kind_checker)
+    assert float(halves[0]) == pytest.approx((112 - 2 * 8) / 112)  # 8 of 112 edges cross
+    assert float(checker[0]) == pytest.approx(-1.0)  # every edge joins the two types
+    # shuffled coordinates: the same readout of the two arrangements comes out alike
+    shuffled = _pairs_encoder(positions="shuffled")
+    shuffled.load_state_dict(enc.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    perm = torch.randperm(64, generator=gen)
+    a = shuffled.pair_readout((2 * kind_halves - 1).unsqueeze(1) * direction, pos[perm])
+    b = shuffled.pair_readout((2 * kind_checker - 1).unsqueeze(1) * direction, pos[perm])
+    assert abs(float(a[0]) - float(b[0])) < 0.5 < float(halves[0] - checker[0])
+
+
+def test_positions_off_reads_random_pairs_not_coordinates() -> None:
+    enc = _pairs_encoder(positions="off")
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(30, 12, generator=gen)
+    enc.pair_axes.copy_(torch.randn(16, 3, generator=gen))
+    pos = _grid(6, 5) * 224
+    other = pos[torch.randperm(30, generator=gen)] * 3 + 7
+    assert torch.equal(enc.embed(feats, pos), enc.embed(feats, other))  # no position reaches it
+
+
+def test_validated_and_off_by_default() -> None:
+    enc = PAMAEncoder(in_dim=8)
+    assert enc.pool == "cls+mean" and not enc.pairs
+    assert not any(k.startswith("pair_") for k in enc.state_dict())  # the paper's readout
+    with pytest.raises(ConfigError):
+        PAMAEncoder(in_dim=8, pool="pairs")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        PAMAEncoder(in_dim=8, width=16, heads=2, pool="cls+mean+pairs", pair_dim=17)
+
+
+def test_pretraining_fits_the_axes_on_the_exported_weights(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    ids = feature_slide_ids(tiny_cohort / "features")[:4]
+    bags = PretrainBags.from_features(tiny_cohort / "features", slide_ids=ids, max_patches=32)
+    torch.manual_seed(0)
+    method = create_method("pama", in_dim=bags.feature_dim, pool="cls+mean+pairs", **SMALL)
+    assert isinstance(method, PAMA)
+    out = tmp_path / "enc"
+    run_pretraining(method, bags, out, max_steps=2, batch_size=4, probe_size=4)
+    loaded = load_slide_encoder(out).encoder
+    assert isinstance(loaded, PAMAEncoder) and loaded.pairs and loaded.embed_dim == 32 + 36
+    # the axes: orthonormal, fitted on the tokens the folder's weights give the bags
+    axes = loaded.pair_axes
+    assert torch.allclose(axes.T @ axes, torch.eye(8), atol=1e-4)
+    tokens = torch.cat(
+        [loaded.patch_tokens(b.features, b.coords) for b in (bags.load(i, subsample=True,
+         epoch=0) for i in range(len(bags)))]
+    )  # fmt: skip
+    assert torch.allclose(loaded.pair_centre, tokens.mean(0), atol=1e-4)
+    bag = bags.load(0, subsample=False)
+    emb = loaded.embed(bag.features, bag.coords)
+    assert emb.shape == (68,) and float(emb[32:].abs().sum()) > 0
+    # a folder written without the option has no pairs part (and loads as before)
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["encoder"]["config"]["pool"] == "cls+mean+pairs"
+
+
+def test_cli_pool(tiny_cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "enc"
+    res = CliRunner().invoke(
+        app,
+        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out", str(out),
+         "--max-steps", "1", "--width", "16", "--depth", "1", "--heads", "2",
+         "--decoder-width", "8", "--pool", "cls+mean+pairs", "--no-progress",
+         "--probe-size", "4"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["encoder"]["config"]["pool"] == "cls+mean+pairs"
+    assert meta["encoder"]["embed_dim"] == 32 + 36
+    bad = CliRunner().invoke(
+        app,
+        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out",
+         str(tmp_path / "bad"), "--max-steps", "1", "--pool", "pairs"],
+    )  # fmt: skip
+    assert bad.exit_code != 0 and "pool" in bad.output
