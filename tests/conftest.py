@@ -23,6 +23,25 @@ import torch
 from oncoslide.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
 
 
+@pytest.fixture
+def one_ray_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests that start a local Ray instance take turns: under pytest-xdist (``make test``
+    runs two workers) two instances at once, each with its own worker processes, starve each
+    other on a 2-core machine. A file lock in the folder the workers share."""
+    import fcntl
+    import os
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' basetemps are siblings
+    with (root / "ray.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _scan_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Feature-file scans are cached in a session folder, never in the user's ~/.cache."""

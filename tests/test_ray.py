@@ -16,6 +16,7 @@ def _scaled_sum(item: int, table: np.ndarray, scale: float) -> float:
     return float(table[item].sum() * scale)
 
 
+@pytest.mark.usefixtures("one_ray_instance")
 def test_map_unordered_yields_every_item_once_and_failures_as_values() -> None:
     ray = pytest.importorskip("ray")
     table = np.arange(20.0).reshape(5, 4)
@@ -38,6 +39,7 @@ def _gpu_ids(item: int) -> list[int]:
     return [int(g) for g in ray.get_gpu_ids()]
 
 
+@pytest.mark.usefixtures("one_ray_instance")
 def test_map_unordered_reserves_the_gpus_it_is_asked_for() -> None:
     ray = pytest.importorskip("ray")
     # one logical GPU (no hardware needed): Ray hands device 0 only to tasks that reserve it

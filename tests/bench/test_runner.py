@@ -211,6 +211,7 @@ def test_local_process_pool_gives_the_same_results_as_inline(
     assert inline_devices == {os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
+@pytest.mark.usefixtures("one_ray_instance")
 def test_ray_executor_on_a_local_instance(
     bench_data: Path, small_spec: Any, tmp_path: Path
 ) -> None:

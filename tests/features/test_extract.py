@@ -323,6 +323,7 @@ def _empty(tmp_path: Path) -> Path:
     return empty
 
 
+@pytest.mark.usefixtures("one_ray_instance")
 def test_ray_executor_on_a_local_two_worker_instance(svs_path: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     slides = tmp_path / "slides"
