@@ -11,6 +11,11 @@
    (``bench/``); ``--parts`` runs one of the two only;
 5. ``oncoslide transfer report`` of the matrix and both benchmarks, with the world's truth.
 
+``--roupkt-arg KEY=VALUE`` passes a keyword to the ``roupkt`` entry (e.g. ``source_risk=true``)
+and ``--roupkt-name`` names that entry (a variant keeps its cells and report rows apart);
+``--world`` and ``--zoo`` reuse a world and zoo simulated or trained elsewhere (benchmark cells
+are keyed by the features' path, so cached cells stay valid when only ``--out`` moves).
+
 It prints the report's router-weight check (same-family concentration). Everything is written
 under ``--out`` and resumes (zoo runs and benchmark cells are keyed by their data).
 
@@ -20,6 +25,7 @@ under ``--out`` and resumes (zoo runs and benchmark cells are keyed by their dat
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -49,11 +55,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(METHODS),
                         help="entries of the benchmark (abmil is the baseline)")  # fmt: skip
+    parser.add_argument("--roupkt-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword of the roupkt entry (VALUE read as JSON if it parses)")  # fmt: skip
+    parser.add_argument("--roupkt-name", default="roupkt", help="the roupkt entry's name")
+    parser.add_argument("--world", type=Path, default=None, help="the world (default OUT/world)")
+    parser.add_argument("--zoo", type=Path, default=None, help="the zoo (default OUT/zoo)")
     args = parser.parse_args()
     out: Path = args.out
     started = time.perf_counter()
+    roupkt_kwargs = {}
+    for item in args.roupkt_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--roupkt-arg wants KEY=VALUE, got {item!r}")
+        try:
+            roupkt_kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            roupkt_kwargs[key] = value
 
-    world = out / "world"
+    world = args.world or out / "world"
     if not (world / "truth.json").exists():
         simulate_cohort(world, make_simulation_config("pan-cancer", {"seed": args.seed}))
     cohort = load_cohort(world / "cohort.csv", world / "features")
@@ -61,15 +81,16 @@ def main() -> None:
 
     config = make_config(task="survival", model="abmil", epochs=args.epochs, n_boot=0,
                          progress=False)  # fmt: skip
-    zoo, notes = build_zoo(cohort, config, out / "zoo", by="cohort",
+    zoo_dir = args.zoo or out / "zoo"
+    zoo, notes = build_zoo(cohort, config, zoo_dir, by="cohort",
                            min_patients=args.min_patients)  # fmt: skip
     print(f"zoo: {zoo.cancers} ({time.perf_counter() - started:.0f} s); left out: {notes}")
     if not (out / "tm" / "matrix.csv").exists():
-        transfer_matrix(load_zoo(out / "zoo"), cohort, out / "tm", n_boot=200)
+        transfer_matrix(load_zoo(zoo_dir), cohort, out / "tm", n_boot=200)
     print(f"matrix ({time.perf_counter() - started:.0f} s)")
 
     sizes = cohort.patients["cohort"].astype(str).value_counts()
-    kwargs = {"experts": str(out / "zoo"), "exclude": "auto"}
+    kwargs = {"experts": str(zoo_dir), "exclude": "auto"}
     train = {"epochs": args.epochs}
     benches = []
     for part, folder, seeds in (("rare", "bench-rare", args.rare_seeds),
@@ -89,8 +110,10 @@ def main() -> None:
             "tasks": [{"name": f"os-{c}", "kind": "survival", "filter": {"cohort": [c]}}
                       for c in cancers],
             "models": [
-                {"name": m, "protocol": "mil", "model": m, "train": train,
-                 **({"kwargs": kwargs} if m != "abmil" else {})}
+                {"name": args.roupkt_name if m == "roupkt" else m, "protocol": "mil",
+                 "model": m, "train": train,
+                 **({"kwargs": {**kwargs, **(roupkt_kwargs if m == "roupkt" else {})}}
+                    if m != "abmil" else {})}
                 for m in args.models
             ],
         }  # fmt: skip

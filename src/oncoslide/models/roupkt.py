@@ -16,6 +16,24 @@ jointly with the router on the fold's training part. It never leaks (it only see
 training patients), and it lets the router fall back on the target's own morphology where no
 source helps. Its router weight is the detail column ``routing_own``.
 
+The source-risk path (``source_risk=True``, default off) also uses what the experts predict,
+not only their embeddings: each zoo expert's own survival-head output on the target patient,
+``r_j`` (a Cox head's logit, the log relative hazard; a discrete-time head's risk
+``-sum_k S_k``, as the training path reduces it), is routed by the same top-k weights and added
+to the output, ``logits = head(mixed) + scale * sum_j w_j r_j`` (broadcast over a discrete-time
+target head's bins: shifting every hazard logit is monotone in risk). ``scale`` is one learned
+scalar, initialised at 1 (``source_risk_scale="shared"``, the default): the router already
+weighs each expert, so one number only sets how much the zoo's prediction counts against the
+fresh head. ``source_risk_scale="per_expert"`` learns one scale per zoo expert instead
+(``sum_j s_j w_j r_j``, all ``s_j`` starting at 1), which can also turn the sign of a source
+that predicts the target backwards, at the price of k more parameters fitted on a few dozen
+patients. The own expert has no risk (it is left out of the sum). At initialisation the model
+is thus the routed ensemble of the sources' zero-shot predictions plus a small learned
+correction. For survival targets only (on a classification head the shift cancels in the
+softmax). Off by default: on a fresh confirmation world it did not beat the cancer-specific
+ABMIL on the rare targets, and at the training path's learning rate the scale hardly moves
+from 1 (docs/transfer.md, "The transfer report", measured 2026-12-01).
+
 An expert trained on one of the target's patients would leak its outcome: the training path
 asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
 fold whose test or validation part holds one; ``exclude`` leaves experts out by cancer (e.g.
@@ -42,7 +60,7 @@ from oncoslide.models.base import (
     bag_index,
     project_valid,
 )
-from oncoslide.models.heads import make_head
+from oncoslide.models.heads import discrete_risk, make_head
 
 #: The name of the target's own (trainable) expert in :meth:`ROUPKT.routing` and the details.
 OWN_EXPERT = "own"
@@ -91,6 +109,9 @@ class ROUPKT(MILModel):
         attn_dim: width of the router's gated attention (and of the own expert's).
         own_expert: add the target's own expert, a trainable cancer-specific ABMIL slide path
             (the paper's "plus the target's own model"; see the module docstring).
+        source_risk: add the routed sum of the zoo experts' own risk predictions to the
+            output, times a learned scale initialised at 1 (see the module docstring).
+        source_risk_scale: ``"shared"`` (one scale) or ``"per_expert"`` (one per zoo expert).
     """
 
     def __init__(
@@ -104,12 +125,21 @@ class ROUPKT(MILModel):
         top_k: int = 5,
         attn_dim: int = 128,
         own_expert: bool = True,
+        source_risk: bool = False,
+        source_risk_scale: str = "shared",
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
         from oncoslide.transfer.zoo import load_zoo
 
         if not isinstance(own_expert, bool):
             raise ConfigError(f"roupkt: own_expert must be true or false, got {own_expert!r}")
+        if not isinstance(source_risk, bool):
+            raise ConfigError(f"roupkt: source_risk must be true or false, got {source_risk!r}")
+        if source_risk_scale not in ("shared", "per_expert"):
+            raise ConfigError(
+                f"roupkt: source_risk_scale must be 'shared' or 'per_expert', got "
+                f"{source_risk_scale!r}"
+            )
 
         if experts is None:
             raise ConfigError("roupkt needs a zoo of experts: --model-arg experts=ZOO_FOLDER")
@@ -135,6 +165,17 @@ class ROUPKT(MILModel):
                     f"are {in_dim}-d"
                 )
         self.zoo_contract: FeatureContract = zoo.contract
+        # per zoo expert, how its head's logits become one risk ("cox": the logit; "nll": the
+        # discrete-time risk), as the training path of its own task computes it
+        self._risk_kinds: list[str] = []
+        if source_risk:
+            for name, trained in zip(self.expert_names, loaded, strict=True):
+                if not trained.task.is_survival:
+                    raise ConfigError(
+                        f"roupkt: source_risk needs survival experts; the {name} expert was "
+                        f"trained for a {trained.task.kind} task"
+                    )
+                self._risk_kinds.append(str(trained.config.survival_loss))
         self._seen = {
             name: set(t.patients()["patient_id"].astype(str))
             for name, t in zip(self.expert_names, loaded, strict=True)
@@ -163,6 +204,13 @@ class ROUPKT(MILModel):
         self.attention = GatedAttention(hidden_dim, attn_dim, dropout, gated=True)
         self.router = nn.Linear(hidden_dim, n_experts)
         self.head = make_head(hidden_dim, n_outputs)
+        self.source_risk = source_risk
+        self.source_risk_scale = source_risk_scale
+        # only with the path, so that models without it keep their parameters and folders
+        shape = (len(loaded),) if source_risk_scale == "per_expert" else ()
+        self.risk_scale: nn.Parameter | None = (
+            nn.Parameter(torch.ones(shape)) if source_risk else None
+        )
 
     @property
     def routed_names(self) -> list[str]:
@@ -201,7 +249,9 @@ class ROUPKT(MILModel):
     def forward(self, features: Tensor, mask: Tensor, coords: Tensor | None = None) -> MILOutput:
         self.check_inputs(features, mask, coords)
         with torch.no_grad():
-            embeddings = [expert(features, mask).embedding for expert in self.experts]
+            outputs = [expert(features, mask) for expert in self.experts]
+            embeddings = [o.embedding for o in outputs]
+            risks = self.source_risks(outputs) if self.risk_scale is not None else None
         if self.own is not None:  # trainable: outside no_grad
             embeddings.append(self.own.slide_embedding(features, mask)[0])
         adapted = torch.stack(
@@ -219,12 +269,31 @@ class ROUPKT(MILModel):
             "balance": probs.shape[-1] * (probs.mean(dim=0) * top1.mean(dim=0)).sum(),
             "z": torch.logsumexp(logits, dim=-1).pow(2).mean(),
         }
+        out = self.head(mixed)
+        if risks is not None and self.risk_scale is not None:
+            # the zoo experts come first in the router's order; the own expert has no risk
+            routed = weights[:, : risks.shape[1]] * risks  # (B, zoo experts)
+            if self.risk_scale.dim():  # per expert
+                out = out + (self.risk_scale * routed).sum(dim=1, keepdim=True)
+            else:
+                out = out + self.risk_scale * routed.sum(dim=1, keepdim=True)
         return MILOutput(
-            logits=self.head(mixed),
+            logits=out,
             embedding=mixed,
             attention=attention,
             aux_losses=aux,
             attention_maps={},
+        )
+
+    def source_risks(self, outputs: Sequence[MILOutput]) -> Tensor:
+        """The zoo experts' own risks from their outputs, (B, number of zoo experts): a Cox
+        head's logit, a discrete-time head's ``-sum_k S_k`` (the training path's risk)."""
+        return torch.stack(
+            [
+                o.logits[:, 0] if kind == "cox" else discrete_risk(o.logits)
+                for o, kind in zip(outputs, self._risk_kinds, strict=True)
+            ],
+            dim=1,
         )
 
     def routing(self, features: Tensor, mask: Tensor) -> dict[str, Any]:
