@@ -155,8 +155,8 @@ def oracle_entry(
     """Mean over (seed, fold) of the library metric on rows duplicated by multiplicity, each
     (seed, fold) listed as often as its seed's multiplicity.
 
-    Cells whose metric is undefined on the full data are left out (as documented); a listed
-    cell undefined in the duplicated data makes the whole value NaN.
+    Cells whose metric is undefined on the full data are left out (as documented); so is a
+    listed cell undefined in the duplicated data (NaN only when no listed cell is defined).
     """
     values = []
     for (seed, _), cell in entry.groupby(["seed", "fold"]):
@@ -166,7 +166,9 @@ def oracle_entry(
             reps = cell["patient_id"].map(multiplicity).to_numpy()
             cell = cell.loc[cell.index.repeat(reps)]
         times = 1 if seed_multiplicity is None else seed_multiplicity[int(seed)]
-        values += [library_metric(cell, task) if len(cell) else np.nan] * times
+        value = library_metric(cell, task) if len(cell) else np.nan
+        if np.isfinite(value):
+            values += [value] * times
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -324,7 +326,7 @@ def test_replicates_equal_library_metrics_on_shared_duplicated_patients(task: Ta
         )
 
 
-def test_undefined_replicates_are_skipped_and_counted() -> None:
+def test_a_cell_undefined_in_a_replicate_is_left_out_of_it_only() -> None:
     frame = survival_frame({("e", "m"): 1.0}, n=200, n_folds=4)
     # Fold 0 keeps a single event: replicates that miss that patient have no comparable pair.
     in_fold0 = frame["fold"] == 0
@@ -338,9 +340,31 @@ def test_undefined_replicates_are_skipped_and_counted() -> None:
     patients = np.sort(frame["patient_id"].unique())
     counts = bootstrap_counts(len(patients), 300, seed=1)
     missed = counts[:, np.searchsorted(patients, frame.loc[first_event, "patient_id"])] == 0
-    assert np.array_equal(np.isnan(reps), missed)
     assert 70 < missed.sum() < 150  # about (1 - 1/200)^200 = 37% of 300
-    assert scores.table["n_boot_ok"].iloc[0] == 300 - missed.sum()
+    # every replicate counts; one that missed the event averages the three other folds
+    assert np.isfinite(reps).all() and scores.table["n_boot_ok"].iloc[0] == 300
+    others = frame.loc[~in_fold0]
+    for b in np.flatnonzero(missed)[:5]:
+        multiplicity = dict(zip(patients, counts[b], strict=True))
+        want = oracle_entry(others, SURV, multiplicity)
+        assert reps[b] == pytest.approx(want, abs=1e-10)
+    for b in np.flatnonzero(~missed)[:5]:
+        multiplicity = dict(zip(patients, counts[b], strict=True))
+        assert reps[b] == pytest.approx(oracle_entry(frame, SURV, multiplicity), abs=1e-10)
+
+
+def test_a_replicate_with_no_defined_cell_is_skipped_and_counted() -> None:
+    frame = survival_frame({("e", "m"): 1.0}, n=60, n_folds=2)
+    # each fold keeps a single event, dated first: a replicate missing both is undefined
+    for fold in (0, 1):
+        rows = frame["fold"] == fold
+        first = frame.index[rows & (frame["event"] == 1)][0]
+        frame.loc[rows & (frame.index != first), "event"] = 0.0
+        frame.loc[first, "time"] = 0.0
+    scores = task_scores(frame, SURV, n_boot=400, seed=2)
+    reps = scores.replicates[("e", "m")]
+    assert 0 < np.isnan(reps).sum() < 100  # about (1 - 1/60)^120 = 13 %
+    assert scores.table["n_boot_ok"].iloc[0] == np.isfinite(reps).sum()
 
 
 def test_a_cell_undefined_on_its_full_data_is_left_out() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from oncoslide.bench.stats import TaskInfo, task_scores
+from oncoslide.bench.stats import TaskInfo, bootstrap_counts, task_scores
 from oncoslide.evaluation import BootstrapCI, GroupData, bootstrap_ci, grouped_bootstrap_ci
 from oncoslide.survival import make_survival, split_survival
 from oncoslide.survival.metrics import (
@@ -104,7 +104,7 @@ def test_undefined_replicates_are_skipped_and_counted() -> None:
     assert np.isfinite(result.lower) and np.isfinite(result.upper)
 
 
-def test_one_undefined_group_skips_the_whole_replicate() -> None:
+def test_an_undefined_group_is_left_out_of_its_replicate_only() -> None:
     always = GroupData({"x": np.arange(5.0)})
     sometimes = GroupData({"x": np.arange(10.0)}, context={"needed": 0})
 
@@ -115,9 +115,20 @@ def test_one_undefined_group_skips_the_whole_replicate() -> None:
 
     result = grouped_bootstrap_ci([always, sometimes], metric, n_boot=500, seed=1)
     assert result.estimate == pytest.approx((2.0 + 4.5) / 2)
-    # `always` is defined in every replicate, `sometimes` misses row 0 with p = 0.9**10 = 0.35:
-    # about 65% of the replicates survive, all of them averaging both groups.
-    assert 0.55 * 500 <= result.n_boot_ok <= 0.75 * 500
+    # every replicate counts: `sometimes` misses row 0 in about 35 % of them (0.9**10), and
+    # those replicates are `always`'s mean alone (recomputed here from the same streams)
+    assert result.n_boot_ok == 500
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(1).spawn(2)]
+    a = np.arange(5.0)[streams[0].integers(0, 5, size=(500, 5))].mean(axis=1)
+    draws = streams[1].integers(0, 10, size=(500, 10))
+    b = draws.astype(float).mean(axis=1)
+    missed = ~(draws == 0).any(axis=1)
+    assert 120 < missed.sum() < 230
+    means = np.where(missed, a, (a + b) / 2)
+    want = np.quantile(means, [0.025, 0.975])
+    assert (result.lower, result.upper) == pytest.approx(tuple(want))
+    # the old rule (drop the replicate) would have given another interval
+    assert tuple(np.quantile(((a + b) / 2)[~missed], [0.025, 0.975])) != pytest.approx(tuple(want))
 
 
 def test_groups_undefined_on_full_data_are_left_out() -> None:
@@ -212,7 +223,7 @@ def test_named_patients_draw_the_benchmarks_patient_bootstrap() -> None:
     assert ours.n_boot_ok == bench["n_boot_ok"] == 400
 
 
-def test_a_group_without_drawn_patients_skips_the_replicate() -> None:
+def test_a_group_without_drawn_patients_is_left_out_of_that_replicate() -> None:
     # Group A is one patient of ten: a replicate misses it with p = 0.9**10 = 0.349.
     ids = [f"P{i}" for i in range(10)]
     groups = [
@@ -220,7 +231,13 @@ def test_a_group_without_drawn_patients_skips_the_replicate() -> None:
         GroupData({"x": np.arange(9.0)}, patients=ids[1:]),
     ]
     result = grouped_bootstrap_ci(groups, mean_of_x, n_boot=1000, seed=0)
-    assert 580 <= result.n_boot_ok <= 720
+    assert result.n_boot_ok == 1000
+    counts = bootstrap_counts(10, 1000, 0)  # the shared draw over the sorted ids
+    b = (counts[:, 1:] * np.arange(9.0)).sum(axis=1) / counts[:, 1:].sum(axis=1)
+    missed = counts[:, 0] == 0
+    assert 280 < missed.sum() < 420
+    means = np.where(missed, b, b / 2)  # group A's mean is 0 when drawn
+    assert (result.lower, result.upper) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
 
 
 def test_patient_ids_are_checked() -> None:

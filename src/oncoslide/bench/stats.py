@@ -574,7 +574,15 @@ class _EntryEval:
         return float(self.points.mean()) if self.points.size else float("nan")
 
     def replicate_means(self, seed_draws: SeedDraws | None = None) -> FloatArray:
-        """Mean over cells per replicate; NaN where a cell that counts is undefined.
+        """Mean per replicate over the cells whose metric is defined in it; NaN where none is.
+
+        A (seed, fold) cell whose resampled patients leave its metric undefined (e.g. no
+        comparable pair among a few test patients) is left out of that replicate's mean, as a
+        class absent from a draw leaves a macro AUC. Dropping the whole replicate instead
+        would keep only the draws in which every small fold has pairs: on targets of a few
+        dozen patients under repeated CV a biased subset of a tenth of the replicates. In a
+        paired comparison both entries leave out the same cells (whether a cell is defined
+        depends on its drawn times, events or labels, never on the scores).
 
         With ``seed_draws`` each cell counts as often as its seed was drawn in that replicate,
         so the replicates also carry the variability of training across seeds; a replicate
@@ -582,15 +590,16 @@ class _EntryEval:
         """
         if not self.points.size:
             return np.full(self.replicates.shape[0], np.nan)
-        if seed_draws is None:
-            return self.replicates.mean(axis=1)
-        weights = seed_draws.cell_weights(self.seeds)
-        counted = weights > 0
-        total = np.where(counted, self.replicates, 0.0)
-        undefined = (counted & ~np.isfinite(self.replicates)).any(axis=1)
+        weights = (
+            np.ones_like(self.replicates)
+            if seed_draws is None
+            else seed_draws.cell_weights(self.seeds)
+        )
+        defined = np.isfinite(self.replicates)
+        weights = np.where(defined, weights, 0.0)
         mass = weights.sum(axis=1)
-        means = (weights * total).sum(axis=1) / np.where(mass > 0, mass, 1.0)
-        return np.where(undefined | (mass == 0), np.nan, means)
+        total = (weights * np.where(defined, self.replicates, 0.0)).sum(axis=1)
+        return np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), np.nan)
 
 
 def _cells(entry: pd.DataFrame) -> Iterator[tuple[int, int, pd.DataFrame]]:
@@ -737,9 +746,11 @@ def task_scores(
     shared by every entry, seed and fold, and every (seed, fold) metric is recomputed with the
     drawn multiplicities as weights and averaged. With several seeds the replicate
     also draws the seeds with replacement and weights each (seed, fold) by its seed's count
-    (:class:`SeedDraws`). The interval is the percentile interval of those averages over the
-    replicates in which every counted (seed, fold) metric is defined (``n_boot_ok`` of them). A (seed, fold) whose metric is undefined on its full data
-    (e.g. no comparable pair) is left out of the entry's estimate and replicates.
+    (:class:`SeedDraws`). A (seed, fold) metric undefined in a replicate (e.g. no comparable
+    pair among its drawn patients) is left out of that replicate's average; the interval is
+    the percentile interval of the averages over the replicates with at least one defined
+    (``n_boot_ok`` of them). A (seed, fold) whose metric is undefined on its full data (e.g.
+    no comparable pair) is left out of the entry's estimate and replicates.
 
     Args:
         preds: a prediction frame (contract); rows of other tasks are ignored.
@@ -799,7 +810,7 @@ class PairedComparison:
     ``diff`` is the difference of the entries' per-(seed, fold) metrics averaged; ``lower`` and
     ``upper`` the percentile interval of the replicate differences; ``p_value`` the two-sided
     bootstrap p-value of "no difference"; ``n_boot_ok`` the replicates in which both entries'
-    metrics were defined.
+    averages were defined (each over the (seed, fold) metrics defined in that replicate).
     """
 
     a: Entry

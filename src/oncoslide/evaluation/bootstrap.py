@@ -104,8 +104,8 @@ class GroupData:
 class BootstrapCI(NamedTuple):
     """A point estimate with its percentile bootstrap interval.
 
-    ``n_boot_ok`` counts the replicates in which every group's metric was defined (the others
-    are skipped); ``n_groups`` counts the groups whose metric was defined on their full data
+    ``n_boot_ok`` counts the replicates in which at least one group's metric was defined
+    (each averages the groups defined in it; the others are skipped); ``n_groups`` counts the groups whose metric was defined on their full data
     (groups where it was not are left out of both the estimate and the replicates).
     """
 
@@ -166,10 +166,12 @@ def grouped_bootstrap_ci(
             ``(CensoringSupportError, TimeGridError)``; any other exception propagates.
 
     Returns:
-        :class:`BootstrapCI`. Replicates in which some group's metric is undefined are skipped,
-        since averaging over a different set of groups would change the estimand; so are
-        replicates in which a group draws none of its patients. If no replicate (or no group)
-        is usable the interval (and estimate) is NaN.
+        :class:`BootstrapCI`. Each replicate averages the groups whose metric is defined in
+        it: a group whose resample leaves its metric undefined (no comparable pair, a listed
+        exception) or that draws none of its patients is left out of that replicate, as a
+        class absent from a draw leaves a macro AUC. Replicates in which no group is defined
+        are skipped (``n_boot_ok`` counts the others). If no replicate (or no group) is
+        usable the interval (and estimate) is NaN.
     """
     _check_options(n_boot, alpha)
     if len(groups) == 0:
@@ -233,10 +235,14 @@ def _shared_patient_counts(groups: Sequence[GroupData], n_boot: int, seed: int) 
 def _summarise(
     estimate: float, replicates: np.ndarray, alpha: float, n_boot: int, n_groups: int
 ) -> BootstrapCI:
-    ok = np.isfinite(replicates).all(axis=1)
+    # a group undefined in a replicate is left out of that replicate's mean; dropping the whole
+    # replicate instead would keep only the draws in which every small group has (say) an
+    # event, a biased and on small folds tiny subset of the replicates
+    defined = np.isfinite(replicates)
+    ok = defined.any(axis=1)
     if not ok.any():
         return BootstrapCI(estimate, float("nan"), float("nan"), 0, n_boot, n_groups)
-    means = replicates[ok].mean(axis=1)
+    means = np.where(defined, replicates, 0.0)[ok].sum(axis=1) / defined[ok].sum(axis=1)
     lower, upper = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return BootstrapCI(estimate, float(lower), float(upper), int(ok.sum()), n_boot, n_groups)
 
