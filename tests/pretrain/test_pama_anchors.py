@@ -4,13 +4,13 @@ encoder folder (old folders load with the paper's rule) and the CLI option."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import Result
 
-from oncoslide.cli import app
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
 from oncoslide.pretrain.bags import feature_slide_ids
@@ -68,21 +68,11 @@ def test_density_travels_in_the_encoder_folder(tiny_cohort: Path, tmp_path: Path
     assert isinstance(old, PAMAEncoder) and old.patches_per_anchor == 18
 
 
-def test_cli_patches_per_anchor(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_cli_patches_per_anchor(pama_cli: Callable[..., Result], tmp_path: Path) -> None:
     out = tmp_path / "enc"
-    res = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out", str(out),
-         "--max-steps", "1", "--width", "16", "--depth", "1", "--heads", "2",
-         "--decoder-width", "8", "--patches-per-anchor", "6", "--no-progress",
-         "--probe-size", "4"],
-    )  # fmt: skip
+    res = pama_cli(out, "--patches-per-anchor", "6")
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["encoder"]["config"]["patches_per_anchor"] == 6
-    bad = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out",
-         str(tmp_path / "bad"), "--max-steps", "1", "--patches-per-anchor", "0"],
-    )  # fmt: skip
+    bad = pama_cli(tmp_path / "bad", "--patches-per-anchor", "0", tiny=False)
     assert bad.exit_code != 0 and "patches_per_anchor" in bad.output

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import Result
 
-from oncoslide.cli import app
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import (
     Bag,
@@ -193,22 +193,14 @@ def test_codes_are_learnt_from_neighbours_on_noisy_features() -> None:
     assert held < 0.7 * entropy, (held, entropy)
 
 
-def test_cli_target_codes(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_cli_target_codes(pama_cli: Callable[..., Result], tmp_path: Path) -> None:
     out = tmp_path / "enc"
-    res = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out", str(out),
-         "--max-steps", "2", "--width", "16", "--depth", "1", "--heads", "2",
-         "--decoder-width", "8", "--target", "codes", "--codebook-size", "4", "--masking", "regions",
-         "--no-progress", "--probe-size", "4"],
-    )  # fmt: skip
+    res = pama_cli(
+        out, "--target", "codes", "--codebook-size", "4", "--masking", "regions", max_steps=2
+    )
     assert res.exit_code == 0, res.output
     assert (out / TOKENIZER_FILE).exists()
-    bad = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out",
-         str(tmp_path / "bad"), "--max-steps", "1", "--target", "pixels"],
-    )  # fmt: skip
+    bad = pama_cli(tmp_path / "bad", "--target", "pixels", tiny=False)
     assert bad.exit_code != 0 and "target" in bad.output
 
 

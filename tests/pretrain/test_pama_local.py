@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import Result
 
-from oncoslide.cli import app
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
 from oncoslide.pretrain.bags import feature_slide_ids
@@ -193,21 +193,11 @@ def test_option_travels_in_the_encoder_folder(tiny_cohort: Path, tmp_path: Path)
     assert isinstance(old, PAMAEncoder) and old.local_neighbours == 0
 
 
-def test_cli_local_neighbours(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_cli_local_neighbours(pama_cli: Callable[..., Result], tmp_path: Path) -> None:
     out = tmp_path / "enc"
-    res = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out", str(out),
-         "--max-steps", "1", "--width", "16", "--depth", "1", "--heads", "2",
-         "--decoder-width", "8", "--local-neighbours", "4", "--no-progress",
-         "--probe-size", "4"],
-    )  # fmt: skip
+    res = pama_cli(out, "--local-neighbours", "4")
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["encoder"]["config"]["local_neighbours"] == 4
-    bad = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out",
-         str(tmp_path / "bad"), "--max-steps", "1", "--local-neighbours", "-1"],
-    )  # fmt: skip
+    bad = pama_cli(tmp_path / "bad", "--local-neighbours", "-1", tiny=False)
     assert bad.exit_code != 0 and "local_neighbours" in bad.output

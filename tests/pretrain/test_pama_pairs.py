@@ -6,14 +6,14 @@ encoder folder and CLI option."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import Result
 
-from oncoslide.cli import app
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
 from oncoslide.pretrain.bags import feature_slide_ids
@@ -188,22 +188,12 @@ def test_pretraining_fits_the_axes_on_the_exported_weights(
     assert meta["encoder"]["config"]["pool"] == "cls+mean+pairs"
 
 
-def test_cli_pool(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_cli_pool(pama_cli: Callable[..., Result], tmp_path: Path) -> None:
     out = tmp_path / "enc"
-    res = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out", str(out),
-         "--max-steps", "1", "--width", "16", "--depth", "1", "--heads", "2",
-         "--decoder-width", "8", "--pool", "cls+mean+pairs", "--no-progress",
-         "--probe-size", "4"],
-    )  # fmt: skip
+    res = pama_cli(out, "--pool", "cls+mean+pairs")
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "encoder.json").read_text())
     assert meta["encoder"]["config"]["pool"] == "cls+mean+pairs"
     assert meta["encoder"]["embed_dim"] == 32 + 36
-    bad = CliRunner().invoke(
-        app,
-        ["pretrain", "pama", "--features", str(tiny_cohort / "features"), "--out",
-         str(tmp_path / "bad"), "--max-steps", "1", "--pool", "pairs"],
-    )  # fmt: skip
+    bad = pama_cli(tmp_path / "bad", "--pool", "pairs", tiny=False)
     assert bad.exit_code != 0 and "pool" in bad.output
