@@ -196,13 +196,16 @@ def test_named_patients_are_drawn_once_for_all_groups() -> None:
     assert ratio == pytest.approx(1 / np.sqrt(2), rel=0.15)
 
 
-def test_named_patients_draw_the_benchmarks_patient_bootstrap() -> None:
+@pytest.mark.parametrize("censoring", [2.0, 0.05])
+def test_named_patients_draw_the_benchmarks_patient_bootstrap(censoring: float) -> None:
     # One seed, three folds: the benchmark's task_scores weights every fold's Harrell C by the
     # same multinomial patient counts; here the rows are repeated instead. Same draws, same C.
+    # Heavy censoring (0.05) leaves few events per fold, so folds are undefined in some
+    # replicates: both leave them out of those replicates alike.
     rng = np.random.default_rng(7)
     n = 90
     x = rng.normal(size=n)
-    t, c = rng.exponential(np.exp(-x)), rng.exponential(2.0, size=n)
+    t, c = rng.exponential(np.exp(-x)), rng.exponential(censoring, size=n)
     ids = np.array([f"P{i:03d}" for i in rng.permutation(n)])
     frame = pd.DataFrame(
         {"task": "os", "feature_set": "f", "model": "m", "protocol": "cv", "seed": 0}
@@ -220,7 +223,16 @@ def test_named_patients_draw_the_benchmarks_patient_bootstrap() -> None:
     bench = task_scores(frame, TaskInfo("os", "survival"), n_boot=400, seed=9).table.iloc[0]
     assert ours.estimate == pytest.approx(bench["estimate"], abs=1e-12)
     assert (ours.lower, ours.upper) == pytest.approx((bench["lower"], bench["upper"]), abs=1e-9)
-    assert ours.n_boot_ok == bench["n_boot_ok"] == 400
+    assert ours.n_boot_ok == bench["n_boot_ok"]
+    assert ours.n_boot_ok == 400 or censoring < 1  # a draw with no fold defined is skipped
+    if censoring < 1:  # the case this parameter is for: some fold undefined in some draws
+        counts = bootstrap_counts(n, 400, 9)
+        order = np.argsort(ids)
+        drawn = counts[:, np.argsort(order)]  # per row of the frame
+        events = frame["event"].to_numpy() == 1
+        fold = frame["fold"].to_numpy()
+        no_event = [((drawn[:, (fold == k) & events]).sum(axis=1) == 0) for k in range(3)]
+        assert np.any(no_event), "no fold without a drawn event: the case is not exercised"
 
 
 def test_a_group_without_drawn_patients_is_left_out_of_that_replicate() -> None:
