@@ -261,7 +261,11 @@ def tissue_clusters(
         if first < len(x):
             picked.append(_standardise(np.asarray(x)[first::step], mean, std))
         start += len(x)
-    km = KMeans(n_clusters=over, n_init=2, random_state=seed).fit(np.concatenate(picked))
+    # float32: sklearn's Lloyd iterations then run in single precision, 1.6x faster on 20,000
+    # x 768 (measured: the same partition, adjusted Rand index 1.0); this runs at every fold's
+    # fit, so it is part of every training run's cost
+    sample_x = np.concatenate(picked).astype(np.float32)
+    km = KMeans(n_clusters=over, n_init=2, random_state=seed).fit(sample_x)
     centroids = np.asarray(km.cluster_centers_, dtype=np.float64)
     fine = TissuePartition(centroids=centroids, groups=np.arange(over), k=over)
     labels = [fine.assign(_standardise(x, mean, std)) for x, _ in slides]
