@@ -504,3 +504,25 @@ def test_a_position_aware_encoder_sees_each_slide_in_its_own_frame() -> None:
         first = (enc(feats[0, :6], coords[0, :6]) + enc(feats[0, 6:], coords[0, 6:])) / 2
         assert torch.allclose(out.embedding[0], first, atol=1e-5)
         assert torch.allclose(out.embedding[1], enc(feats[1, :7], coords[1, :7]), atol=1e-5)
+
+
+def test_attention_maps_are_refused_up_front_for_an_encoder_without_attention() -> None:
+    """The registry lists slide-finetune with attention (Threads' encoder pools by attention);
+    with a PAMA encoder it gives none, and heat maps say so before reading any bag."""
+    from oncoslide.errors import ConfigError
+    from oncoslide.pretrain import SLIDE_ENCODERS
+    from oncoslide.report.attention import check_gives_attention
+
+    spec = {"name": "pama", "config": SLIDE_ENCODERS.create("pama", in_dim=8).config()}
+    pama = SlideFinetune(8, 2, encoder=spec, finetune="lora")
+    threads = SlideFinetune(8, 2)
+    assert threads.gives_attention and not pama.gives_attention
+    # what the flag says is what forward does
+    feats, mask = torch.randn(1, 6, 8), torch.ones(1, 6, dtype=torch.bool)
+    coords = torch.stack([torch.arange(6.0) * 256, torch.zeros(6)], -1)[None]
+    with torch.no_grad():
+        assert pama.eval()(feats, mask, coords).attention is None
+        assert threads.eval()(feats, mask, coords).attention is not None
+    check_gives_attention(threads, "slide-finetune")
+    with pytest.raises(ConfigError, match="pama"):
+        check_gives_attention(pama, "slide-finetune")

@@ -254,6 +254,12 @@ class SlideFinetune(MILModel):
             logits=self.head(self.head_dropout(emb)), embedding=emb, attention=attention
         )
 
+    @property
+    def gives_attention(self) -> bool:
+        """Whether forward returns per-patch attention: only encoders with a batched
+        attention-pooling ``encode`` (Threads') have it; PAMA's embedding has none."""
+        return _batched_encode(getattr(self.encoder, "encode", None))
+
     def _encode(
         self, features: Tensor, mask: Tensor, coords: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:

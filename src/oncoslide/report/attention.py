@@ -158,6 +158,7 @@ def _fold_model(
     parts = fold_parts(splits, seed, fold)
     if is_model_folder(folder.model_dir):
         trained = load_model_folder(folder.model_dir)
+        check_gives_attention(trained.model, config.model)
         if trained.model.in_dim != cohort.feature_dim:
             raise ConfigError(
                 f"the model of seed {seed} fold {fold} expects {trained.model.in_dim}-d "
@@ -174,6 +175,22 @@ def _fold_model(
             frozenset(parts["test"]),
         )
     return _legacy_fold_model(folder, config, cohort, parts, seed, fold)
+
+
+def check_gives_attention(model: Any, name: str) -> None:
+    """Refuse a model of an attention model class that gives none in this configuration
+    (``gives_attention`` False: e.g. ``slide-finetune`` with a PAMA encoder), before any bag
+    is read.
+
+    Raises:
+        ConfigError: naming the model and why.
+    """
+    if not getattr(model, "gives_attention", True):
+        encoder = getattr(getattr(model, "encoder", None), "name", "its encoder")
+        raise ConfigError(
+            f"model {name!r} has no attention to draw in this run: its slide encoder "
+            f"({encoder}) gives none (attention-pooling encoders, e.g. Threads', do)"
+        )
 
 
 def _legacy_fold_model(
