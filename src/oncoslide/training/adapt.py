@@ -357,6 +357,20 @@ def pair_tissues(
     return perms[order[0]], float(cost[order[0]]), second
 
 
+def _stored_tissues(train: FeatureStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training part's tissue centres, shares and adjacency, or the message for a model
+    folder written before they were stored (ConfigError)."""
+    centres, shares, adjacency = train.tissue_centres, train.tissue_shares, train.tissue_adjacency
+    if centres is None or shares is None or adjacency is None:
+        raise ConfigError(
+            "the model folder stores no tissue clusters of its training part "
+            f"({FEATURE_STATS_FILE} written before they were stored), which --adapt-align "
+            "tissues needs: fit the model again with this version (e.g. `oncoslide train ... "
+            "--fit-all --overwrite`) or use --adapt-align standardise"
+        )
+    return centres, shares, adjacency
+
+
 def tissue_alignment(
     slides: Sequence[tuple[np.ndarray, np.ndarray]],
     site: FeatureStats,
@@ -367,36 +381,20 @@ def tissue_alignment(
     ``slides`` are the site's (features, coords); ``site`` their pooled statistics. The shift
     is in training-sd units, applied after re-standardisation by the site's own mean and sd.
     """
-    if (
-        train.tissue_centres is None
-        or train.tissue_shares is None
-        or train.tissue_adjacency is None
-    ):
-        raise ConfigError(
-            "the model folder stores no tissue clusters of its training part "
-            f"({FEATURE_STATS_FILE} written before they were stored), which --adapt-align "
-            "tissues needs: fit the model again with this version (e.g. `oncoslide train ... "
-            "--fit-all --overwrite`) or use --adapt-align standardise"
-        )
-    k = len(train.tissue_shares)
+    train_centres, train_shares, train_adjacency = _stored_tissues(train)
+    k = len(train_shares)
     part = tissue_clusters(slides, site.mean, site.std, k)
     labels, shares, adjacency, site_centres = tissue_summary(slides, site.mean, site.std, part)
     # folders written before the share covariance was stored pair on shares and adjacency
     site_cov = None if train.tissue_share_cov is None else share_covariance(labels, k)
     order, cost, second = pair_tissues(
-        shares,
-        adjacency,
-        train.tissue_shares,
-        train.tissue_adjacency,
-        site_cov,
-        train.tissue_share_cov,
+        shares, adjacency, train_shares, train_adjacency, site_cov, train.tissue_share_cov
     )
-    train_centres = (train.tissue_centres - train.mean) / train.std
-    shift = train_centres[order] - site_centres
+    shift = (train_centres[order] - train.mean) / train.std - site_centres
     info = {
         "site_shares": [float(v) for v in shares],
         "paired_training_cluster": [int(v) for v in order],
-        "training_shares": [float(v) for v in train.tissue_shares[order]],
+        "training_shares": [float(v) for v in train_shares[order]],
         "pairing_cost": cost,
         "second_best_cost": second,
         "mean_shift_sd": float(np.sqrt((shift**2).sum(axis=1)).mean()),
@@ -524,8 +522,8 @@ def adapt_and_predict(
         )
     if config.align == "coral" and train_stats.cov is None:
         coral_map(np.eye(train_stats.dim), train_stats, config.shrinkage)  # raises the message
-    if config.align == "tissues" and train_stats.tissue_centres is None:
-        tissue_alignment([], train_stats, train_stats)  # raises the message
+    if config.align == "tissues":
+        _stored_tissues(train_stats)  # refuses a folder without them, before any slide is read
     objective = adaptation_objective(trained)
     rates = train_stats.decision_rates
     matching = config.match == "decisions" and objective == "classes"
