@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from oncoslide.bench.stats import TaskInfo, paired_comparison
+from oncoslide.bench.stats import TaskInfo, paired_comparison, paired_replicate_diffs
 from oncoslide.bench.store import CellRecord, ResultStore
 from oncoslide.cli import app
 from oncoslide.cohort.bags import load_bag
@@ -31,7 +31,6 @@ from oncoslide.transfer import build_zoo, load_zoo, transfer_matrix
 from oncoslide.transfer.report import (
     OWN_EXPERT,
     ROUTING_PREFIX,
-    paired_replicate_diffs,
     transfer_report,
 )
 

@@ -54,10 +54,12 @@ __all__ = [
     "TaskInfo",
     "TaskScores",
     "bootstrap_counts",
+    "bootstrap_p_value",
     "common_rows",
     "entry_name",
     "fold_metric_summary",
     "paired_comparison",
+    "paired_replicate_diffs",
     "rank_entries",
     "task_scores",
     "weighted_auc",
@@ -826,7 +828,7 @@ class PairedComparison:
     n_boot_ok: int = 0
 
 
-def _bootstrap_p_value(diffs: FloatArray) -> float:
+def bootstrap_p_value(diffs: FloatArray) -> float:
     """Two-sided: 2 * the smaller tail share of replicate differences at or beyond 0, with the
     +1 correction ((k + 1) / (B + 1)) that keeps a p-value from being exactly zero."""
     if not diffs.size:
@@ -838,6 +840,49 @@ def _bootstrap_p_value(diffs: FloatArray) -> float:
 
 def _entry_frame(frame: pd.DataFrame, key: Entry) -> pd.DataFrame:
     return frame.loc[(frame["feature_set"] == key[0]) & (frame["model"] == key[1])]
+
+
+def paired_replicate_diffs(
+    preds: pd.DataFrame, task: TaskInfo, a: Entry, b: Entry, *, n_boot: int = 2000, seed: int = 0
+) -> FloatArray:
+    """The (n_boot,) replicate differences a - b behind :func:`paired_comparison` with the
+    same arguments (the same patient and seed draws; NaN where a replicate is undefined),
+    whose percentiles are its interval: for statistics over several comparisons (e.g. a mean
+    over targets whose patients are disjoint, each drawn with its own seed).
+
+    Raises:
+        BenchInputError: as :func:`paired_comparison`.
+    """
+    _check_options(n_boot, 0.05, seed)
+    return _paired_replicates(preds, task, a, b, n_boot, seed)[2]
+
+
+def _paired_replicates(
+    preds: pd.DataFrame, task: TaskInfo, a: Entry, b: Entry, n_boot: int, seed: int
+) -> tuple[_EntryEval, _EntryEval, FloatArray, int]:
+    """Both entries evaluated on the (seed, patient) pairs they share, the replicate
+    differences of their means (NaN where undefined) and the number of shared patients."""
+    frame = _prepare(preds, task)
+    source = f"(predictions of task {task.name!r})"
+    key_a, key_b = (str(a[0]), str(a[1])), (str(b[0]), str(b[1]))
+    part_a, part_b = _entry_frame(frame, key_a), _entry_frame(frame, key_b)
+    unknown = [entry_name(*k) for k, part in ((key_a, part_a), (key_b, part_b)) if part.empty]
+    if unknown:
+        raise BenchInputError([f"no predictions for entry {name!r}" for name in unknown], source)
+    pairs_a = pd.MultiIndex.from_frame(part_a[_PAIR_KEYS])
+    pairs_b = pd.MultiIndex.from_frame(part_b[_PAIR_KEYS])
+    part_a, part_b = part_a.loc[pairs_a.isin(pairs_b)], part_b.loc[pairs_b.isin(pairs_a)]
+    if part_a.empty:
+        names = f"{entry_name(*key_a)!r} and {entry_name(*key_b)!r}"
+        raise BenchInputError([f"entries {names} share no patient (in the same seed)"], source)
+    patients = pd.Index(np.sort(part_a["patient_id"].unique()))
+    counts = bootstrap_counts(len(patients), n_boot, seed)
+    seed_draws = SeedDraws.draw(part_a["seed"], n_boot, seed)
+    result_a, result_b = (
+        _evaluate_entry(part, task, counts, patients) for part in (part_a, part_b)
+    )
+    diffs = result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws)
+    return result_a, result_b, np.asarray(diffs, dtype=np.float64), len(patients)
 
 
 def paired_comparison(
@@ -869,37 +914,18 @@ def paired_comparison(
         BenchInputError: bad frame, an unknown entry, or no patient shared by both entries.
     """
     _check_options(n_boot, alpha, seed)
-    frame = _prepare(preds, task)
-    source = f"(predictions of task {task.name!r})"
-    key_a, key_b = (str(a[0]), str(a[1])), (str(b[0]), str(b[1]))
-    part_a, part_b = _entry_frame(frame, key_a), _entry_frame(frame, key_b)
-    unknown = [entry_name(*k) for k, part in ((key_a, part_a), (key_b, part_b)) if part.empty]
-    if unknown:
-        raise BenchInputError([f"no predictions for entry {name!r}" for name in unknown], source)
-    pairs_a = pd.MultiIndex.from_frame(part_a[_PAIR_KEYS])
-    pairs_b = pd.MultiIndex.from_frame(part_b[_PAIR_KEYS])
-    part_a, part_b = part_a.loc[pairs_a.isin(pairs_b)], part_b.loc[pairs_b.isin(pairs_a)]
-    if part_a.empty:
-        names = f"{entry_name(*key_a)!r} and {entry_name(*key_b)!r}"
-        raise BenchInputError([f"entries {names} share no patient (in the same seed)"], source)
-    patients = pd.Index(np.sort(part_a["patient_id"].unique()))
-    counts = bootstrap_counts(len(patients), n_boot, seed)
-    seed_draws = SeedDraws.draw(part_a["seed"], n_boot, seed)
-    result_a, result_b = (
-        _evaluate_entry(part, task, counts, patients) for part in (part_a, part_b)
-    )
-    diffs = result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws)
+    result_a, result_b, diffs, n_patients = _paired_replicates(preds, task, a, b, n_boot, seed)
     diffs = diffs[np.isfinite(diffs)]
     lower, upper, n_ok = _percentiles(diffs, alpha)
     return PairedComparison(
-        a=key_a,
-        b=key_b,
+        a=(str(a[0]), str(a[1])),
+        b=(str(b[0]), str(b[1])),
         metric=task.metric,
         diff=result_a.estimate - result_b.estimate,
         lower=lower,
         upper=upper,
-        p_value=_bootstrap_p_value(diffs),
-        n_patients=len(patients),
+        p_value=bootstrap_p_value(diffs),
+        n_patients=n_patients,
         estimate_a=result_a.estimate,
         estimate_b=result_b.estimate,
         n_boot_ok=n_ok,

@@ -52,7 +52,6 @@ __all__ = [
     "TransferReport",
     "World",
     "load_world",
-    "paired_replicate_diffs",
     "transfer_report",
     "visible_oracle",
 ]
@@ -376,37 +375,6 @@ def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     return pd.concat(kept, ignore_index=True)[columns]
 
 
-def paired_replicate_diffs(
-    preds: pd.DataFrame,
-    task: Any,
-    a: tuple[str, str],
-    b: tuple[str, str],
-    *,
-    n_boot: int,
-    seed: int,
-) -> np.ndarray:
-    """The (n_boot,) replicate differences a - b behind
-    :func:`oncoslide.bench.stats.paired_comparison` with the same arguments (the same patient
-    and seed draws; NaN where a replicate is undefined), whose percentiles are its interval.
-    ``paired_comparison`` returns only their summary; the mean over targets needs them."""
-    from oncoslide.bench import stats
-
-    frame = stats._prepare(preds, task)
-    part_a, part_b = stats._entry_frame(frame, a), stats._entry_frame(frame, b)
-    pairs_a = pd.MultiIndex.from_frame(part_a[stats._PAIR_KEYS])
-    pairs_b = pd.MultiIndex.from_frame(part_b[stats._PAIR_KEYS])
-    part_a, part_b = part_a.loc[pairs_a.isin(pairs_b)], part_b.loc[pairs_b.isin(pairs_a)]
-    patients = pd.Index(np.sort(part_a["patient_id"].unique()))
-    counts = stats.bootstrap_counts(len(patients), n_boot, seed)
-    seed_draws = stats.SeedDraws.draw(part_a["seed"], n_boot, seed)
-    result_a, result_b = (
-        stats._evaluate_entry(part, task, counts, patients) for part in (part_a, part_b)
-    )
-    return np.asarray(
-        result_a.replicate_means(seed_draws) - result_b.replicate_means(seed_draws), dtype=float
-    )
-
-
 def _pooled_interval(
     task_preds: dict[str, pd.DataFrame],
     gains: pd.DataFrame,
@@ -420,7 +388,7 @@ def _pooled_interval(
     with the two-level (patients, seeds) paired bootstrap of each target drawn independently
     (target i with seed ``seed + i``: the targets' patients are disjoint) and the replicate
     differences averaged over targets: a 95% interval and a two-sided p of the mean."""
-    from oncoslide.bench.stats import TaskInfo
+    from oncoslide.bench.stats import TaskInfo, bootstrap_p_value, paired_replicate_diffs
 
     draws = []
     for i, row in enumerate(gains.sort_values("task").itertuples()):
@@ -435,9 +403,7 @@ def _pooled_interval(
     if not means.size:
         return {}
     lower, upper = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    below, above = int((means <= 0).sum()), int((means >= 0).sum())
-    p = min(1.0, 2.0 * min(below + 1, above + 1) / (means.size + 1))
-    return {"lower": float(lower), "upper": float(upper), "p_value": float(p)}
+    return {"lower": float(lower), "upper": float(upper), "p_value": bootstrap_p_value(means)}
 
 
 def _gains(
