@@ -37,7 +37,9 @@ from oncoslide.training.feature_stats import (
     FeatureStats,
     share_covariance,
     tissue_clusters,
+    tissue_partition,
     tissue_signature,
+    tissue_summary,
     with_tissues,
 )
 from oncoslide.training.fit_all import fit_all
@@ -695,6 +697,27 @@ def test_tissue_clusters_are_deterministic_and_checked() -> None:
         tissue_clusters([(z, coords[0])], zero, one, 9)
     with pytest.raises(ConfigError, match="need at least 24 patches"):
         tissue_clusters([(z[:10], coords[0][:10])], zero, one, 3)
+
+
+def test_tissue_partition_labels_are_the_partitions_assignment() -> None:
+    """The labels the merging made are reused by the summary: they must be exactly what the
+    partition assigns each (standardised) patch, slide by slide."""
+    rng = np.random.default_rng(1)
+    slides = []
+    for n in (170, 90, 240):
+        x = rng.normal(size=(n, 6)) * 2.0 + 1.0
+        xy = np.stack([np.arange(n) % 15, np.arange(n) // 15], axis=1) * 448
+        slides.append((x, xy))
+    mean, std = np.full(6, 1.0), np.full(6, 2.0)
+    part, labels = tissue_partition(slides, mean, std, 4)
+    assert len(labels) == 3
+    for (x, _), lab in zip(slides, labels, strict=True):
+        np.testing.assert_array_equal(lab, part.assign((x - mean) / std))
+    np.testing.assert_array_equal(part.centroids, tissue_clusters(slides, mean, std, 4).centroids)
+    given = tissue_summary(slides, mean, std, part, labels)
+    assigned = tissue_summary(slides, mean, std, part)
+    for a, b in zip(given[1:], assigned[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_tissue_alignment_is_stored_used_and_recorded(

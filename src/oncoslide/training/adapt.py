@@ -85,7 +85,7 @@ from oncoslide.training.feature_stats import (
     FeatureStats,
     TissuePartition,
     share_covariance,
-    tissue_clusters,
+    tissue_partition,
     tissue_summary,
 )
 from oncoslide.training.model_folder import TrainedModel
@@ -308,15 +308,8 @@ def _sym_power(cov: np.ndarray, power: float) -> np.ndarray:
 def coral_map(site_cov: np.ndarray, train: FeatureStats, shrinkage: float) -> np.ndarray:
     """``C_site^(-1/2) C_train^(1/2) / s_train`` (CORAL, Sun et al. 2016): centred site
     features times this have the training part's covariance, in training-sd units."""
-    if train.cov is None:
-        raise ConfigError(
-            "the model folder stores no training feature covariance (feature_stats.npz written "
-            "before it was stored), which --adapt-align coral needs: fit the model again with "
-            "this version (e.g. `oncoslide train ... --fit-all --overwrite`) or use "
-            "--adapt-align standardise"
-        )
+    colour = _sym_power(_shrunk(_stored_covariance(train), shrinkage), 0.5)
     whiten = _sym_power(_shrunk(site_cov, shrinkage), -0.5)
-    colour = _sym_power(_shrunk(train.cov, shrinkage), 0.5)
     out: np.ndarray = (whiten @ colour) / train.std[None, :]
     return out
 
@@ -357,6 +350,19 @@ def pair_tissues(
     return perms[order[0]], float(cost[order[0]]), second
 
 
+def _stored_covariance(train: FeatureStats) -> np.ndarray:
+    """The training part's feature covariance, or the message for a model folder written
+    before it was stored (ConfigError)."""
+    if train.cov is None:
+        raise ConfigError(
+            "the model folder stores no training feature covariance (feature_stats.npz written "
+            "before it was stored), which --adapt-align coral needs: fit the model again with "
+            "this version (e.g. `oncoslide train ... --fit-all --overwrite`) or use "
+            "--adapt-align standardise"
+        )
+    return train.cov
+
+
 def _stored_tissues(train: FeatureStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training part's tissue centres, shares and adjacency, or the message for a model
     folder written before they were stored (ConfigError)."""
@@ -383,8 +389,10 @@ def tissue_alignment(
     """
     train_centres, train_shares, train_adjacency = _stored_tissues(train)
     k = len(train_shares)
-    part = tissue_clusters(slides, site.mean, site.std, k)
-    labels, shares, adjacency, site_centres = tissue_summary(slides, site.mean, site.std, part)
+    part, found = tissue_partition(slides, site.mean, site.std, k)
+    labels, shares, adjacency, site_centres = tissue_summary(
+        slides, site.mean, site.std, part, found
+    )
     # folders written before the share covariance was stored pair on shares and adjacency
     site_cov = None if train.tissue_share_cov is None else share_covariance(labels, k)
     order, cost, second = pair_tissues(
@@ -520,10 +528,11 @@ def adapt_and_predict(
         config = replace(
             config, align="tissues" if train_stats.tissue_centres is not None else "standardise"
         )
-    if config.align == "coral" and train_stats.cov is None:
-        coral_map(np.eye(train_stats.dim), train_stats, config.shrinkage)  # raises the message
+    # refuse a folder without what the alignment needs before any slide is read
+    if config.align == "coral":
+        _stored_covariance(train_stats)
     if config.align == "tissues":
-        _stored_tissues(train_stats)  # refuses a folder without them, before any slide is read
+        _stored_tissues(train_stats)
     objective = adaptation_objective(trained)
     rates = train_stats.decision_rates
     matching = config.match == "decisions" and objective == "classes"

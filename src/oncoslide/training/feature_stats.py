@@ -246,6 +246,21 @@ def tissue_clusters(
     Raises:
         ConfigError: fewer patches than ``over``, or ``k`` out of range.
     """
+    return tissue_partition(slides, mean, std, k, over=over, sample=sample, seed=seed)[0]
+
+
+def tissue_partition(
+    slides: Sequence[tuple[np.ndarray, np.ndarray]],
+    mean: np.ndarray,
+    std: np.ndarray,
+    k: int,
+    *,
+    over: int = TISSUE_OVERCLUSTER,
+    sample: int = TISSUE_SAMPLE,
+    seed: int = 0,
+) -> tuple[TissuePartition, list[np.ndarray]]:
+    """:func:`tissue_clusters` and each slide's cluster labels under it (the assignment the
+    merging already made: callers need not assign every patch again)."""
     from sklearn.cluster import KMeans
 
     if not 2 <= k <= MAX_TISSUE_CLUSTERS:
@@ -283,7 +298,8 @@ def tissue_clusters(
     groups = np.zeros(over, dtype=np.int64)
     for g, m in enumerate(members):
         groups[m] = g
-    return TissuePartition(centroids=centroids, groups=groups, k=k)
+    merged = [groups[lab] for lab in labels]
+    return TissuePartition(centroids=centroids, groups=groups, k=k), merged
 
 
 def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -309,17 +325,20 @@ def tissue_summary(
     mean: np.ndarray,
     std: np.ndarray,
     part: TissuePartition,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Per slide the cluster of each patch, the shares and 4-neighbour enrichment of the
     clusters (:func:`tissue_signature`), and each cluster's mean in standardised units (K, D)
     (zero for an empty cluster). :func:`share_covariance` of the labels completes the
-    signatures."""
-    labels, sums = [], np.zeros((part.k, len(mean)))
-    for x, _ in slides:
+    signatures. ``labels`` (per slide, under ``part``) saves assigning the patches again."""
+    found: list[np.ndarray] = []
+    sums = np.zeros((part.k, len(mean)))
+    for i, (x, _) in enumerate(slides):
         z = _standardise(x, mean, std)
-        lab = part.assign(z)
+        lab = part.assign(z) if labels is None else np.asarray(labels[i], dtype=np.int64)
         np.add.at(sums, lab, z)
-        labels.append(lab)
+        found.append(lab)
+    labels = found
     shares, enriched = tissue_signature(labels, [xy for _, xy in slides], part.k)
     counts = np.zeros(part.k)
     for lab in labels:
@@ -365,8 +384,8 @@ def with_tissues(
     )
     if sum(len(x) for x, _ in kept) < max(TISSUE_OVERCLUSTER, k):
         return stats
-    part = tissue_clusters(kept, stats.mean, stats.std, k, seed=seed)
-    labels, shares, enriched, centres = tissue_summary(kept, stats.mean, stats.std, part)
+    part, merged = tissue_partition(kept, stats.mean, stats.std, k, seed=seed)
+    labels, shares, enriched, centres = tissue_summary(kept, stats.mean, stats.std, part, merged)
     return dataclasses.replace(
         stats,
         tissue_centres=stats.mean + stats.std * centres,
@@ -385,6 +404,7 @@ __all__ = [
     "neighbour_pairs",
     "share_covariance",
     "tissue_clusters",
+    "tissue_partition",
     "tissue_signature",
     "tissue_summary",
     "with_tissues",
