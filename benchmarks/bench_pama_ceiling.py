@@ -68,15 +68,11 @@ _EPS = 1e-4  # rates' floor in the log ratio (a pair never seen in a patient)
 # ------------------------------------------------------------------------------ geometry
 def grid_edges(coords: np.ndarray) -> np.ndarray:
     """(E, 2) indices of patch pairs one grid step apart (right and down neighbours: each
-    4-neighbour edge once), PAMA's pairs-readout edges. The grid step is read from the
-    coordinates as PAMA does."""
-    import torch
+    4-neighbour edge once): the package's edges, as PAMA's pairs readout and the tissue
+    summary read them."""
+    from oncoslide.features.neighbours import coordinate_edges
 
-    from oncoslide.pretrain.pama import grid_edges as pama_grid_edges
-    from oncoslide.pretrain.pama import grid_step
-
-    pos = torch.from_numpy(np.asarray(coords, dtype=np.float64))
-    return pama_grid_edges(pos / grid_step(pos)).numpy()
+    return coordinate_edges(coords)
 
 
 # ------------------------------------------------------------------------------ tokenizer

@@ -1,7 +1,7 @@
-"""PAMA's second-order pairs readout (``pool="cls+mean+pairs"``): the grid edges against a
-brute-force search, the readout against a hand computation, the label-free axes against numpy's
-principal components, the position ablations, a planted arrangement it must tell apart, and the
-encoder folder and CLI option."""
+"""PAMA's second-order pairs readout (``pool="cls+mean+pairs"``): the readout against a hand
+computation, the label-free axes against numpy's principal components, the position ablations,
+a planted arrangement it must tell apart, and the encoder folder and CLI option. Its grid edges
+are tested in tests/features/test_neighbours.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typer.testing import Result
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
 from oncoslide.pretrain.bags import feature_slide_ids
-from oncoslide.pretrain.pama import PAMA, PAMAEncoder, grid_edges, random_pairs
+from oncoslide.pretrain.pama import PAMA, PAMAEncoder, random_pairs
 
 SMALL = dict(width=16, depth=2, heads=2, decoder_width=8)
 
@@ -35,24 +35,6 @@ def _brute_edges(pos: torch.Tensor) -> set[tuple[int, int]]:
             if (u, v) in ((x + 1, y), (x, y + 1)):
                 out.add((i, j))
     return out
-
-
-def test_grid_edges_match_a_brute_force_search() -> None:
-    gen = torch.Generator().manual_seed(0)
-    full = _grid(9, 7)
-    cases = {
-        "full grid": full,
-        "holes, shuffled order": full[torch.randperm(63, generator=gen)[:40]],
-        "offset, negative": full - torch.tensor([20.0, 3.0]),
-        "a row": _grid(6, 1),
-    }
-    for name, pos in cases.items():
-        edges = grid_edges(pos)
-        got = {(int(a), int(b)) for a, b in edges.tolist()}
-        assert len(got) == edges.shape[0], name  # each edge once
-        assert got == _brute_edges(pos), name
-    assert grid_edges(_grid(9, 7)).shape[0] == 8 * 7 + 9 * 6
-    assert grid_edges(torch.zeros(1, 2)).shape == (0, 2)
 
 
 def test_random_pairs_are_distinct_patches() -> None:

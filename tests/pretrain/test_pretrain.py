@@ -22,6 +22,7 @@ from oncoslide.bench.runner import run_benchmark
 from oncoslide.bench.spec import spec_from_dict
 from oncoslide.cli import app
 from oncoslide.errors import ConfigError
+from oncoslide.features.neighbours import grid_step
 from oncoslide.features.slide_embeddings import load_slide_embeddings
 from oncoslide.pretrain import (
     PRETRAINERS,
@@ -35,7 +36,7 @@ from oncoslide.pretrain import (
 )
 from oncoslide.pretrain.bags import feature_slide_ids
 from oncoslide.pretrain.embed import embed_slides
-from oncoslide.pretrain.pama import PAMAEncoder, grid_step, kmeans_anchors, n_anchors
+from oncoslide.pretrain.pama import PAMAEncoder, kmeans_anchors, n_anchors
 
 SMALL = dict(width=16, depth=1, heads=2, decoder_width=8)
 

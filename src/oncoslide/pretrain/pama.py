@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oncoslide.errors import ConfigError
+from oncoslide.features import neighbours
 from oncoslide.pretrain.base import PRETRAINERS, SLIDE_ENCODERS, Bag, PretrainMethod, SlideEncoder
 
 Positions = Literal["on", "off", "shuffled"]
@@ -85,18 +86,6 @@ _READOUT_PATCHES = 65_536  # patch tokens the pairs readout's axes are fitted on
 
 
 # ------------------------------------------------------------------------------- geometry
-def grid_step(coords: Tensor) -> float:
-    """The patch grid's step in coordinate units: the smallest positive gap between distinct
-    x (or y) values; 1 when the bag has a single column and row."""
-    gaps = []
-    for axis in range(2):
-        values = torch.unique(coords[:, axis])
-        if values.numel() > 1:
-            diff = values[1:] - values[:-1]
-            gaps.append(float(diff[diff > 0].min()))
-    return min(gaps) if gaps else 1.0
-
-
 def kmeans_anchors(pos: Tensor, k: int, iters: int = 8) -> Tensor:
     """Indices of ``k`` anchor patches: k-means on ``pos`` (N, 2), then the patch nearest
     each centre (duplicates removed, order of first occurrence). Deterministic: farthest-point
@@ -244,28 +233,6 @@ def nearest_patches(pos: Tensor, k: int, chunk: int = 2048) -> Tensor:
         dist[torch.arange(rows.numel(), device=device), rows] = math.inf  # not itself
         out[rows] = dist.sort(dim=1, stable=True).indices[:, :k]
     return out
-
-
-def grid_edges(pos: Tensor) -> Tensor:
-    """(E, 2) indices of the patch pairs one grid step apart (each 4-neighbour edge once: the
-    right and the lower neighbour), for positions in patch units. Positions are rounded to the
-    lattice; a cell holding several patches links its first (lowest index) patch."""
-    n = pos.shape[0]
-    if n < 2:
-        return torch.zeros(0, 2, dtype=torch.long, device=pos.device)
-    cells = (pos.double() - pos.double().min(0).values).round().long()
-    width = int(cells[:, 0].max()) + 2  # + 2: a right neighbour never wraps to the next row
-    key = cells[:, 1] * width + cells[:, 0]
-    order = torch.sort(key, stable=True)
-    sorted_keys, idx = order.values, order.indices
-    parts = []
-    for step in (1, width):  # right, down
-        want = key + step
-        at = torch.searchsorted(sorted_keys, want).clamp(max=n - 1)
-        hit = sorted_keys[at] == want
-        src = torch.arange(n, device=pos.device)[hit]
-        parts.append(torch.stack([src, idx[at[hit]]], dim=1))
-    return torch.cat(parts)
 
 
 def random_pairs(n: int, generator: torch.Generator, per_patch: int = 2) -> Tensor:
@@ -495,7 +462,7 @@ class PAMAEncoder(SlideEncoder):
             if self.positions == "on" or self.positions == "shuffled":
                 raise ConfigError("PAMA needs patch coordinates (the feature files have none)")
             return torch.zeros(n, 2)
-        pos = coords.float() / grid_step(coords)
+        pos = coords.float() / neighbours.grid_step(coords.detach().cpu().numpy())
         if self.positions == "shuffled":
             perm = torch.randperm(n, generator=generator).to(pos.device)
             pos = pos[perm]
@@ -599,7 +566,7 @@ class PAMAEncoder(SlideEncoder):
             n = pos.shape[0]
             gen = generator if generator is not None else torch.Generator().manual_seed(_EMBED_SEED)
             return random_pairs(n, gen).to(pos.device)
-        return grid_edges(pos)
+        return torch.from_numpy(neighbours.grid_edges(pos.detach().cpu().numpy())).to(pos.device)
 
     def pair_readout(
         self, tokens: Tensor, pos: Tensor, generator: torch.Generator | None = None
@@ -900,8 +867,6 @@ __all__ = [
     "PAMAEncoder",
     "assign_codes",
     "fit_codebook",
-    "grid_edges",
-    "grid_step",
     "kmeans_anchors",
     "n_anchors",
     "nearest_patches",

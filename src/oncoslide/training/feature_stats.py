@@ -25,6 +25,7 @@ import numpy as np
 
 from oncoslide._io import atomic_path
 from oncoslide.errors import ConfigError
+from oncoslide.features.neighbours import coordinate_edges
 
 FEATURE_STATS_FILE = "feature_stats.npz"
 
@@ -182,35 +183,22 @@ class TissuePartition:
         return out
 
 
-def _grid_step(coords: np.ndarray) -> int:
-    """The patch spacing of a slide: the smallest positive gap between coordinate values."""
-    gaps = [np.diff(np.unique(coords[:, a])) for a in (0, 1)]
-    pos = np.concatenate([g[g > 0] for g in gaps])
-    return int(pos.min()) if len(pos) else 1
-
-
 def neighbour_pairs(
     labels: Sequence[np.ndarray], coords: Sequence[np.ndarray], k: int
 ) -> np.ndarray:
     """(k, k) symmetric counts of 4-neighbour patch pairs by cluster, over slides.
 
-    ``labels[i]`` and ``coords[i]`` are one slide's clusters and patch coordinates; the grid
-    step is the slide's smallest coordinate gap.
+    ``labels[i]`` and ``coords[i]`` are one slide's clusters and patch coordinates; the edges
+    are :func:`oncoslide.features.neighbours.coordinate_edges` (the grid step is the slide's
+    smallest coordinate gap), as PAMA's pairs readout reads them.
     """
     pairs = np.zeros((k, k))
     for lab, xy in zip(labels, coords, strict=True):
         lab = np.asarray(lab, dtype=np.int64)
         if len(lab) < 2:
             continue
-        xy = np.asarray(xy, dtype=np.int64)
-        cell = xy // _grid_step(xy)
-        cell = cell - cell.min(axis=0) + 1
-        grid = np.full(tuple(cell.max(axis=0) + 2), -1, dtype=np.int64)
-        grid[cell[:, 0], cell[:, 1]] = lab
-        for dr, dc in ((1, 0), (0, 1)):
-            nb = grid[cell[:, 0] + dr, cell[:, 1] + dc]
-            ok = nb >= 0
-            np.add.at(pairs, (lab[ok], nb[ok]), 1.0)
+        edges = coordinate_edges(xy)
+        np.add.at(pairs, (lab[edges[:, 0]], lab[edges[:, 1]]), 1.0)
     out: np.ndarray = pairs + pairs.T
     return out
 
