@@ -226,6 +226,10 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if pool != "cls+mean":  # the slide embedding's readout (the paper's: cls+mean)
             kwargs.update(pool=pool)
             tag = f"{tag}-pairs"
+            readout = getattr(args, "pair_readout", "axes")
+            if readout != "axes":  # the pairs readout on token codes (16) instead of 8 axes
+                kwargs.update(pair_readout=readout, pair_dim=16)
+                tag = f"{tag}-{readout}"
         if getattr(args, "probe_half", "B") == "A":
             tag = f"{tag}-devA"
         enc_dir, emb_dir = out / f"enc-{tag}", out / f"emb-{tag}"
@@ -292,6 +296,7 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "max_anchors": getattr(args, "max_anchors", 128),
         "local_neighbours": getattr(args, "local_neighbours", 0),
         "pool": getattr(args, "pool", "cls+mean"),
+        "pair_readout": getattr(args, "pair_readout", "axes"),
         "probe_half": getattr(args, "probe_half", "B"),
         "auc": aucs,
         "pretraining": pretrain_rows,
@@ -485,6 +490,13 @@ def main() -> None:
         default="cls+mean",
         help="the slide embedding: CLS + mean token (the paper's) or + the 4-neighbour pairs "
         "readout (second-order, 8 label-free axes)",
+    )
+    parser.add_argument(
+        "--pair-readout",
+        choices=["axes", "codes"],
+        default="axes",
+        help="with --pool cls+mean+pairs: the tokens on 8 principal axes, or their posterior "
+        "over 16 label-free k-means codes of the tokens",
     )
     parser.add_argument(
         "--probe-half",

@@ -84,7 +84,16 @@ def pretrain_pama(
         "cls+mean",
         "--pool",
         help="slide embedding: cls+mean (the paper's), cls, mean, or cls+mean+pairs (adds the "
-        "mean over 4-neighbour patch pairs of their tokens' products on 8 label-free axes)",
+        "mean over 4-neighbour patch pairs of their tokens' products on label-free axes or codes)",
+    ),
+    pair_readout: str = typer.Option(
+        "axes",
+        "--pair-readout",
+        help="with --pool cls+mean+pairs: the tokens on 8 principal axes (axes) or their "
+        "posterior over 16 k-means codes of the tokens (codes); both fitted without labels",
+    ),
+    pair_dim: int | None = typer.Option(
+        None, "--pair-dim", help="axes or codes of the pairs readout [default: 8 axes, 16 codes]"
     ),
     mask_ratio: float = typer.Option(0.75, "--mask-ratio", help="share of patches masked"),
     kro: bool = typer.Option(True, "--kro/--no-kro", help="kernel reorientation (ablation)"),
@@ -117,6 +126,8 @@ def pretrain_pama(
             patches_per_anchor=patches_per_anchor,
             local_neighbours=local_neighbours,
             pool=pool,
+            pair_readout=pair_readout,
+            pair_dim=pair_dim if pair_dim is not None else (16 if pair_readout == "codes" else 8),
             mask_ratio=mask_ratio,
             kro=kro,
             anchor_dropout=anchor_dropout,

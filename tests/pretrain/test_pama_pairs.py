@@ -17,6 +17,7 @@ from typer.testing import Result
 from oncoslide.errors import ConfigError
 from oncoslide.pretrain import PretrainBags, create_method, load_slide_encoder, run_pretraining
 from oncoslide.pretrain.bags import feature_slide_ids
+from oncoslide.pretrain.base import SlideEncoder
 from oncoslide.pretrain.pama import PAMA, PAMAEncoder, random_pairs
 
 SMALL = dict(width=16, depth=2, heads=2, decoder_width=8)
@@ -179,3 +180,120 @@ def test_cli_pool(pama_cli: Callable[..., Result], tmp_path: Path) -> None:
     assert meta["encoder"]["embed_dim"] == 32 + 36
     bad = pama_cli(tmp_path / "bad", "--pool", "pairs", tiny=False)
     assert bad.exit_code != 0 and "pool" in bad.output
+
+
+# ------------------------------------------------------------------ pair_readout="codes"
+def _codes_encoder(n_codes: int = 4) -> PAMAEncoder:
+    return PAMAEncoder(
+        in_dim=12, width=16, depth=1, heads=2, pool="cls+mean+pairs", pair_dim=n_codes,
+        pair_readout="codes",
+    )  # fmt: skip
+
+
+def test_codes_readout_equals_a_hand_computation() -> None:
+    """Posterior of a spherical Gaussian mixture (fitted codes, shares, variance) per token,
+    then the mean over the 4-neighbour edges of sym(q_i q_j^T): computed in numpy."""
+    enc = _codes_encoder(4)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randn(20, 16, generator=gen)
+    pos = _grid(5, 4)
+    enc.pair_codes.copy_(torch.randn(4, 16, generator=gen))
+    enc.pair_log_prior.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])))
+    enc.pair_precision.fill_(0.05)
+    got = enc.pair_readout(tokens, pos).numpy()
+    t, c = tokens.double().numpy(), enc.pair_codes.double().numpy()
+    logit = np.log([0.1, 0.2, 0.3, 0.4]) - 0.05 * ((t[:, None, :] - c[None]) ** 2).sum(-1)
+    q = np.exp(logit - logit.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    m = np.zeros((4, 4))
+    edges = _brute_edges(pos)
+    for i, j in edges:
+        m += (np.outer(q[i], q[j]) + np.outer(q[j], q[i])) / 2
+    m /= len(edges)
+    want = [m[a, b] for a in range(4) for b in range(a, 4)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert enc.embed_dim == 2 * 16 + 10
+    # unfitted (zeros): every code equally likely, a constant readout
+    fresh = _codes_encoder(4)
+    np.testing.assert_allclose(fresh.pair_readout(tokens, pos).numpy().sum(), 10 / 16, rtol=1e-5)
+
+
+def test_codes_are_fitted_on_the_tokens_without_labels() -> None:
+    """Three well separated token clusters of unequal sizes: the fitted codes are their centres,
+    the prior their shares, the variance the within-cluster spread per dimension; tokens then
+    get a near one-hot posterior on their own cluster's code. The same generator state gives
+    the same fit."""
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.zeros(3, 16)
+    centres[0, 0], centres[1, 1], centres[2, 2] = 10.0, 10.0, 10.0
+    sizes = [300, 200, 100]
+    kind = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    tokens = centres[kind] + 0.5 * torch.randn(600, 16, generator=gen)
+    enc = _codes_encoder(3)
+    enc.fit_pair_readout(tokens, torch.Generator().manual_seed(8))
+    codes = enc.pair_codes.double()
+    match = torch.cdist(centres.double(), codes).argmin(1)
+    assert sorted(match.tolist()) == [0, 1, 2]
+    assert torch.allclose(codes[match], centres.double(), atol=0.15)
+    shares = enc.pair_log_prior.exp()[match]
+    np.testing.assert_allclose(shares.numpy(), [0.5, 1 / 3, 1 / 6], atol=1e-6)
+    variance = 1.0 / (2.0 * float(enc.pair_precision))
+    assert variance == pytest.approx(0.25, rel=0.1)  # 0.5 ** 2 per dimension
+    q = enc.pair_coordinates(tokens)
+    assert float((q.argmax(1) == match[kind]).float().mean()) == 1.0
+    again = _codes_encoder(3)
+    again.fit_pair_readout(tokens, torch.Generator().manual_seed(8))
+    assert torch.equal(again.pair_codes, enc.pair_codes)
+
+
+def test_codes_readout_tells_a_planted_arrangement_apart() -> None:
+    """Same shares of two token types, halves vs checkerboard: the cross-code pair rate is
+    8 / 112 of the edges for the halves and every edge for the checkerboard."""
+    enc = _codes_encoder(2)
+    direction = torch.zeros(16)
+    direction[0] = 1.0
+    enc.pair_codes.copy_(torch.stack([-5 * direction, 5 * direction]))
+    enc.pair_precision.fill_(10.0)  # sharp posteriors
+    pos = _grid(8, 8)
+    halves = enc.pair_readout(((pos[:, 0] >= 4).float() * 10 - 5).unsqueeze(1) * direction, pos)
+    mixed = ((pos[:, 0] + pos[:, 1]) % 2).float() * 10 - 5
+    checker = enc.pair_readout(mixed.unsqueeze(1) * direction, pos)
+    # upper triangle (0,0), (0,1), (1,1): the (0,1) rate is half the share of crossing edges
+    assert float(halves[1]) == pytest.approx(0.5 * 8 / 112, abs=1e-4)
+    assert float(checker[1]) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_codes_readout_is_validated_and_fitted_by_pretraining(
+    pama_cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="pair_readout"):
+        PAMAEncoder(in_dim=8, pool="cls+mean+pairs", pair_readout="pca")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="codes"):
+        PAMAEncoder(in_dim=8, pool="cls+mean+pairs", pair_readout="codes", pair_dim=1)
+    out = tmp_path / "enc"
+    res = pama_cli(out, "--pool", "cls+mean+pairs", "--pair-readout", "codes", max_steps=2)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "encoder.json").read_text())
+    cfg = meta["encoder"]["config"]
+    assert (cfg["pair_readout"], cfg["pair_dim"]) == ("codes", 16)
+    assert meta["encoder"]["embed_dim"] == 32 + 136
+    loaded = load_slide_encoder(out).encoder
+    assert isinstance(loaded, PAMAEncoder)
+    assert float(loaded.pair_precision) > 0 and float(loaded.pair_codes.abs().sum()) > 0
+    np.testing.assert_allclose(float(loaded.pair_log_prior.exp().sum()), 1.0, atol=1e-5)
+
+
+def test_an_axes_folder_written_before_pair_readout_loads_as_before(
+    pama_cli: Callable[..., Result],
+    load_as_before: Callable[[Path, str], SlideEncoder],
+    tiny_cohort: Path,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "enc"
+    assert pama_cli(out, "--pool", "cls+mean+pairs").exit_code == 0
+    now = load_slide_encoder(out).encoder
+    before = load_as_before(out, "pair_readout")
+    assert isinstance(before, PAMAEncoder) and before.pair_readout_kind == "axes"
+    bags = PretrainBags.from_features(tiny_cohort / "features", max_patches=32)
+    bag = bags.load(0, subsample=False)
+    assert torch.equal(before.embed(bag.features, bag.coords), now.embed(bag.features, bag.coords))

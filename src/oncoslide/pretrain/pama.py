@@ -49,7 +49,10 @@ grid step read from the coordinates). Per bag:
   mean token is a first-order summary, while an arrangement (how often immune patches touch
   tumour) is a second-order statistic of neighbouring tokens; a linear probe can read it from
   this readout. ``positions="off"``: random patch pairs (no position); ``"shuffled"``: edges of
-  the shuffled coordinates.
+  the shuffled coordinates. ``pair_readout="codes"`` multiplies each token's posterior over
+  ``pair_dim`` label-free k-means codes of the tokens instead (a soft tokenizer fitted at the
+  same time; 16 codes give 136 numbers): which axes separate the tissues varied between
+  pre-training runs, a clustering of the tokens less so (docs/pretrain.md).
 
 Ablations: ``kro=False``, ``anchor_dropout=0``, ``positions="off"`` (no position biases and
 anchors drawn at random instead of by k-means: no position reaches the model) and
@@ -76,6 +79,7 @@ from oncoslide.pretrain.base import PRETRAINERS, SLIDE_ENCODERS, Bag, PretrainMe
 
 Positions = Literal["on", "off", "shuffled"]
 Pool = Literal["cls", "mean", "cls+mean", "cls+mean+pairs"]
+PairReadout = Literal["axes", "codes"]
 Target = Literal["features", "codes"]
 Masking = Literal["patches", "regions"]
 TOKENIZER_FILE = "tokenizer.pt"  # the codebook of target="codes", in the encoder folder
@@ -365,8 +369,11 @@ class PAMAEncoder(SlideEncoder):
 
     name = "pama"
     uses_coords = True
-    pair_centre: Tensor  # (W,) buffers of pool="cls+mean+pairs"
+    pair_centre: Tensor  # (W,) buffers of pool="cls+mean+pairs", pair_readout="axes"
     pair_axes: Tensor  # (W, pair_dim)
+    pair_codes: Tensor  # (pair_dim, W) buffers of pair_readout="codes"
+    pair_log_prior: Tensor  # (pair_dim,)
+    pair_precision: Tensor  # () 1 / (2 variance) of the codes' spherical mixture
 
     def __init__(
         self,
@@ -383,6 +390,7 @@ class PAMAEncoder(SlideEncoder):
         positions: Positions = "on",
         pool: Pool = "cls+mean",
         pair_dim: int = 8,
+        pair_readout: PairReadout = "axes",
         patches_per_anchor: int = PATCHES_PER_ANCHOR,
         local_neighbours: int = 0,
     ) -> None:
@@ -397,8 +405,12 @@ class PAMAEncoder(SlideEncoder):
             raise ConfigError(f"positions must be on, off or shuffled, not {positions!r}")
         if pool not in ("cls", "mean", "cls+mean", "cls+mean+pairs"):
             raise ConfigError(f"pool must be cls, mean, cls+mean or cls+mean+pairs, not {pool!r}")
-        if not 1 <= pair_dim <= width:
+        if pair_readout not in ("axes", "codes"):
+            raise ConfigError(f"pair_readout must be axes or codes, not {pair_readout!r}")
+        if pair_readout == "axes" and not 1 <= pair_dim <= width:
             raise ConfigError(f"pair_dim must be in [1, width {width}], got {pair_dim}")
+        if pair_readout == "codes" and not 2 <= pair_dim <= 64:
+            raise ConfigError(f"pair_dim (codes) must be in [2, 64], got {pair_dim}")
         if not 0.0 <= anchor_dropout < 1.0:
             raise ConfigError(f"anchor_dropout must be in [0, 1), got {anchor_dropout}")
         self.in_dim = in_dim
@@ -415,6 +427,7 @@ class PAMAEncoder(SlideEncoder):
         self.positions: Positions = positions
         self.pool: Pool = pool
         self.pair_dim = pair_dim
+        self.pair_readout_kind: PairReadout = pair_readout
         self.pairs = pool == "cls+mean+pairs"
         n_pairs = pair_dim * (pair_dim + 1) // 2 if self.pairs else 0
         self.embed_dim = width * (1 if pool in ("cls", "mean") else 2) + n_pairs
@@ -422,8 +435,13 @@ class PAMAEncoder(SlideEncoder):
             # the readout's projection (PAMA.fit_readout fits it after pre-training; zeros until
             # then, so the pairs part is 0 during pre-training's RankMe probe); buffers only
             # with the option, so folders written without it load unchanged
-            self.register_buffer("pair_centre", torch.zeros(width))
-            self.register_buffer("pair_axes", torch.zeros(width, pair_dim))
+            if pair_readout == "axes":
+                self.register_buffer("pair_centre", torch.zeros(width))
+                self.register_buffer("pair_axes", torch.zeros(width, pair_dim))
+            else:  # zeros: every code equally likely until fitted
+                self.register_buffer("pair_codes", torch.zeros(pair_dim, width))
+                self.register_buffer("pair_log_prior", torch.zeros(pair_dim))
+                self.register_buffer("pair_precision", torch.zeros(()))
         self.patch_embed = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width))
         self.anchor_token = nn.Parameter(torch.randn(width) * 0.02)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
@@ -454,6 +472,7 @@ class PAMAEncoder(SlideEncoder):
             "positions": self.positions,
             "pool": self.pool,
             "pair_dim": self.pair_dim,
+            "pair_readout": self.pair_readout_kind,
         }
 
     def positions_of(self, coords: Tensor | None, n: int, generator: torch.Generator) -> Tensor:
@@ -572,8 +591,9 @@ class PAMAEncoder(SlideEncoder):
         self, tokens: Tensor, pos: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
         """Mean over the readout's edges of sym(z_i z_j^T), upper triangle; z = the normed
-        tokens on the fitted axes. A bag without edges gives zeros."""
-        z = (tokens - self.pair_centre) @ self.pair_axes
+        tokens on the fitted axes, or their posterior over the fitted codes
+        (``pair_readout="codes"``). A bag without edges gives zeros."""
+        z = self.pair_coordinates(tokens)
         edges = self.readout_edges(pos, generator)
         d = self.pair_dim
         rows, cols = torch.triu_indices(d, d, device=tokens.device)
@@ -583,12 +603,42 @@ class PAMAEncoder(SlideEncoder):
         m = a.T @ b / edges.shape[0]
         return ((m + m.T) / 2)[rows, cols]
 
+    def pair_coordinates(self, tokens: Tensor) -> Tensor:
+        """(N, pair_dim) what the pairs readout multiplies: the tokens on the fitted axes, or
+        each token's posterior over the fitted codes (a spherical Gaussian mixture with the
+        fitted shares and variance: a soft tokenizer of the tokens)."""
+        if self.pair_readout_kind == "axes":
+            return (tokens - self.pair_centre) @ self.pair_axes
+        d2 = torch.cdist(tokens.float(), self.pair_codes.float()) ** 2
+        return torch.softmax(self.pair_log_prior - self.pair_precision * d2, dim=-1).to(tokens)
+
+    @torch.no_grad()
+    def fit_pair_readout(self, tokens: Tensor, generator: torch.Generator) -> None:
+        """Fit the pairs readout on (M, W) normed patch tokens (label-free): the principal
+        axes, or (``pair_readout="codes"``) ``pair_dim`` k-means codes (:func:`fit_codebook`,
+        seeded by ``generator``) with their shares and the mean squared distance of a token
+        to its code per dimension as the mixture's variance."""
+        if not self.pairs:
+            return
+        if self.pair_readout_kind == "axes":
+            self.fit_pair_axes(tokens)
+            return
+        codes = fit_codebook(tokens, self.pair_dim, generator).double()
+        t = tokens.double()
+        d2 = torch.cdist(t, codes) ** 2
+        nearest = d2.argmin(1)
+        counts = torch.bincount(nearest, minlength=self.pair_dim).double()
+        variance = float(d2.gather(1, nearest.unsqueeze(1)).mean()) / t.shape[1]
+        self.pair_codes.copy_(codes.to(self.pair_codes))
+        self.pair_log_prior.copy_(torch.log(counts / counts.sum() + 1e-12).to(self.pair_log_prior))
+        self.pair_precision.fill_(1.0 / (2.0 * max(variance, 1e-12)))
+
     @torch.no_grad()
     def fit_pair_axes(self, tokens: Tensor) -> None:
         """Fit the pairs readout's centre and ``pair_dim`` principal axes on (M, W) normed patch
         tokens (label-free). Each axis' sign is fixed (its largest entry positive), so a refit
         on the same tokens gives the same embedding."""
-        if not self.pairs:
+        if not self.pairs or self.pair_readout_kind != "axes":
             return
         t = tokens.double()
         centre = t.mean(0)
@@ -645,6 +695,7 @@ class PAMA(PretrainMethod):
         positions: Positions = "on",
         pool: Pool = "cls+mean",
         pair_dim: int = 8,
+        pair_readout: PairReadout = "axes",
         decoder_width: int = 32,
         decoder_depth: int = 1,
         mask_ratio: float = 0.75,
@@ -679,6 +730,7 @@ class PAMA(PretrainMethod):
             positions=positions,
             pool=pool,
             pair_dim=pair_dim,
+            pair_readout=pair_readout,
             patches_per_anchor=patches_per_anchor,
             local_neighbours=local_neighbours,
         )
@@ -751,9 +803,10 @@ class PAMA(PretrainMethod):
 
     @torch.no_grad()
     def fit_readout(self, encoder: SlideEncoder, dataset: Any, seed: int) -> None:
-        """``pool="cls+mean+pairs"``: fit the pairs readout's axes on the normed patch tokens
-        that ``encoder`` (the exported weights) gives the pre-training bags (at most 65,536
-        tokens, an equal share per bag, drawn with a generator seeded by ``seed``). No label."""
+        """``pool="cls+mean+pairs"``: fit the pairs readout (axes or codes) on the normed patch
+        tokens that ``encoder`` (the exported weights) gives the pre-training bags (at most
+        65,536 tokens, an equal share per bag, drawn with a generator seeded by ``seed``, which
+        then seeds the codes' k-means). No label."""
         if not isinstance(encoder, PAMAEncoder) or not encoder.pairs:
             return
         gen = torch.Generator().manual_seed(int(seed) * 7919 + 7)
@@ -770,7 +823,7 @@ class PAMA(PretrainMethod):
                 parts.append(tokens)
         finally:
             encoder.train(was_training)
-        encoder.fit_pair_axes(torch.cat(parts))
+        encoder.fit_pair_readout(torch.cat(parts), gen)
 
     def folder_files(self) -> dict[str, dict[str, Tensor]]:
         if self.target != "codes":
