@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 import numpy as np
@@ -278,3 +279,47 @@ def test_benchmarks_are_read_together_each_task_once(
     pd.testing.assert_frame_equal(one.gains, listed.gains)
     with pytest.raises(ConfigError, match="repeats tasks"):
         transfer_report(world["tm"], tmp_path / "three", bench=[world["bench"], world["bench"]])
+
+
+def _pooled_script() -> ModuleType:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_transfer_pooled.py"
+    spec = importlib.util.spec_from_file_location("bench_transfer_pooled", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_transfer_pooled"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pooling_benchmarks_of_several_worlds(world: dict[str, Path], tmp_path: Path) -> None:
+    """benchmarks/bench_transfer_pooled.py: with one folder, the report's rare-target mean
+    (same seeds, same interval and p); with a folder given twice (as two worlds would be), the
+    mean over four targets of replicate differences drawn with seeds 0-3."""
+    pool = _pooled_script()
+    report = transfer_report(world["tm"], tmp_path / "report", bench=world["bench"], n_boot=200)
+    rare = report.summary["rare_mean_diff"]["roupkt"]
+    table, one = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=60, n_boot=200,
+                             seed=0)  # fmt: skip
+    assert list(table["task"]) == ["os-SIM-C", "os-SIM-D"]
+    assert (one["mean_diff"], one["lower"], one["upper"], one["p_value"]) == pytest.approx(
+        (rare["mean_diff"], rare["lower"], rare["upper"], rare["p_value"])
+    )
+    _, two = pool.pooled([world["bench"]] * 2, "roupkt", "abmil", rare_max=60, n_boot=200,
+                         seed=0)  # fmt: skip
+    draws = []
+    for i, task in enumerate(["os-SIM-C", "os-SIM-D"] * 2):
+        with ResultStore.in_dir(world["bench"]) as store:
+            sub = store.predictions(task=task)
+        draws.append(paired_replicate_diffs(sub, TaskInfo(task, "survival"), ("f", "roupkt"),
+                                            ("f", "abmil"), n_boot=200, seed=i))  # fmt: skip
+    means = np.mean(np.vstack(draws), axis=0)
+    means = means[np.isfinite(means)]
+    assert two["n_targets"] == 4 and two["mean_diff"] == pytest.approx(one["mean_diff"])
+    assert [two["lower"], two["upper"]] == pytest.approx(np.quantile(means, [0.025, 0.975]))
+    # rare_max leaves out targets above it (every target here has 30 patients)
+    empty, none = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=29, n_boot=200,
+                              seed=0)  # fmt: skip
+    assert empty.empty and none == {}
