@@ -38,7 +38,9 @@ runs on the valid patches only (:func:`pack_valid`), so padding costs no matrix-
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -147,6 +149,14 @@ class MILModel(nn.Module):
         training path gives these groups' trainable parameters ``lr * scale`` and every other
         trainable parameter the run's ``lr`` (e.g. LoRA updates in ``slide-finetune``)."""
         return {}
+
+    def fit_to_training(self, bags: Iterable[Mapping[str, Any]]) -> None:
+        """Fit fixed statistics to the fold's training part, once, before the first step
+        (default: nothing, and ``bags`` is not read). The training path passes the training
+        patients' whole bags one at a time, each ``{"patient_id": str, "features": (1, N, D),
+        "mask": (1, N), "coords": (1, N, 2)}``, without outcomes; never a validation or test
+        patient. Store what is fitted in buffers, so a saved model predicts the same."""
+        return None
 
     def freeze(self, groups: list[str] | tuple[str, ...]) -> int:
         """Keep the parameters of the named groups fixed; returns how many values are frozen.

@@ -34,6 +34,17 @@ softmax). Off by default: on a fresh confirmation world it did not beat the canc
 ABMIL on the rare targets, and at the training path's learning rate the scale hardly moves
 from 1 (docs/transfer.md, "The transfer report", measured 2026-12-01).
 
+Two options of the path (both off by default). ``source_risk_standardise=True``: a router weight
+is not an expert's influence when the experts' risks spread differently (up to ten-fold on a
+target), so each zoo expert's risk is standardised, ``(r_j - mean_j) / sd_j``, by its mean and
+standard deviation over the fold's training patients; they are computed once before training
+(:meth:`ROUPKT.fit_to_training`, the generic hook the training path calls with the training
+part's bags only) and kept as buffers, so a saved model predicts the same. ``risk_scale_lr``: a
+learning-rate multiplier of the scale(s) (through ``lr_scales``), e.g. 100, so that they can
+move within the few dozen steps a rare target gives. Together (one shared scale, x100) they
+beat ABMIL on all three rare targets of a confirmation world named in advance, but not
+significantly (mean +0.043, p 0.30; docs/transfer.md, measured 2026-12-01): off by default.
+
 An expert trained on one of the target's patients would leak its outcome: the training path
 asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
 fold whose test or validation part holds one; ``exclude`` leaves experts out by cancer (e.g.
@@ -42,7 +53,7 @@ the target's zoo model, which saw all its patients).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -112,7 +123,15 @@ class ROUPKT(MILModel):
         source_risk: add the routed sum of the zoo experts' own risk predictions to the
             output, times a learned scale initialised at 1 (see the module docstring).
         source_risk_scale: ``"shared"`` (one scale) or ``"per_expert"`` (one per zoo expert).
+        source_risk_standardise: standardise each zoo expert's risk by its mean and sd on the
+            fold's training part (:meth:`fit_to_training`) before routing it.
+        risk_scale_lr: learning-rate multiplier of the source-risk scale(s) (``lr_scales``).
     """
+
+    # buffers of source_risk_standardise (registered only with it)
+    risk_mean: Tensor
+    risk_sd: Tensor
+    risk_fitted: Tensor
 
     def __init__(
         self,
@@ -127,6 +146,8 @@ class ROUPKT(MILModel):
         own_expert: bool = True,
         source_risk: bool = False,
         source_risk_scale: str = "shared",
+        source_risk_standardise: bool = False,
+        risk_scale_lr: float = 1.0,
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
         from oncoslide.transfer.zoo import load_zoo
@@ -139,6 +160,24 @@ class ROUPKT(MILModel):
             raise ConfigError(
                 f"roupkt: source_risk_scale must be 'shared' or 'per_expert', got "
                 f"{source_risk_scale!r}"
+            )
+        if not isinstance(source_risk_standardise, bool):
+            raise ConfigError(
+                f"roupkt: source_risk_standardise must be true or false, got "
+                f"{source_risk_standardise!r}"
+            )
+        if (
+            isinstance(risk_scale_lr, bool)
+            or not isinstance(risk_scale_lr, int | float)
+            or not risk_scale_lr > 0
+        ):
+            raise ConfigError(
+                f"roupkt: risk_scale_lr must be a positive number, got {risk_scale_lr!r}"
+            )
+        if not source_risk and (source_risk_standardise or risk_scale_lr != 1.0):
+            raise ConfigError(
+                "roupkt: source_risk_standardise and risk_scale_lr act on the source-risk path: "
+                "set source_risk=true"
             )
 
         if experts is None:
@@ -211,6 +250,15 @@ class ROUPKT(MILModel):
         self.risk_scale: nn.Parameter | None = (
             nn.Parameter(torch.ones(shape)) if source_risk else None
         )
+        self.risk_scale_lr = float(risk_scale_lr)
+        # the zoo experts' risk mean and sd on the fold's training part (fit_to_training);
+        # buffers, so a saved model folder predicts the same; only with the option, so that
+        # models without it keep their state dicts. risk_fitted counts the patients (0: not yet)
+        self.source_risk_standardise = source_risk_standardise
+        if source_risk_standardise:
+            self.register_buffer("risk_mean", torch.zeros(len(loaded)))
+            self.register_buffer("risk_sd", torch.ones(len(loaded)))
+            self.register_buffer("risk_fitted", torch.zeros((), dtype=torch.long))
 
     @property
     def routed_names(self) -> list[str]:
@@ -242,6 +290,39 @@ class ROUPKT(MILModel):
         groups = super().parameter_groups()
         return {k: [n for n in v if not n.startswith("experts.")] for k, v in groups.items()}
 
+    def lr_scales(self) -> dict[str, float]:
+        """``risk_scale_lr`` for the source-risk scale(s) (none when it is 1)."""
+        if self.risk_scale is None or self.risk_scale_lr == 1.0:
+            return {}
+        return {"risk_scale": self.risk_scale_lr}
+
+    def fit_to_training(self, bags: Iterable[Mapping[str, Any]]) -> None:
+        """With ``source_risk_standardise``: each zoo expert's risk mean and standard
+        deviation (ddof 0) over the training part's patients, the experts frozen and in eval
+        mode (see :meth:`~oncoslide.models.MILModel.fit_to_training`). An expert whose risk
+        does not vary there (sd < 1e-6) keeps sd 1: its standardised risk is then constant."""
+        if not self.source_risk_standardise:
+            return
+        was_training = self.experts.training
+        self.experts.eval()
+        risks = []
+        with torch.no_grad():
+            for bag in bags:
+                features, mask = bag["features"], bag["mask"]
+                self.check_inputs(features, mask)
+                outputs = [expert(features, mask) for expert in self.experts]
+                risks.append(self.source_risks(outputs).double())
+        self.experts.train(was_training)
+        if not risks:
+            raise ConfigError("roupkt: no training patient to standardise the expert risks on")
+        stacked = torch.cat(risks)  # (patients, zoo experts)
+        mean = stacked.mean(dim=0)
+        sd = stacked.std(dim=0, unbiased=False)
+        sd = torch.where(sd < 1e-6, torch.ones_like(sd), sd)
+        self.risk_mean.copy_(mean.to(self.risk_mean.dtype))
+        self.risk_sd.copy_(sd.to(self.risk_sd.dtype))
+        self.risk_fitted.fill_(stacked.shape[0])
+
     def seen_patients(self) -> dict[str, set[str]]:
         """Per expert, the patients it was trained on (the training path's leak check)."""
         return {k: set(v) for k, v in self._seen.items()}
@@ -252,6 +333,14 @@ class ROUPKT(MILModel):
             outputs = [expert(features, mask) for expert in self.experts]
             embeddings = [o.embedding for o in outputs]
             risks = self.source_risks(outputs) if self.risk_scale is not None else None
+            if risks is not None and self.source_risk_standardise:
+                if int(self.risk_fitted) == 0:
+                    raise ConfigError(
+                        "roupkt: source_risk_standardise needs the experts' risk statistics "
+                        "of the training part: call fit_to_training first (the training "
+                        "path does)"
+                    )
+                risks = (risks - self.risk_mean) / self.risk_sd
         if self.own is not None:  # trainable: outside no_grad
             embeddings.append(self.own.slide_embedding(features, mask)[0])
         adapted = torch.stack(

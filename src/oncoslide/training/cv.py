@@ -14,7 +14,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, overload
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from oncoslide._io import write_json, write_table
 from oncoslide._log import get_logger, number, run_log
 from oncoslide._threads import apply_num_threads, describe_threads
+from oncoslide.cohort.bags import load_bag
 from oncoslide.cohort.exclusions import pretrain_slides_of, read_exclusions
 from oncoslide.cohort.fingerprint import DataRecord, data_record
 from oncoslide.cohort.omics import Omics
@@ -596,6 +597,9 @@ def _fit_fold(
         transfer = initialise_from(model, config.model, config.init, contract)
     if config.freeze:
         transfer["frozen"] = model.freeze(config.freeze)
+    # statistics a model fits to the training part before its first step (e.g. ROUPKT's
+    # standardised expert risks): the training patients' bags only, read lazily
+    model.fit_to_training(training_bags(cohort, train_ids, cache))
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     datasets: dict[str, BagDataset] = {
@@ -1044,6 +1048,20 @@ def resolve_expert_exclusion(config: TrainConfig, patients: Sequence[str]) -> Tr
     _LOG.info("%s: experts left out as they saw this task's patients: %s", config.model,
               ", ".join(kwargs["exclude"]) or "none")  # fmt: skip
     return config.model_copy(update={"model_kwargs": kwargs})
+
+
+def training_bags(
+    cohort: Cohort, train_ids: Sequence[str], cache: FeatureCache
+) -> Iterator[dict[str, Any]]:
+    """The whole bags of the training part, one patient at a time and without outcomes, for
+    :meth:`~oncoslide.models.MILModel.fit_to_training` (read only as the model iterates)."""
+    for pid in train_ids:
+        bag = load_bag(cohort, pid, cache)
+        item = {"index": 0, "features": bag.features, "coords": bag.coords,
+                "slide_index": bag.slide_index}  # fmt: skip
+        batch = collate_bags([item])
+        yield {"patient_id": str(pid), "features": batch["features"], "mask": batch["mask"],
+               "coords": batch["coords"]}  # fmt: skip
 
 
 def _choose_on_validation(
