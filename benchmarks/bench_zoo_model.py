@@ -1,0 +1,105 @@
+"""Which zoo model gives a CROPKT matrix that follows the planted similarity (issue 13's
+must-hold B: Spearman >= 0.7 over the off-diagonal pairs on the `pan-cancer` preset).
+
+For every world seed and zoo model: simulate the world (once per seed), train the zoo of the
+cancers with >= ``--min-patients`` patients (12 epochs, 5-fold CV, otherwise the defaults),
+score the matrix, and print one row: Spearman of the recovered C-index with the planted
+similarity over the off-diagonal pairs and over the cross-family ones, the zoo's mean CV
+C-index, and the world's ceilings (``visible_oracle``: the oracle on the visible latents and on
+the latents read from the shared morphologies) and the seconds spent training and scoring (0
+when reused). Folders already written are reused::
+
+    OUT/w<seed>/world/            the simulated world
+    OUT/w<seed>/<model>/zoo/      the zoo
+    OUT/w<seed>/<model>/tm/       its transfer matrix
+
+    python benchmarks/bench_zoo_model.py --out /tmp/zm --seeds 0 3 --models abmil mean max
+
+Measured 2026-12-01 (docs/transfer.md, "Which zoo model for the matrix"): about 5-9 minutes
+per zoo on 2 shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from oncoslide.cohort.table import load_cohort
+from oncoslide.simulate import make_simulation_config, simulate_cohort
+from oncoslide.training import make_config
+from oncoslide.transfer import build_zoo, load_zoo, transfer_matrix
+from oncoslide.transfer.report import visible_oracle
+
+
+def agreement(truth: dict, cells: pd.DataFrame) -> dict[str, float]:
+    """Spearman of the off-diagonal cells' C-index (and of the ceilings) with the planted
+    similarity, as the transfer report computes it; also over the cross-family pairs."""
+    prognosis = truth["prognosis"]
+    similarity, families = prognosis["similarity"], prognosis["families"]
+    off = cells[~cells["diagonal"].astype(bool)].copy()
+    off = off[np.isfinite(off["c_index"])]
+    off["planted"] = [similarity[s][t] for s, t in zip(off["source"], off["target"], strict=True)]
+    off["cross"] = [families[s] != families[t] for s, t in zip(off["source"], off["target"], strict=True)]  # fmt: skip
+    ceilings = visible_oracle(truth)
+    if ceilings is not None:
+        off = off.join(ceilings.set_index(["source", "target"]), on=["source", "target"])
+    cross = off[off["cross"]]
+    out = {
+        "n_pairs": float(len(off)),
+        "spearman": float(spearmanr(off["planted"], off["c_index"]).statistic),
+        "spearman_cross": float(spearmanr(cross["planted"], cross["c_index"]).statistic),
+    }
+    for column in ("visible_c_index", "readout_c_index"):
+        if column in off:
+            out[column] = float(spearmanr(off["planted"], off[column]).statistic)
+    return out
+
+
+def run(out: Path, seed: int, model: str, min_patients: int, epochs: int) -> dict[str, object]:
+    world = out / f"w{seed}" / "world"
+    if not (world / "truth.json").exists():
+        simulate_cohort(world, make_simulation_config("pan-cancer", {"seed": seed}))
+    cohort = load_cohort(world / "cohort.csv", world / "features")
+    folder = out / f"w{seed}" / model
+    start = time.perf_counter()
+    if not (folder / "zoo" / "zoo.json").exists():
+        config = make_config(task="survival", model=model, epochs=epochs, n_boot=0, progress=False)
+        build_zoo(cohort, config, folder / "zoo", by="cohort", min_patients=min_patients)
+    zoo = load_zoo(folder / "zoo")
+    if not (folder / "tm" / "matrix.csv").exists():
+        transfer_matrix(zoo, cohort, folder / "tm", n_boot=200)
+    cells = pd.read_csv(folder / "tm" / "matrix.csv", dtype={"source": str, "target": str})
+    truth = json.loads((world / "truth.json").read_text())
+    return {
+        "seed": seed,
+        "model": model,
+        **agreement(truth, cells),
+        "zoo_cv_c": float(np.mean([e.c_index for e in zoo.entries])),
+        "seconds": round(time.perf_counter() - start),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", default=["abmil", "mean", "max"])
+    parser.add_argument("--min-patients", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=12)
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        for model in args.models:
+            rows.append(run(args.out, seed, model, args.min_patients, args.epochs))
+            print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False), flush=True)
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
