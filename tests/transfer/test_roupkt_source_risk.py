@@ -18,20 +18,11 @@ from oncoslide.models.heads import discrete_survival
 from oncoslide.models.roupkt import ROUPKT
 from oncoslide.training import cross_validate, make_config
 from oncoslide.training.model_folder import load_model_folder
-from oncoslide.transfer import build_zoo
-
-ZOO_TRAIN: dict[str, Any] = dict(task="survival", folds=2, epochs=2, n_boot=0, progress=False,
-                                 model_kwargs={"hidden_dim": 16, "attn_dim": 8})  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["cox", "nll"])
-def zoo(request: pytest.FixtureRequest, tiny_cohort: Path, tmp_path_factory: Any) -> Path:
-    """A zoo of Cox experts (one logit) or discrete-time experts (4 bins)."""
-    cohort = load_cohort(tiny_cohort / "cohort.csv", tiny_cohort / "features")
-    out = tmp_path_factory.mktemp(f"zoo-{request.param}")
-    config = make_config(**ZOO_TRAIN, survival_loss=request.param)
-    build_zoo(cohort, config, out, by="cohort", min_patients=10)
-    return out
+@pytest.fixture
+def zoo(loss_zoo: Path) -> Path:
+    return loss_zoo
 
 
 def _model(zoo: Path, n_outputs: int = 1, **kwargs: Any) -> ROUPKT:
