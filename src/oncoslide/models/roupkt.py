@@ -43,7 +43,9 @@ part's bags only) and kept as buffers, so a saved model predicts the same. ``ris
 learning-rate multiplier of the scale(s) (through ``lr_scales``), e.g. 100, so that they can
 move within the few dozen steps a rare target gives. Together (one shared scale, x100) they
 beat ABMIL on all three rare targets of a confirmation world named in advance, but not
-significantly (mean +0.043, p 0.30; docs/transfer.md, measured 2026-12-01): off by default.
+significantly (mean +0.043, p 0.30), and over the 18 rare targets of six fresh worlds named in
+advance they do (+0.081 [+0.036, +0.124], p 0.002; docs/transfer.md, measured 2026-12-01).
+Off by default until the router and large-target checks are re-run with them.
 
 An expert trained on one of the target's patients would leak its outcome: the training path
 asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
