@@ -43,6 +43,8 @@ def test_zoo_holds_one_described_model_per_included_cancer(
         model = zoo.model(e.cancer)
         trained_on = set(model.patients()["patient_id"])
         assert trained_on == set(table.loc[table["cohort"] == e.cancer, "patient_id"])
+        # read without loading the model (exclude=auto): the same table
+        pd.testing.assert_frame_equal(zoo.patients(e.cancer), model.patients())
         # the CV C-index is the out-of-fold one of its run, averaged per patient over seeds
         preds = pd.read_parquet(zoo_dir / e.folder / "cv" / "predictions.parquet")
         c = concordance_index_censored(

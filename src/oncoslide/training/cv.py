@@ -574,9 +574,9 @@ def _fit_fold(
     test_ids = [p for p in parts["test"] if p not in exclude_from_test]
     fold_seed = seed * 1000 + fold
     # the patients this task's splits hold (a benchmark's cohort may hold other tasks' too).
-    # Resolved before seeding: reading the zoo builds models, which draws random numbers, and
-    # the model's initialisation must not depend on whether `exclude` came resolved (train) or
-    # as "auto" (a benchmark cell, --fit-all)
+    # Resolved before seeding: the model's initialisation must not depend on whether
+    # `exclude` came resolved (train) or as "auto" (a benchmark cell, --fit-all), whatever
+    # resolving it reads
     config = resolve_expert_exclusion(config, splits["patient_id"].astype(str).unique().tolist())
     pl.seed_everything(fold_seed, workers=True, verbose=False)
 
@@ -1043,7 +1043,7 @@ def resolve_expert_exclusion(config: TrainConfig, patients: Sequence[str]) -> Tr
     kwargs["exclude"] = [
         cancer
         for cancer in zoo.cancers
-        if ours & set(zoo.model(cancer).patients()["patient_id"].astype(str))
+        if ours & set(zoo.patients(cancer)["patient_id"].astype(str))
     ]
     _LOG.info("%s: experts left out as they saw this task's patients: %s", config.model,
               ", ".join(kwargs["exclude"]) or "none")  # fmt: skip

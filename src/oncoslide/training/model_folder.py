@@ -68,10 +68,16 @@ class TrainedModel:
 
     def patients(self) -> pd.DataFrame:
         """The patients the model was trained on (patient_id, part)."""
-        file = self.path / PATIENTS_FILE
-        if not file.exists():
-            return pd.DataFrame({"patient_id": [], "part": []})
-        return pd.read_csv(file, dtype={"patient_id": str})
+        return read_model_patients(self.path)
+
+
+def read_model_patients(folder: str | Path) -> pd.DataFrame:
+    """The patients a model folder's model was trained on (patient_id, part), read without
+    loading the model (e.g. to leave out zoo models that saw a task's patients)."""
+    file = Path(folder) / PATIENTS_FILE
+    if not file.exists():
+        return pd.DataFrame({"patient_id": [], "part": []})
+    return pd.read_csv(file, dtype={"patient_id": str})
 
 
 def versions() -> dict[str, str]:

@@ -34,7 +34,7 @@ from oncoslide.errors import ConfigError
 from oncoslide.features.cache import FeatureCache
 from oncoslide.features.schema import FeatureContract
 from oncoslide.training.config import TrainConfig
-from oncoslide.training.model_folder import TrainedModel, load_model_folder
+from oncoslide.training.model_folder import TrainedModel, load_model_folder, read_model_patients
 
 ZOO_FORMAT = "oncoslide-zoo"
 ZOO_VERSION = 1
@@ -70,6 +70,11 @@ class Zoo:
 
     def model(self, cancer: str) -> TrainedModel:
         return load_model_folder(self.path / self.entry(cancer).folder / "model")
+
+    def patients(self, cancer: str) -> pd.DataFrame:
+        """The patients the cancer's model was trained on (patient_id, part), read without
+        loading the model."""
+        return read_model_patients(self.path / self.entry(cancer).folder / "model")
 
     def cv_run(self, cancer: str) -> Path:
         return self.path / self.entry(cancer).folder / "cv"
