@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from oncoslide.bench.stats import (
     BenchInputError,
     TaskInfo,
-    bootstrap_p_value,
     paired_comparison,
     paired_replicate_diffs,
 )
 from oncoslide.bench.store import ResultStore
+from oncoslide.transfer.report import pooled_replicates
 
 
 def rare_tasks(bench: Path, rare_max: int) -> tuple[pd.DataFrame, list[str]]:
@@ -75,17 +74,14 @@ def pooled(
     table = pd.DataFrame(rows)
     if not draws:
         return table, {}
-    means = np.mean(np.vstack(draws), axis=0)
-    means = means[np.isfinite(means)]
-    lower, upper = np.quantile(means, [0.025, 0.975])
+    interval = pooled_replicates(draws)
+    if not interval:
+        return table, {}
     summary = {
         "n_targets": len(rows),
         "mean_diff": float(table["diff"].mean()),
-        "lower": float(lower),
-        "upper": float(upper),
-        "p_value": bootstrap_p_value(means),
         "n_better": int((table["diff"] > 0).sum()),
-        "replicates": int(means.size),
+        **interval,
     }
     return table, summary
 

@@ -388,7 +388,7 @@ def _pooled_interval(
     with the two-level (patients, seeds) paired bootstrap of each target drawn independently
     (target i with seed ``seed + i``: the targets' patients are disjoint) and the replicate
     differences averaged over targets: a 95% interval and a two-sided p of the mean."""
-    from oncoslide.bench.stats import TaskInfo, bootstrap_p_value, paired_replicate_diffs
+    from oncoslide.bench.stats import TaskInfo, paired_replicate_diffs
 
     draws = []
     for i, row in enumerate(gains.sort_values("task").itertuples()):
@@ -396,6 +396,17 @@ def _pooled_interval(
         draws.append(paired_replicate_diffs(
             task_preds[str(row.task)], info, (str(row.feature_set), str(row.method)),
             (str(row.feature_set), baseline), n_boot=n_boot, seed=seed + i))  # fmt: skip
+    pooled = pooled_replicates(draws, alpha=alpha)
+    pooled.pop("replicates", None)  # the report states the interval and p only
+    return pooled
+
+
+def pooled_replicates(draws: Sequence[np.ndarray], *, alpha: float = 0.05) -> dict[str, float]:
+    """The mean over targets of paired replicate differences (one (n_boot,) array per target,
+    drawn independently; NaN where undefined): its interval and two-sided p, from the
+    replicates defined after averaging ({} when none)."""
+    from oncoslide.bench.stats import bootstrap_p_value
+
     if not draws:
         return {}
     means = np.mean(np.vstack(draws), axis=0)
@@ -403,7 +414,8 @@ def _pooled_interval(
     if not means.size:
         return {}
     lower, upper = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return {"lower": float(lower), "upper": float(upper), "p_value": bootstrap_p_value(means)}
+    return {"lower": float(lower), "upper": float(upper), "p_value": bootstrap_p_value(means),
+            "replicates": int(means.size)}  # fmt: skip
 
 
 def _gains(
