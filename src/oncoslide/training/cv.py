@@ -598,8 +598,11 @@ def _fit_fold(
     if config.freeze:
         transfer["frozen"] = model.freeze(config.freeze)
     # statistics a model fits to the training part before its first step (e.g. ROUPKT's
-    # standardised expert risks): the training patients' bags only, read lazily
-    model.fit_to_training(training_bags(cohort, train_ids, cache))
+    # standardised expert risks): the training patients' bags only, read lazily. Optional, as
+    # lr_scales is: a registered model need not derive from MILModel
+    fit_to_training = getattr(model, "fit_to_training", None)
+    if fit_to_training is not None:
+        fit_to_training(training_bags(cohort, train_ids, cache))
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     datasets: dict[str, BagDataset] = {
