@@ -120,13 +120,12 @@ def mean_auc(y: np.ndarray, probs: np.ndarray, rows: np.ndarray | None = None) -
     return float(np.mean([_auc(y[rows], p[rows]) for p in probs]))
 
 
-def paired_bootstrap(
+def bootstrap_diffs(
     y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0
-) -> tuple[float, float, float, float]:
-    """AUC(a) - AUC(b) (mean over repeats), its 95 % interval and a two-sided p-value from a
-    patient-level bootstrap."""
+) -> np.ndarray:
+    """``n_boot`` patient-level bootstrap replicates of AUC(a) - AUC(b) (means over repeats);
+    resamples holding one class only are drawn again."""
     rng = np.random.default_rng(seed)
-    diff = mean_auc(y, a) - mean_auc(y, b)
     diffs: list[float] = []
     n = len(y)
     while len(diffs) < n_boot:
@@ -134,10 +133,23 @@ def paired_bootstrap(
         if len(np.unique(y[rows])) < 2:
             continue
         diffs.append(mean_auc(y, a, rows) - mean_auc(y, b, rows))
-    d = np.asarray(diffs)
+    return np.asarray(diffs)
+
+
+def summarise_diffs(diff: float, d: np.ndarray) -> tuple[float, float, float, float]:
+    """An observed difference with its replicates: (diff, 95 % interval, two-sided p)."""
     p = 2 * min(float((d <= 0).mean()), float((d >= 0).mean()))
     lo, hi = np.percentile(d, [2.5, 97.5])
-    return diff, float(lo), float(hi), min(1.0, max(p, 1.0 / n_boot))
+    return diff, float(lo), float(hi), min(1.0, max(p, 1.0 / len(d)))
+
+
+def paired_bootstrap(
+    y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float, float]:
+    """AUC(a) - AUC(b) (mean over repeats), its 95 % interval and a two-sided p-value from a
+    patient-level bootstrap."""
+    diff = mean_auc(y, a) - mean_auc(y, b)
+    return summarise_diffs(diff, bootstrap_diffs(y, a, b, n_boot, seed))
 
 
 def patient_matrix(emb_dir: Path, cohort: pd.DataFrame, patients: list[str]) -> np.ndarray:
@@ -283,6 +295,9 @@ def run_probe(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print("\npaired comparisons (AUC a - b, patient bootstrap, two-sided p):")
     print(table.round(4).to_string(index=False))
     aucs = {k: mean_auc(y, v) for k, v in probs.items()}
+    # the probe's out-of-fold probabilities, for pooling worlds (bench_pama_pooled.py)
+    np.savez(out / "probe.npz", patients=np.asarray(probe), y=y,
+             **{f"probs_{k}": v for k, v in probs.items()})  # fmt: skip
     return {
         "n_pretrain_patients": len(pre),
         "n_probe_patients": len(probe),

@@ -9,9 +9,12 @@ returns with pixels computed independently of it.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import h5py
 import numpy as np
@@ -21,6 +24,26 @@ import tifffile
 import torch
 
 from oncoslide.simulate import SimulationConfig, simulate_cohort, write_permuted_cohort
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], ModuleType]:
+    """Loads ``benchmarks/<name>.py`` as the module ``<name>`` (benchmarks/ is put on sys.path,
+    so the scripts' imports of each other resolve to the same modules)."""
+
+    def load(name: str) -> ModuleType:
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

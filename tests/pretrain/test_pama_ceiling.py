@@ -3,26 +3,10 @@ statistics and neighbour-denoised codes, checked against planted arrangements.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_pama_ceiling", ROOT / "benchmarks/bench_pama_ceiling.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pama_ceiling"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _grid(w: int, h: int, seed: int) -> np.ndarray:
@@ -31,8 +15,10 @@ def _grid(w: int, h: int, seed: int) -> np.ndarray:
     return xy[np.random.default_rng(seed).permutation(len(xy))] * 448.0
 
 
-def test_grid_edges_are_the_4_neighbour_pairs() -> None:
-    bench = _bench()
+def test_grid_edges_are_the_4_neighbour_pairs(
+    benchmark_script: Callable[[str], ModuleType],
+) -> None:
+    bench = benchmark_script("bench_pama_ceiling")
     coords = _grid(7, 5, 0)[:-3]  # a few cells missing: no edge to them
     edges = bench.grid_edges(coords)
     cells = coords / 448.0
@@ -44,8 +30,10 @@ def test_grid_edges_are_the_4_neighbour_pairs() -> None:
     assert len({tuple(sorted(e)) for e in edges.tolist()}) == len(edges)
 
 
-def test_cooccurrence_of_a_checkerboard_and_of_blocks() -> None:
-    bench = _bench()
+def test_cooccurrence_of_a_checkerboard_and_of_blocks(
+    benchmark_script: Callable[[str], ModuleType],
+) -> None:
+    bench = benchmark_script("bench_pama_ceiling")
     coords = _grid(8, 8, 1)
     cells = (coords / 448.0).astype(int)
     edges = bench.grid_edges(coords)
@@ -62,13 +50,15 @@ def test_cooccurrence_of_a_checkerboard_and_of_blocks() -> None:
     assert pmi[1] > 0 > pmi[0] and pmi[2] < 0
 
 
-def test_neighbour_denoised_codes_beat_the_patch_alone() -> None:
+def test_neighbour_denoised_codes_beat_the_patch_alone(
+    benchmark_script: Callable[[str], ModuleType],
+) -> None:
     """Planted truth: 3 prototypes about 3 apart in 64-d plus unit noise (the `spatial`
     regime: one patch alone is often misread), arranged in blocks of 4 x 4 patches. The
     mean-field codes (label-free: codebook and potentials fitted on other slides) read the
     prototypes better than the nearest code, and the co-occurrence of the denoised codes is
     closer to the true one."""
-    bench = _bench()
+    bench = benchmark_script("bench_pama_ceiling")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 64)) * (3 / np.sqrt(128))
 

@@ -27,24 +27,11 @@ preset's.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_pama", ROOT / "benchmarks/bench_pama.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pama"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 _REASONS = {
     "features": "measured 2026-12-01: PAMA's masked-feature MSE learns no more than the mean "
@@ -70,10 +57,12 @@ _REASONS = {
         for t, reason in _REASONS.items()
     ],
 )
-def test_pama_beats_mean_pooling_on_the_arrangement_task(tmp_path: Path, variant: str) -> None:
+def test_pama_beats_mean_pooling_on_the_arrangement_task(
+    tmp_path: Path, variant: str, benchmark_script: Callable[[str], ModuleType]
+) -> None:
     import argparse
 
-    bench = _bench()
+    bench = benchmark_script("bench_pama")
     local = variant == "codes-local8"  # the pre-specified local-mixing variant
     target = "codes" if local else variant
     args = argparse.Namespace(
@@ -103,7 +92,9 @@ def test_pama_beats_mean_pooling_on_the_arrangement_task(tmp_path: Path, variant
 
 
 @pytest.mark.slow
-def test_a_label_free_arrangement_statistic_beats_mean_pooling(tmp_path: Path) -> None:
+def test_a_label_free_arrangement_statistic_beats_mean_pooling(
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
     """The ceiling: on world seed 1 (a world no choice was made on), the two statistics named
     in advance from seed 0 (hard k-means codes' 4-neighbour pointwise mutual information, 16
     codes; soft codes' co-occurrence rates) beat mean pooling in the issue's protocol, and
@@ -111,14 +102,7 @@ def test_a_label_free_arrangement_statistic_beats_mean_pooling(tmp_path: Path) -
     and +0.129 (p 0.008) over mean pooling's 0.446; shuffled -0.010 (p 0.86), +0.043 (p 0.40)."""
     import argparse
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_pama_ceiling", ROOT / "benchmarks/bench_pama_ceiling.py"
-    )
-    assert spec is not None and spec.loader is not None
-    ceiling = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pama_ceiling"] = ceiling
-    spec.loader.exec_module(ceiling)
+    ceiling = benchmark_script("bench_pama_ceiling")
     args = argparse.Namespace(
         sim=None, set=["seed=1"], seed=0, k=[16], kinds=["hard", "soft"], pca=8,
         variants=["hard16-pmi", "soft16-rates"], no_truth=True, repeats=5, n_boot=1000,
