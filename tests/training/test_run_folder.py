@@ -63,7 +63,7 @@ def test_a_model_revision_keys_runs_apart_and_other_models_keep_their_keys() -> 
 
     plain = make_config(task="survival", model="abmil")
     assert "model_revision" not in plain.keyed_settings()
-    assert make_config(task="survival", model="roupkt").keyed_settings()["model_revision"] == 2
+    assert make_config(task="survival", model="roupkt").keyed_settings()["model_revision"] == 3
     MODELS.register("abmil-revised", revision=3)(ABMIL)
     try:
         revised = make_config(task="survival", model="abmil-revised")

@@ -52,6 +52,7 @@ def test_routing_mixes_the_top_k_frozen_experts(zoo: Path, own_expert: bool) -> 
     before = {k: v.clone() for k, v in model.experts.state_dict().items()}
     features = torch.randn(3, 20, 16)
     mask = torch.ones(3, 20, dtype=torch.bool)
+    model.fit_to_training([{"features": features, "mask": mask}])  # the expert risks' statistics
     model.top_k = len(names)  # every expert kept, so that each gets a gradient
     out = model(features, mask)
     model.top_k = 1
@@ -92,15 +93,52 @@ def test_folders_saved_without_the_own_expert_still_load(zoo: Path) -> None:
     recorded no own_expert keyword) load into the default model, which then routes as before."""
     torch.manual_seed(0)
     kwargs = dict(in_dim=16, n_outputs=4, hidden_dim=8, experts=str(zoo))
-    old = create_model("roupkt", own_expert=False, **kwargs).eval()
+    # before the own expert there was no source-risk path either (revision 1)
+    old = create_model("roupkt", own_expert=False, source_risk=False, **kwargs).eval()
     new = cast(ROUPKT, create_model("roupkt", **kwargs)).eval()
-    assert new.own is not None
+    assert new.own is not None and new.risk_scale is not None
     new.load_state_dict(old.state_dict())
     assert new.own is None and new.routed_names == ["SIM-A", "SIM-B"]
+    assert new.risk_scale is None and not new.source_risk
     features, mask = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool)
     torch.testing.assert_close(new(features, mask).logits, old(features, mask).logits)
     with pytest.raises(ConfigError, match="own_expert"):
         create_model("roupkt", own_expert="yes", **kwargs)
+
+
+@pytest.mark.parametrize("saved_with", [{}, {"source_risk": True}])
+def test_folders_saved_before_revision_3_load_as_the_models_they_were(
+    zoo: Path, saved_with: dict[str, bool]
+) -> None:
+    """Revision 3 turned the source-risk path (standardised, risk_scale_lr 100) on by default.
+    A folder records only the keywords its run was given, so weights saved with the old
+    defaults ({}: no path; {"source_risk": True}: the path unstandardised) are rebuilt with the
+    new ones; loading them drops what the weights lack, and the logits are the saved model's."""
+    torch.manual_seed(0)
+    kwargs = dict(in_dim=16, n_outputs=1, hidden_dim=8, experts=str(zoo))
+    old_defaults = {"source_risk": False} if not saved_with else {
+        "source_risk_standardise": False, "risk_scale_lr": 1.0}  # fmt: skip
+    old = create_model("roupkt", **kwargs, **saved_with, **old_defaults).eval()
+    new = cast(ROUPKT, create_model("roupkt", **kwargs, **saved_with)).eval()
+    assert new.source_risk and new.source_risk_standardise and new.risk_scale_lr == 100.0
+    new.load_state_dict(old.state_dict())
+    assert not new.source_risk_standardise and not hasattr(new, "risk_mean")
+    assert (new.risk_scale is None) == (not saved_with)
+    assert list(new.state_dict()) == list(old.state_dict())
+    features, mask = torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool)
+    with torch.no_grad():  # no fit_to_training needed: nothing is standardised
+        torch.testing.assert_close(new(features, mask).logits, old(features, mask).logits)
+
+
+def test_the_source_risk_path_is_on_by_default_for_survival_zoos(zoo: Path) -> None:
+    model = cast(ROUPKT, create_model("roupkt", in_dim=16, n_outputs=1, hidden_dim=8,
+                                      experts=str(zoo)))  # fmt: skip
+    assert model.source_risk and model.source_risk_standardise and model.risk_scale is not None
+    assert model.lr_scales() == {"risk_scale": 100.0}
+    assert int(model.risk_fitted) == 0  # fitted on the training part by the training path
+    off = cast(ROUPKT, create_model("roupkt", in_dim=16, n_outputs=1, hidden_dim=8,
+                                    experts=str(zoo), source_risk=False))  # fmt: skip
+    assert off.risk_scale is None and off.lr_scales() == {} and not off.source_risk_standardise
 
 
 def test_experts_that_saw_held_out_patients_are_refused(

@@ -26,7 +26,11 @@ def zoo(loss_zoo: Path) -> Path:
 
 
 def _model(zoo: Path, n_outputs: int = 1, **kwargs: Any) -> ROUPKT:
+    """The path's raw form: the experts' risks unstandardised (tested in
+    test_roupkt_standardise.py), the scale at the training path's learning rate."""
     torch.manual_seed(0)
+    if kwargs.get("source_risk") is not False:
+        kwargs = {"source_risk_standardise": False, "risk_scale_lr": 1.0, **kwargs}
     return cast(ROUPKT, create_model("roupkt", in_dim=16, n_outputs=n_outputs, hidden_dim=8,
                                      experts=str(zoo), **kwargs))  # fmt: skip
 
@@ -79,7 +83,7 @@ def test_output_is_the_head_plus_the_routed_expert_risks(
 def test_off_is_the_old_model(zoo: Path) -> None:
     """Without the path: no new parameter, the same initial weights, logits = head(mixture)
     exactly; with the path and scale 0 the same logits as without it."""
-    off = _model(zoo).eval()
+    off = _model(zoo, source_risk=False).eval()
     on = _model(zoo, source_risk=True).eval()
     assert off.risk_scale is None and "risk_scale" not in off.state_dict()
     state = on.state_dict()
@@ -128,7 +132,8 @@ def test_trains_saves_and_reloads(zoo: Path, tiny_cohort: Path, tmp_path: Path) 
     target = tmp_path / "SIM-B.csv"
     table[table["cohort"] == "SIM-B"].to_csv(target, index=False)
     cohort = load_cohort(target, tiny_cohort / "features")
-    kwargs = {"experts": str(zoo), "hidden_dim": 8, "source_risk": True}
+    kwargs = {"experts": str(zoo), "hidden_dim": 8, "source_risk": True,
+              "source_risk_standardise": False, "risk_scale_lr": 1.0}  # fmt: skip
     config = make_config(task="survival", model="roupkt", folds=2, epochs=2, n_boot=0,
                          progress=False, model_kwargs=kwargs)  # fmt: skip
     with pytest.raises(ConfigError, match=r"would leak.*SIM-B"):

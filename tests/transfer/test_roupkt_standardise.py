@@ -116,22 +116,23 @@ def _untouchable() -> Iterator[Mapping[str, Any]]:
     yield {}  # pragma: no cover
 
 
-def test_off_is_the_current_model_bit_for_bit(zoo: Path) -> None:
-    """The new keywords at their defaults: the same state (no buffer), the same logits, no lr
-    group, and the hook reads no bag and draws no random number (training is unchanged)."""
-    for kwargs in ({}, {"source_risk": True}):
-        old = _model(zoo, **kwargs).eval()
-        new = _model(zoo, **kwargs, source_risk_standardise=False, risk_scale_lr=1.0).eval()
-        assert list(old.state_dict()) == list(new.state_dict())
-        assert not any(k.startswith("risk_") and k != "risk_scale" for k in new.state_dict())
+def test_off_adds_nothing(zoo: Path) -> None:
+    """Without the path, and with the path's two options off (its revision-2 form): no buffer,
+    no lr group, and the hook reads no bag and draws no random number."""
+    for kwargs in (
+        {"source_risk": False},
+        {"source_risk": True, "source_risk_standardise": False, "risk_scale_lr": 1.0},
+    ):
+        model = _model(zoo, **kwargs).eval()
+        assert not any(k.startswith("risk_") and k != "risk_scale" for k in model.state_dict())
         rng = torch.random.get_rng_state()
-        new.fit_to_training(_untouchable())
+        model.fit_to_training(_untouchable())
         assert torch.equal(rng, torch.random.get_rng_state())
-        assert new.lr_scales() == {}
-        assert len(optimiser_groups(new, 5e-4)) == 1
+        assert model.lr_scales() == {}
+        assert len(optimiser_groups(model, 5e-4)) == 1
         features, mask = _bags(1)[0]["features"], _bags(1)[0]["mask"]
-        with torch.no_grad():
-            assert torch.equal(old(features, mask).logits, new(features, mask).logits)
+        with torch.no_grad():  # needs no statistics
+            assert torch.isfinite(model(features, mask).logits).all()
 
 
 def test_risk_scale_lr_multiplies_the_scales_learning_rate(zoo: Path) -> None:
@@ -151,8 +152,8 @@ def test_bad_values_are_refused(zoo: Path) -> None:
         with pytest.raises(ConfigError, match="risk_scale_lr must be"):
             _model(zoo, source_risk=True, risk_scale_lr=bad)
     for kwargs in ({"source_risk_standardise": True}, {"risk_scale_lr": 100}):
-        with pytest.raises(ConfigError, match="set source_risk=true"):
-            _model(zoo, **kwargs)
+        with pytest.raises(ConfigError, match="source_risk=false turns off"):
+            _model(zoo, source_risk=False, **kwargs)
 
 
 def test_the_hook_sees_the_training_part_only(

@@ -16,36 +16,41 @@ jointly with the router on the fold's training part. It never leaks (it only see
 training patients), and it lets the router fall back on the target's own morphology where no
 source helps. Its router weight is the detail column ``routing_own``.
 
-The source-risk path (``source_risk=True``, default off) also uses what the experts predict,
-not only their embeddings: each zoo expert's own survival-head output on the target patient,
-``r_j`` (a Cox head's logit, the log relative hazard; a discrete-time head's risk
-``-sum_k S_k``, as the training path reduces it), is routed by the same top-k weights and added
-to the output, ``logits = head(mixed) + scale * sum_j w_j r_j`` (broadcast over a discrete-time
-target head's bins: shifting every hazard logit is monotone in risk). ``scale`` is one learned
-scalar, initialised at 1 (``source_risk_scale="shared"``, the default): the router already
-weighs each expert, so one number only sets how much the zoo's prediction counts against the
-fresh head. ``source_risk_scale="per_expert"`` learns one scale per zoo expert instead
-(``sum_j s_j w_j r_j``, all ``s_j`` starting at 1), which can also turn the sign of a source
-that predicts the target backwards, at the price of k more parameters fitted on a few dozen
-patients. The own expert has no risk (it is left out of the sum). At initialisation the model
-is thus the routed ensemble of the sources' zero-shot predictions plus a small learned
-correction. For survival targets only (on a classification head the shift cancels in the
-softmax). Off by default: on a fresh confirmation world it did not beat the cancer-specific
-ABMIL on the rare targets, and at the training path's learning rate the scale hardly moves
-from 1 (docs/transfer.md, "The transfer report", measured 2026-12-01).
+The source-risk path (``source_risk``, on by default for a zoo of survival models since
+revision 3) also uses what the experts predict, not only their embeddings: each zoo expert's
+own survival-head output on the target patient, ``r_j`` (a Cox head's logit, the log relative
+hazard; a discrete-time head's risk ``-sum_k S_k``, as the training path reduces it), is
+standardised, routed by the same top-k weights and added to the output,
+``logits = head(mixed) + scale * sum_j w_j (r_j - mean_j) / sd_j`` (broadcast over a
+discrete-time target head's bins: shifting every hazard logit is monotone in risk).
 
-Two options of the path (both off by default). ``source_risk_standardise=True``: a router weight
-is not an expert's influence when the experts' risks spread differently (up to ten-fold on a
-target), so each zoo expert's risk is standardised, ``(r_j - mean_j) / sd_j``, by its mean and
-standard deviation over the fold's training patients; they are computed once before training
-(:meth:`ROUPKT.fit_to_training`, the generic hook the training path calls with the training
-part's bags only) and kept as buffers, so a saved model predicts the same. ``risk_scale_lr``: a
-learning-rate multiplier of the scale(s) (through ``lr_scales``), e.g. 100, so that they can
-move within the few dozen steps a rare target gives. Together (one shared scale, x100) they
-beat ABMIL on all three rare targets of a confirmation world named in advance, but not
-significantly (mean +0.043, p 0.30), and over the 18 rare targets of six fresh worlds named in
-advance they do (+0.081 [+0.036, +0.124], p 0.002; docs/transfer.md, measured 2026-12-01).
-Off by default until the router and large-target checks are re-run with them.
+- ``source_risk_standardise`` (default: with the path): a router weight is not an expert's
+  influence when the experts' risks spread differently (up to ten-fold on a target), so each
+  zoo expert's risk is standardised by its mean and standard deviation over the fold's training
+  patients. They are computed once before training (:meth:`ROUPKT.fit_to_training`, the
+  generic hook the training path calls with the training part's bags only, never validation or
+  test) and kept as buffers, so a saved model predicts the same. A model used outside the
+  training path must be given them (``fit_to_training``) before its first forward pass.
+- ``scale`` is one learned scalar, initialised at 1 (``source_risk_scale="shared"``, the
+  default): the router already weighs each expert, so one number only sets how much the zoo's
+  prediction counts against the fresh head. ``source_risk_scale="per_expert"`` learns one scale
+  per zoo expert instead (all starting at 1), which can also turn the sign of a source that
+  predicts the target backwards, at the price of k more parameters fitted on a few dozen
+  patients.
+- ``risk_scale_lr`` (default 100 with the path): a learning-rate multiplier of the scale(s)
+  (through ``lr_scales``), so that they can move within the few dozen steps a rare target
+  gives; at the training path's learning rate the scale hardly moved from 1.
+
+The own expert has no risk (it is left out of the sum). At initialisation the model is thus the
+routed ensemble of the sources' zero-shot predictions plus a small learned correction. On a
+classification target the shift cancels in the softmax (the path then changes nothing); with
+experts that are not survival models it is off (``source_risk=true`` is then refused).
+``source_risk=false`` gives the revision-2 model (the zoo's embeddings only). Why the default:
+over the 18 rare targets of six fresh worlds named in advance, this configuration beats the
+cancer-specific ABMIL (+0.081 [+0.036, +0.124], p 0.002), where the path without the
+standardisation and the learning-rate multiplier did not beat it on a confirmation world
+(docs/transfer.md, measured 2026-12-01). Model folders saved before revision 3 load as the
+models they were (:meth:`ROUPKT.load_state_dict`).
 
 An expert trained on one of the target's patients would leak its outcome: the training path
 asks the model for every patient its experts saw (:meth:`ROUPKT.seen_patients`) and refuses a
@@ -78,6 +83,10 @@ from oncoslide.models.heads import discrete_risk, make_head
 #: The name of the target's own (trainable) expert in :meth:`ROUPKT.routing` and the details.
 OWN_EXPERT = "own"
 
+#: ``risk_scale_lr`` of the source-risk path by default (revision 3): the scale moves within
+#: the few dozen steps a rare target gives
+DEFAULT_RISK_SCALE_LR = 100.0
+
 _REFERENCE = (
     "Cross-cancer prognosis knowledge transfer (CROPKT / ROUPKT), seed 000: routing over "
     "off-the-shelf cancer models"
@@ -105,9 +114,10 @@ class OwnExpert(AttentionSlidePath):
     aux_losses={"balance": 0.01, "z": 0.01},
     needs_experts=True,
     describes_patients=True,  # routing weights per expert, beside the predictions
-    # 2: the target's own trainable expert by default (own_expert=True); earlier runs and
-    # benchmark cells had none and keep their keys apart
-    revision=2,
+    # 2: the target's own trainable expert by default (own_expert=True); 3: the source-risk
+    # path, standardised, with risk_scale_lr 100, on by default for survival zoos. Earlier runs
+    # and benchmark cells keep their keys apart
+    revision=3,
     description="ROUPKT: a router over the frozen models of a zoo (experts=ZOO)",
 )
 class ROUPKT(MILModel):
@@ -123,11 +133,14 @@ class ROUPKT(MILModel):
         own_expert: add the target's own expert, a trainable cancer-specific ABMIL slide path
             (the paper's "plus the target's own model"; see the module docstring).
         source_risk: add the routed sum of the zoo experts' own risk predictions to the
-            output, times a learned scale initialised at 1 (see the module docstring).
+            output, times a learned scale initialised at 1 (see the module docstring). Default
+            (None): on when every zoo expert is a survival model.
         source_risk_scale: ``"shared"`` (one scale) or ``"per_expert"`` (one per zoo expert).
         source_risk_standardise: standardise each zoo expert's risk by its mean and sd on the
-            fold's training part (:meth:`fit_to_training`) before routing it.
+            fold's training part (:meth:`fit_to_training`) before routing it. Default (None):
+            on with the source-risk path.
         risk_scale_lr: learning-rate multiplier of the source-risk scale(s) (``lr_scales``).
+            Default (None): 100 with the source-risk path.
     """
 
     # buffers of source_risk_standardise (registered only with it)
@@ -146,29 +159,29 @@ class ROUPKT(MILModel):
         top_k: int = 5,
         attn_dim: int = 128,
         own_expert: bool = True,
-        source_risk: bool = False,
+        source_risk: bool | None = None,
         source_risk_scale: str = "shared",
-        source_risk_standardise: bool = False,
-        risk_scale_lr: float = 1.0,
+        source_risk_standardise: bool | None = None,
+        risk_scale_lr: float | None = None,
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
         from oncoslide.transfer.zoo import load_zoo
 
         if not isinstance(own_expert, bool):
             raise ConfigError(f"roupkt: own_expert must be true or false, got {own_expert!r}")
-        if not isinstance(source_risk, bool):
+        if source_risk is not None and not isinstance(source_risk, bool):
             raise ConfigError(f"roupkt: source_risk must be true or false, got {source_risk!r}")
         if source_risk_scale not in ("shared", "per_expert"):
             raise ConfigError(
                 f"roupkt: source_risk_scale must be 'shared' or 'per_expert', got "
                 f"{source_risk_scale!r}"
             )
-        if not isinstance(source_risk_standardise, bool):
+        if source_risk_standardise is not None and not isinstance(source_risk_standardise, bool):
             raise ConfigError(
                 f"roupkt: source_risk_standardise must be true or false, got "
                 f"{source_risk_standardise!r}"
             )
-        if (
+        if risk_scale_lr is not None and (
             isinstance(risk_scale_lr, bool)
             or not isinstance(risk_scale_lr, int | float)
             or not risk_scale_lr > 0
@@ -176,10 +189,10 @@ class ROUPKT(MILModel):
             raise ConfigError(
                 f"roupkt: risk_scale_lr must be a positive number, got {risk_scale_lr!r}"
             )
-        if not source_risk and (source_risk_standardise or risk_scale_lr != 1.0):
+        if source_risk is False and (source_risk_standardise or risk_scale_lr is not None):
             raise ConfigError(
-                "roupkt: source_risk_standardise and risk_scale_lr act on the source-risk path: "
-                "set source_risk=true"
+                "roupkt: source_risk_standardise and risk_scale_lr act on the source-risk path, "
+                "which source_risk=false turns off"
             )
 
         if experts is None:
@@ -209,6 +222,17 @@ class ROUPKT(MILModel):
         # per zoo expert, how its head's logits become one risk ("cox": the logit; "nll": the
         # discrete-time risk), as the training path of its own task computes it
         self._risk_kinds: list[str] = []
+        if source_risk is None:  # the default: on wherever it can be (survival experts)
+            source_risk = all(t.task.is_survival for t in loaded)
+            if not source_risk and (source_risk_standardise or risk_scale_lr is not None):
+                raise ConfigError(
+                    "roupkt: source_risk_standardise and risk_scale_lr act on the source-risk "
+                    "path, which needs survival experts; this zoo holds other models"
+                )
+        if source_risk_standardise is None:
+            source_risk_standardise = source_risk
+        if risk_scale_lr is None:
+            risk_scale_lr = DEFAULT_RISK_SCALE_LR if source_risk else 1.0
         if source_risk:
             for name, trained in zip(self.expert_names, loaded, strict=True):
                 if not trained.task.is_survival:
@@ -274,7 +298,26 @@ class ROUPKT(MILModel):
             # a model folder saved before the own expert existed (before 2026-12-01, when
             # own_expert was not a keyword): the model it holds routed over the zoo alone
             self._drop_own_expert()
+        if self.risk_scale is not None and "risk_scale" not in state_dict:
+            # saved before revision 3 (2026-12-01), when the source-risk path was off unless
+            # asked for and its folder recorded no source_risk keyword
+            self._drop_source_risk()
+        elif self.source_risk_standardise and "risk_mean" not in state_dict:
+            # saved with source_risk=true before revision 3: the risks were not standardised
+            self._drop_standardisation()
         return super().load_state_dict(state_dict, strict, assign)
+
+    def _drop_source_risk(self) -> None:
+        self._drop_standardisation()
+        self.source_risk = False
+        self.risk_scale = None
+        self.risk_scale_lr = 1.0
+
+    def _drop_standardisation(self) -> None:
+        if self.source_risk_standardise:
+            self.source_risk_standardise = False
+            for name in ("risk_mean", "risk_sd", "risk_fitted"):
+                delattr(self, name)
 
     def _drop_own_expert(self) -> None:
         self.own = None
