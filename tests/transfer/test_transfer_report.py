@@ -5,6 +5,7 @@ a benchmark and the world's truth (a small simulated world with two planted fami
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import cast
@@ -281,24 +282,13 @@ def test_benchmarks_are_read_together_each_task_once(
         transfer_report(world["tm"], tmp_path / "three", bench=[world["bench"], world["bench"]])
 
 
-def _pooled_script() -> ModuleType:
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_transfer_pooled.py"
-    spec = importlib.util.spec_from_file_location("bench_transfer_pooled", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_transfer_pooled"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_pooling_benchmarks_of_several_worlds(world: dict[str, Path], tmp_path: Path) -> None:
+def test_pooling_benchmarks_of_several_worlds(
+    world: dict[str, Path], tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
     """benchmarks/bench_transfer_pooled.py: with one folder, the report's rare-target mean
     (same seeds, same interval and p); with a folder given twice (as two worlds would be), the
     mean over four targets of replicate differences drawn with seeds 0-3."""
-    pool = _pooled_script()
+    pool = benchmark_script("bench_transfer_pooled")
     report = transfer_report(world["tm"], tmp_path / "report", bench=world["bench"], n_boot=200)
     rare = report.summary["rare_mean_diff"]["roupkt"]
     table, one = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=60, n_boot=200,
@@ -323,3 +313,10 @@ def test_pooling_benchmarks_of_several_worlds(world: dict[str, Path], tmp_path: 
     empty, none = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=29, n_boot=200,
                               seed=0)  # fmt: skip
     assert empty.empty and none == {}
+    # targets="large": the others (the same targets when rare_max is below their size)
+    large, above = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=29, n_boot=200,
+                               seed=0, targets="large")  # fmt: skip
+    assert list(large["task"]) == ["os-SIM-C", "os-SIM-D"] and above == pytest.approx(one)
+    none_large, _ = pool.pooled([world["bench"]], "roupkt", "abmil", rare_max=60, n_boot=200,
+                                seed=0, targets="large")  # fmt: skip
+    assert none_large.empty
