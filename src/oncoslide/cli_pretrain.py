@@ -74,38 +74,51 @@ def pretrain_pama(
         "--patches-per-anchor",
         help="anchor density: N / this + 1 anchors per slide (the paper's 18; lower is denser)",
     ),
-    local_neighbours: int = typer.Option(
-        0,
+    recipe: str = typer.Option(
+        "paper",
+        "--recipe",
+        help="named settings of the pretext and readout, overridden by the options given: "
+        "paper (masked-feature MSE, 75 % masked, no local mixing, cls+mean) or codes (masked "
+        "k-means codes, 50 %, --local-neighbours 8, cls+mean+pairs on codes: beats mean "
+        "pooling on the spatial preset over four fresh worlds; docs/pretrain.md)",
+    ),
+    local_neighbours: int | None = typer.Option(
+        None,
         "--local-neighbours",
         help="short-range mixing: each patch attends to its K nearest patches before each PACA "
-        "block (0: off, the paper's encoder; 8: the 8-neighbourhood)",
+        "block (0: off, the paper's encoder; 8: the 8-neighbourhood) [default: the recipe's]",
     ),
-    pool: str = typer.Option(
-        "cls+mean",
+    pool: str | None = typer.Option(
+        None,
         "--pool",
         help="slide embedding: cls+mean (the paper's), cls, mean, or cls+mean+pairs (adds the "
-        "mean over 4-neighbour patch pairs of their tokens' products on label-free axes or codes)",
+        "mean over 4-neighbour patch pairs of their tokens' products on label-free axes or "
+        "codes) [default: the recipe's]",
     ),
-    pair_readout: str = typer.Option(
-        "axes",
+    pair_readout: str | None = typer.Option(
+        None,
         "--pair-readout",
         help="with --pool cls+mean+pairs: the tokens on 8 principal axes (axes) or their "
-        "posterior over 16 k-means codes of the tokens (codes); both fitted without labels",
+        "posterior over 16 k-means codes of the tokens (codes); both fitted without labels "
+        "[default: the recipe's]",
     ),
     pair_dim: int | None = typer.Option(
         None, "--pair-dim", help="axes or codes of the pairs readout [default: 8 axes, 16 codes]"
     ),
-    mask_ratio: float = typer.Option(0.75, "--mask-ratio", help="share of patches masked"),
+    mask_ratio: float | None = typer.Option(
+        None, "--mask-ratio", help="share of patches masked [default: the recipe's]"
+    ),
     kro: bool = typer.Option(True, "--kro/--no-kro", help="kernel reorientation (ablation)"),
     anchor_dropout: float = typer.Option(0.2, "--anchor-dropout", help="0 ablates AD"),
     positions: str = typer.Option(
         "on", "--positions", help="on, off (ablation: no positions) or shuffled (ablation)"
     ),
-    target: str = typer.Option(
-        "features",
+    target: str | None = typer.Option(
+        None,
         "--target",
         help="what masked patches are predicted as: features (MSE, the paper's) or codes "
-        "(cross-entropy on a label-free k-means tokenizer of the bags' patches)",
+        "(cross-entropy on a label-free k-means tokenizer of the bags' patches) [default: the "
+        "recipe's]",
     ),
     codebook_size: int = typer.Option(16, "--codebook-size", help="k-means codes (--target codes)"),
     masking: str = typer.Option(
@@ -113,6 +126,11 @@ def pretrain_pama(
     ),
 ) -> None:
     """Pre-train a PAMA slide encoder on unlabelled feature bags, one slide per bag."""
+    from oncoslide.pretrain.pama import pama_recipe
+
+    chosen = pama_recipe(recipe, target=target, mask_ratio=mask_ratio,
+                         local_neighbours=local_neighbours, pool=pool,
+                         pair_readout=pair_readout)  # fmt: skip
     _run_pretraining(
         "pama",
         dict(
@@ -124,15 +142,19 @@ def pretrain_pama(
             decoder_depth=decoder_depth,
             max_anchors=max_anchors,
             patches_per_anchor=patches_per_anchor,
-            local_neighbours=local_neighbours,
-            pool=pool,
-            pair_readout=pair_readout,
-            pair_dim=pair_dim if pair_dim is not None else (16 if pair_readout == "codes" else 8),
-            mask_ratio=mask_ratio,
+            local_neighbours=chosen["local_neighbours"],
+            pool=chosen["pool"],
+            pair_readout=chosen["pair_readout"],
+            pair_dim=(
+                pair_dim
+                if pair_dim is not None
+                else (16 if chosen["pair_readout"] == "codes" else 8)
+            ),
+            mask_ratio=chosen["mask_ratio"],
             kro=kro,
             anchor_dropout=anchor_dropout,
             positions=positions,
-            target=target,
+            target=chosen["target"],
             codebook_size=codebook_size,
             masking=masking,
             lr=lr,

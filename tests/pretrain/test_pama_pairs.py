@@ -297,3 +297,37 @@ def test_an_axes_folder_written_before_pair_readout_loads_as_before(
     bags = PretrainBags.from_features(tiny_cohort / "features", max_patches=32)
     bag = bags.load(0, subsample=False)
     assert torch.equal(before.embed(bag.features, bag.coords), now.embed(bag.features, bag.coords))
+
+
+def test_recipes_name_the_settings_and_options_override_them(
+    pama_cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    """``--recipe codes`` is the configuration judged over four worlds (docs/pretrain.md);
+    ``paper`` is the library's defaults; options given explicitly win over either."""
+    import inspect
+
+    from oncoslide.pretrain.pama import PAMA_RECIPES, pama_recipe
+
+    defaults = inspect.signature(PAMA).parameters
+    assert {k: defaults[k].default for k in PAMA_RECIPES["paper"]} == PAMA_RECIPES["paper"]
+    out = tmp_path / "codes"
+    res = pama_cli(out, "--recipe", "codes", max_steps=2)
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "encoder.json").read_text())
+    enc, method = meta["encoder"]["config"], meta["method"]["config"]
+    assert (enc["pool"], enc["pair_readout"], enc["pair_dim"]) == ("cls+mean+pairs", "codes", 16)
+    assert enc["local_neighbours"] == 8
+    assert (method["target"], method["mask_ratio"]) == ("codes", 0.5)
+    mixed = tmp_path / "mixed"
+    res = pama_cli(mixed, "--recipe", "codes", "--mask-ratio", "0.6", "--pool", "cls+mean")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((mixed / "encoder.json").read_text())
+    assert meta["encoder"]["config"]["pool"] == "cls+mean"
+    assert (meta["method"]["config"]["target"], meta["method"]["config"]["mask_ratio"]) == (
+        "codes",
+        0.6,
+    )
+    assert pama_recipe("paper", pool=None, mask_ratio=0.5)["mask_ratio"] == 0.5
+    bad = pama_cli(tmp_path / "bad", "--recipe", "fast", tiny=False)
+    assert bad.exit_code != 0 and "known: codes, paper" in bad.output
+    assert not (tmp_path / "bad").exists()
