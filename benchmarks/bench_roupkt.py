@@ -5,9 +5,9 @@ zoo), everything timed in one process on the target's same bags:
 
 * **training**: seconds of a fixed schedule (2 folds x ``--epochs`` epochs, no validation part,
   last checkpoint) of ``abmil``, and of ``roupkt`` with 1, 2, 4, ... zoo experts (the others
-  left out with ``exclude``; each with the trainable own expert, the default, and the largest
-  also without it, ``own_expert: false``), ``zoo_probe`` and ``zoo_finetune`` (one named
-  source);
+  left out with ``exclude``; each with the trainable own expert and the standardised
+  source-risk path, the defaults, and the largest also without each, ``own_expert: false`` /
+  ``source_risk: false``), ``zoo_probe`` and ``zoo_finetune`` (one named source);
 * **inference**: seconds of ``predict`` of each fold-0 model over all the target's patients.
 
 Each cost is printed as a ratio to ABMIL's. ROUPKT runs every expert's frozen forward pass on
@@ -67,6 +67,11 @@ def main() -> None:
             kwargs = {"experts": str(root / "zoo"), "exclude": exclude, "top_k": min(5, k)}
             runs.append((f"roupkt, {k} expert(s)", "roupkt", kwargs))
         runs.append((f"roupkt, {k} expert(s), no own", "roupkt", {**kwargs, "own_expert": False}))
+        # revision 2's model: no source-risk path (and so no pass over the training bags to
+        # standardise the experts' risks)
+        runs.append(
+            (f"roupkt, {k} expert(s), no source risk", "roupkt", {**kwargs, "source_risk": False})
+        )
         one = {"experts": str(root / "zoo"), "source": sources[0]}
         runs += [("zoo_probe", "zoo_probe", one), ("zoo_finetune", "zoo_finetune", one)]
         seconds: dict[str, tuple[float, float]] = {}
