@@ -52,13 +52,11 @@ def pooled(
         if missing:
             raise SystemExit(f"{run}: no probe of {missing}; it has {sorted(probs)}")
         d = bootstrap_diffs(y, probs[variant], probs[baseline], n_boot=n_boot, seed=seed + i)
-        diff, lo, hi, p = summarise_diffs(
-            mean_auc(y, probs[variant]) - mean_auc(y, probs[baseline]), d
-        )
+        auc_v, auc_b = mean_auc(y, probs[variant]), mean_auc(y, probs[baseline])
+        diff, lo, hi, p = summarise_diffs(auc_v - auc_b, d)
         draws.append(d)
-        rows.append({"run": str(run), "patients": len(y), "auc_variant": mean_auc(y, probs[variant]),
-                     "auc_baseline": mean_auc(y, probs[baseline]), "diff": diff, "lo": lo,
-                     "hi": hi, "p": p})  # fmt: skip
+        rows.append({"run": str(run), "patients": len(y), "auc_variant": auc_v,
+                     "auc_baseline": auc_b, "diff": diff, "lo": lo, "hi": hi, "p": p})  # fmt: skip
     table = pd.DataFrame(rows)
     mean_diff, lo, hi, p = summarise_diffs(
         float(table["diff"].mean()), np.mean(np.vstack(draws), axis=0)

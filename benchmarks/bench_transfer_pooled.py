@@ -33,7 +33,9 @@ from oncoslide.bench.store import ResultStore
 from oncoslide.transfer.report import pooled_replicates
 
 
-def rare_tasks(bench: Path, rare_max: int, targets: str = "rare") -> tuple[pd.DataFrame, list[str]]:
+def target_tasks(
+    bench: Path, rare_max: int, targets: str = "rare"
+) -> tuple[pd.DataFrame, list[str]]:
     """The folder's current predictions and its survival tasks with at most ``rare_max``
     patients (``targets="large"``: more than ``rare_max``), in name order."""
     with ResultStore.in_dir(bench) as store:
@@ -64,7 +66,7 @@ def pooled(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     rows, draws, i = [], [], 0
     for bench in benches:
-        preds, names = rare_tasks(bench, rare_max, targets)
+        preds, names = target_tasks(bench, rare_max, targets)
         for name in names:
             sub = preds[preds["task"] == name]
             fs = str(sub["feature_set"].iloc[0])
