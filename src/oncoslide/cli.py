@@ -569,6 +569,15 @@ def _parse_assignments(items: list[str], what: str) -> dict[str, Any]:
         raise ConfigError(str(exc).replace("--set", what)) from None
 
 
+def _add_model_args(settings: dict[str, Any], model_arg: list[str]) -> None:
+    """``--model-arg`` items over the model keywords the settings already hold."""
+    if model_arg:
+        settings["model_kwargs"] = {
+            **settings.get("model_kwargs", {}),
+            **_parse_assignments(model_arg, "--model-arg"),
+        }
+
+
 def _train(
     *,
     cohort: Path | None,
@@ -605,11 +614,7 @@ def _train(
     study = _study(config)
     settings = study.train_settings()
     settings.update({k: v for k, v in fields.items() if v is not None})
-    if model_arg:
-        settings["model_kwargs"] = {
-            **settings.get("model_kwargs", {}),
-            **_parse_assignments(model_arg, "--model-arg"),
-        }
+    _add_model_args(settings, model_arg)
     if aux_weight:
         settings["aux_weights"] = {
             **settings.get("aux_weights", {}),
@@ -1607,6 +1612,11 @@ def zoo_train(
         help="study file (its paths and train settings), or YAML/JSON training settings",
     ),
     model: str = typer.Option("abmil", "--model", "-m"),
+    model_arg: list[str] = typer.Option(
+        [],
+        "--model-arg",
+        help="model keyword, e.g. --model-arg attn_dim=384 (repeatable)",
+    ),
     folds: int | None = typer.Option(None, "--folds"),
     epochs: int | None = typer.Option(None, "--epochs"),
     seed: int | None = typer.Option(None, "--seed"),
@@ -1629,6 +1639,7 @@ def zoo_train(
     settings: dict[str, Any] = study.train_settings()
     model = _pick(ctx, "model", model, settings.get("model"))
     settings.update({"task": "survival", "model": model, "progress": view == "bars"})
+    _add_model_args(settings, model_arg)
     for key, value in (
         ("folds", folds),
         ("epochs", epochs),

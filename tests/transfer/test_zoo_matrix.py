@@ -4,6 +4,7 @@ models, no source model scores a patient it saw, clustered order, CLI."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from oncoslide.cli import app
 from oncoslide.cohort.table import load_cohort
 from oncoslide.errors import ConfigError
+from oncoslide.models.abmil import ABMIL
 from oncoslide.survival.metrics import concordance_index_censored
 from oncoslide.training import make_config
 from oncoslide.transfer import build_zoo, clustered_order, load_zoo, transfer_matrix
@@ -103,9 +105,15 @@ def test_zoo_and_matrix_through_the_cli(tiny_cohort: Path, tmp_path: Path) -> No
         app,
         ["zoo", "train", "--cohort", str(tiny_cohort / "cohort.csv"), "--features",
          str(tiny_cohort / "features"), "--out", str(zoo), "--min-patients", "10", "--folds",
-         "2", "--epochs", "1", "--no-progress"],
+         "2", "--epochs", "1", "--no-progress", "--model-arg", "attn_dim=32",
+         "--model-arg", "gated=false"],
     )  # fmt: skip
     assert made.exit_code == 0, made.output
+    for cancer in ("SIM-A", "SIM-B"):  # the model keywords reached every model
+        source = load_zoo(zoo).model(cancer)
+        assert source.config.model_kwargs == {"attn_dim": 32, "gated": False}
+        attention = cast(ABMIL, source.model).attention
+        assert attention.gate_branch is None and attention.score.in_features == 32
     listed = runner.invoke(app, ["zoo", "list", str(zoo)])
     assert listed.exit_code == 0 and "SIM-A" in listed.output and "SIM-B" in listed.output
     matrix = runner.invoke(
