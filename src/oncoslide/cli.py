@@ -569,13 +569,11 @@ def _parse_assignments(items: list[str], what: str) -> dict[str, Any]:
         raise ConfigError(str(exc).replace("--set", what)) from None
 
 
-def _add_model_args(settings: dict[str, Any], model_arg: list[str]) -> None:
-    """``--model-arg`` items over the model keywords the settings already hold."""
-    if model_arg:
-        settings["model_kwargs"] = {
-            **settings.get("model_kwargs", {}),
-            **_parse_assignments(model_arg, "--model-arg"),
-        }
+def _merge_assignments(settings: dict[str, Any], key: str, items: list[str], what: str) -> None:
+    """``key=value`` items of option ``what`` over the mapping ``settings[key]`` already holds
+    (e.g. ``--model-arg`` over the study file's ``model_kwargs``)."""
+    if items:
+        settings[key] = {**settings.get(key, {}), **_parse_assignments(items, what)}
 
 
 def _train(
@@ -614,12 +612,8 @@ def _train(
     study = _study(config)
     settings = study.train_settings()
     settings.update({k: v for k, v in fields.items() if v is not None})
-    _add_model_args(settings, model_arg)
-    if aux_weight:
-        settings["aux_weights"] = {
-            **settings.get("aux_weights", {}),
-            **_parse_assignments(aux_weight, "--aux-weight"),
-        }
+    _merge_assignments(settings, "model_kwargs", model_arg, "--model-arg")
+    _merge_assignments(settings, "aux_weights", aux_weight, "--aux-weight")
     if freeze:
         settings["freeze"] = list(freeze)
     if choose:  # candidate values chosen on validation (oncoslide.training.choose)
@@ -1639,7 +1633,7 @@ def zoo_train(
     settings: dict[str, Any] = study.train_settings()
     model = _pick(ctx, "model", model, settings.get("model"))
     settings.update({"task": "survival", "model": model, "progress": view == "bars"})
-    _add_model_args(settings, model_arg)
+    _merge_assignments(settings, "model_kwargs", model_arg, "--model-arg")
     for key, value in (
         ("folds", folds),
         ("epochs", epochs),

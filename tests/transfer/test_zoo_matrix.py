@@ -109,8 +109,9 @@ def test_zoo_and_matrix_through_the_cli(tiny_cohort: Path, tmp_path: Path) -> No
          "--model-arg", "gated=false"],
     )  # fmt: skip
     assert made.exit_code == 0, made.output
+    built = load_zoo(zoo)
     for cancer in ("SIM-A", "SIM-B"):  # the model keywords reached every model
-        source = load_zoo(zoo).model(cancer)
+        source = built.model(cancer)
         assert source.config.model_kwargs == {"attn_dim": 32, "gated": False}
         attention = cast(ABMIL, source.model).attention
         assert attention.gate_branch is None and attention.score.in_features == 32
