@@ -3,6 +3,7 @@ routed by the top-k weights and scaled, are added to the output (issue 13, must-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -149,3 +150,45 @@ def test_trains_saves_and_reloads(zoo: Path, tiny_cohort: Path, tmp_path: Path) 
     assert model.source_risk and model.risk_scale is not None
     assert model.routed_names == ["SIM-A", "own"]
     assert model.risk_scale.item() != 1.0  # it was trained
+
+
+def test_off_on_a_classification_target(zoo: Path) -> None:
+    """The shift would cancel in the softmax: with the target's task a classification the path
+    is off by default and refused when asked for (with its options too)."""
+    for kind in ("binary", "multiclass"):
+        model = create_model("roupkt", in_dim=16, n_outputs=2 if kind == "binary" else 3,
+                             hidden_dim=8, experts=str(zoo), target_task=kind)  # fmt: skip
+        assert isinstance(model, ROUPKT)
+        assert not model.source_risk and model.risk_scale is None
+        assert not model.source_risk_standardise and "risk_mean" not in model.state_dict()
+        with pytest.raises(ConfigError, match=rf"softmax cancels.*{kind}|{kind}.*softmax"):
+            _model(zoo, 2, source_risk=True, target_task=kind)
+        with pytest.raises(ConfigError, match=f"off on a {kind} target"):
+            create_model("roupkt", in_dim=16, n_outputs=2, hidden_dim=8, experts=str(zoo),
+                         target_task=kind, source_risk_standardise=True)  # fmt: skip
+    survival = create_model("roupkt", in_dim=16, n_outputs=1, hidden_dim=8, experts=str(zoo),
+                            target_task="survival")  # fmt: skip
+    assert isinstance(survival, ROUPKT) and survival.source_risk
+    with pytest.raises(ConfigError, match="target_task"):
+        _model(zoo, target_task="regression")
+
+
+def test_the_training_path_tells_the_target_task(zoo: Path, tiny_cohort: Path,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    """A binary target through the one training path: the model folder records the task's
+    kind and the model has no source-risk path (no risk statistics computed)."""
+    table = pd.read_csv(tiny_cohort / "cohort.csv")
+    target = tmp_path / "SIM-B.csv"
+    table[table["cohort"] == "SIM-B"].to_csv(target, index=False)
+    cohort = load_cohort(target, tiny_cohort / "features", label_cols=("msi",))
+    config = make_config(task="msi", model="roupkt", folds=2, epochs=1, n_boot=0,
+                         progress=False, model_kwargs={"experts": str(zoo), "hidden_dim": 8,
+                                                       "exclude": ["SIM-B"]})  # fmt: skip
+    cross_validate(cohort, config, tmp_path / "run")
+    folder = tmp_path / "run" / "folds" / "seed0-fold0" / "model"
+    spec = json.loads((folder / "model.json").read_text())["model"]
+    assert spec["kwargs"]["target_task"] == "binary"
+    model = cast(ROUPKT, load_model_folder(folder).model)
+    assert not model.source_risk and model.risk_scale is None
+    preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert len(preds) == len(cohort.patients) and preds["prob_1"].between(0, 1).all()

@@ -43,8 +43,9 @@ discrete-time target head's bins: shifting every hazard logit is monotone in ris
 
 The own expert has no risk (it is left out of the sum). At initialisation the model is thus the
 routed ensemble of the sources' zero-shot predictions plus a small learned correction. On a
-classification target the shift cancels in the softmax (the path then changes nothing); with
-experts that are not survival models it is off (``source_risk=true`` is then refused).
+classification target the shift would cancel in the softmax, so there the path is off (the
+training path tells the model its target's task, ``target_task``), and so it is with experts
+that are not survival models; ``source_risk=true`` is refused in both cases.
 ``source_risk=false`` gives the revision-2 model (the zoo's embeddings only). Why the default:
 over the 18 rare targets of six fresh worlds named in advance, this configuration beats the
 cancer-specific ABMIL (+0.081 [+0.036, +0.124], p 0.002), where the path without the
@@ -113,6 +114,7 @@ class OwnExpert(AttentionSlidePath):
     uses_coords=False,
     aux_losses={"balance": 0.01, "z": 0.01},
     needs_experts=True,
+    target_task=True,  # the training path passes target_task (the source-risk path's default)
     describes_patients=True,  # routing weights per expert, beside the predictions
     # 2: the target's own trainable expert by default (own_expert=True); 3: the source-risk
     # path, standardised, with risk_scale_lr 100, on by default for survival zoos. Earlier runs
@@ -141,6 +143,9 @@ class ROUPKT(MILModel):
             on with the source-risk path.
         risk_scale_lr: learning-rate multiplier of the source-risk scale(s) (``lr_scales``).
             Default (None): 100 with the source-risk path.
+        target_task: the target's task kind (``"survival"``, ``"binary"``, ``"multiclass"``),
+            filled by the training path (a model built by hand without it is taken to have a
+            survival target). On a classification target the source-risk path is off.
     """
 
     # buffers of source_risk_standardise (registered only with it)
@@ -163,6 +168,7 @@ class ROUPKT(MILModel):
         source_risk_scale: str = "shared",
         source_risk_standardise: bool | None = None,
         risk_scale_lr: float | None = None,
+        target_task: str | None = None,
     ) -> None:
         super().__init__(in_dim, n_outputs, dropout, hidden_dim)
         from oncoslide.transfer.zoo import load_zoo
@@ -222,12 +228,28 @@ class ROUPKT(MILModel):
         # per zoo expert, how its head's logits become one risk ("cox": the logit; "nll": the
         # discrete-time risk), as the training path of its own task computes it
         self._risk_kinds: list[str] = []
-        if source_risk is None:  # the default: on wherever it can be (survival experts)
-            source_risk = all(t.task.is_survival for t in loaded)
+        if target_task not in (None, "survival", "binary", "multiclass"):
+            raise ConfigError(
+                f"roupkt: target_task must be survival, binary or multiclass, got {target_task!r}"
+            )
+        classifies = target_task in ("binary", "multiclass")
+        if source_risk and classifies:
+            raise ConfigError(
+                f"roupkt: source_risk adds the same shift to every class logit of a "
+                f"{target_task} target, which the softmax cancels; it only works on survival "
+                f"targets"
+            )
+        if source_risk is None:  # the default: on wherever it can act (survival everywhere)
+            source_risk = not classifies and all(t.task.is_survival for t in loaded)
             if not source_risk and (source_risk_standardise or risk_scale_lr is not None):
+                why = (
+                    f"off on a {target_task} target"
+                    if classifies
+                    else "which needs survival experts; this zoo holds other models"
+                )
                 raise ConfigError(
-                    "roupkt: source_risk_standardise and risk_scale_lr act on the source-risk "
-                    "path, which needs survival experts; this zoo holds other models"
+                    f"roupkt: source_risk_standardise and risk_scale_lr act on the source-risk "
+                    f"path, {why}"
                 )
         if source_risk_standardise is None:
             source_risk_standardise = source_risk

@@ -35,8 +35,10 @@ CHOOSABLE_SETTINGS = (
     "sampler",
 )
 # Model keywords the training path fills itself (input and output sizes, side layout, the
-# label tree): never chosen.
-PATH_OWNED_KEYWORDS = frozenset({"in_dim", "n_outputs", "side_layout", "tree", "classes"})
+# label tree, the target's task): never chosen.
+PATH_OWNED_KEYWORDS = frozenset(
+    {"in_dim", "n_outputs", "side_layout", "tree", "classes", "target_task"}
+)
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 

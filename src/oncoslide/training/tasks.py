@@ -256,11 +256,14 @@ class FoldTask:
     # -- targets ----------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
         """The model's keyword arguments: the run's, plus the fold's side-input layout (width
-        and gene-group positions after selection) for models that declare ``side_layout``."""
+        and gene-group positions after selection) for models that declare ``side_layout``, and
+        the task's kind for models that declare ``target_task``."""
         kwargs = dict(self.config.model_kwargs)
         if MODELS.metadata(self.config.model).get("side_layout"):
             kwargs["side_layout"] = {k: v.layout() for k, v in self.side_scalers.items()}
         kwargs.update(tree_model_kwargs(self.config.model, self.task))
+        if MODELS.metadata(self.config.model).get("target_task"):
+            kwargs["target_task"] = self.task.kind
         encoder_init = MODELS.metadata(self.config.model).get("encoder_init")
         if callable(encoder_init) and self.config.init:
             # the architecture of the --init encoder folder (its weights come in initialise_from)
