@@ -17,6 +17,14 @@ when reused). Folders already written are reused::
 
 Measured 2026-12-01 (docs/transfer.md, "Which zoo model for the matrix"): about 5-9 minutes
 per zoo on 2 shared CPU cores.
+
+``--familiar-only`` adds a diagnostic that only a simulated world allows (its patch labels):
+the Spearman of a matrix in which each source scores the target's slides with the patches of
+morphologies it never met in training left out (other families' tumour morphologies, other
+cancers' own tissue), as ``spearman_familiar``. It measures how much of the gap the sources'
+response to unfamiliar tissue costs; it is not a method (no gate learned from the patches
+reproduces it, docs/transfer.md). About 3 minutes per world (it writes filtered feature
+copies to a temporary folder under OUT).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from scipy.stats import spearmanr
 from oncoslide.cohort.table import load_cohort
 from oncoslide.simulate import make_simulation_config, simulate_cohort
 from oncoslide.training import make_config
-from oncoslide.transfer import build_zoo, load_zoo, transfer_matrix
-from oncoslide.transfer.report import visible_oracle
+from oncoslide.transfer import Zoo, build_zoo, load_zoo, transfer_matrix
+from oncoslide.transfer.report import _prototype_sets, visible_oracle
+from oncoslide.transfer.zoo import cancer_groups, cindex_interval
 
 
 def agreement(truth: dict, cells: pd.DataFrame) -> dict[str, float]:
@@ -61,7 +70,58 @@ def agreement(truth: dict, cells: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def run(out: Path, seed: int, model: str, min_patients: int, epochs: int) -> dict[str, object]:
+def familiar_only_cells(world: Path, zoo: Zoo, scratch: Path) -> pd.DataFrame:
+    """Off-diagonal cells (source, target, c_index, diagonal) with every target slide reduced to
+    the patches whose prototype (the world's patch labels) the source's cancer has; a slide
+    left without any patch stays whole."""
+    import h5py
+
+    from oncoslide.features.cache import FeatureCache
+    from oncoslide.training.predict import predict_logits
+
+    truth = json.loads((world / "truth.json").read_text())
+    labels = np.load(world / "truth_patch_labels.npz")
+    names = {int(p["index"]): str(p["name"]) for p in truth["prototypes"]}
+    members = _prototype_sets(truth)
+    groups = cancer_groups(load_cohort(world / "cohort.csv", world / "features"), zoo.by)
+    rows = []
+    for source in zoo.cancers:
+        known = [i for i, name in names.items() if name in members[source]]
+        folder = scratch / source
+        folder.mkdir(parents=True)
+        for path in sorted((world / "features").glob("*.h5")):
+            keep = np.isin(labels[path.stem], known)
+            keep = keep if keep.any() else np.ones_like(keep)
+            with h5py.File(path) as src, h5py.File(folder / path.name, "w") as dst:
+                dst.attrs.update(dict(src.attrs))
+                for key in src:
+                    copy = dst.create_dataset(key, data=src[key][()][keep])
+                    copy.attrs.update(dict(src[key].attrs))
+        cohort = load_cohort(world / "cohort.csv", folder)
+        trained = zoo.model(source)
+        seen = set(trained.patients()["patient_id"].astype(str))
+        cache = FeatureCache()
+        try:
+            for target, members_ids in groups.items():
+                if target == source:
+                    continue
+                sub = cohort.subset([p for p in members_ids if p not in seen])
+                ids = sub.patients_with(sub.time_col, sub.event_col)
+                logits, _ = predict_logits(trained, sub, ids, cache)
+                y = sub.survival(ids)
+                frame = pd.DataFrame({"patient_id": ids, "time": y["time"], "event": y["event"],
+                                      "risk": trained.fold_task.prediction_frame(logits)["risk"]
+                                      .to_numpy()})  # fmt: skip
+                c = cindex_interval(frame, 1, 0)[0]
+                rows.append({"source": source, "target": target, "c_index": c, "diagonal": False})
+        finally:
+            cache.close()
+    return pd.DataFrame(rows)
+
+
+def run(
+    out: Path, seed: int, model: str, min_patients: int, epochs: int, familiar_only: bool = False
+) -> dict[str, object]:
     world = out / f"w{seed}" / "world"
     if not (world / "truth.json").exists():
         simulate_cohort(world, make_simulation_config("pan-cancer", {"seed": seed}))
@@ -76,10 +136,16 @@ def run(out: Path, seed: int, model: str, min_patients: int, epochs: int) -> dic
         transfer_matrix(zoo, cohort, folder / "tm", n_boot=200)
     cells = pd.read_csv(folder / "tm" / "matrix.csv", dtype={"source": str, "target": str})
     truth = json.loads((world / "truth.json").read_text())
+    row: dict[str, object] = {"seed": seed, "model": model, **agreement(truth, cells)}
+    if familiar_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            familiar = agreement(truth, familiar_only_cells(world, zoo, Path(scratch)))
+        row["spearman_familiar"] = familiar["spearman"]
+        row["spearman_cross_familiar"] = familiar["spearman_cross"]
     return {
-        "seed": seed,
-        "model": model,
-        **agreement(truth, cells),
+        **row,
         "zoo_cv_c": float(np.mean([e.c_index for e in zoo.entries])),
         "seconds": round(time.perf_counter() - start),
     }
@@ -92,11 +158,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["abmil", "mean", "max"])
     parser.add_argument("--min-patients", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--familiar-only", action="store_true",
+                        help="also the matrix with unfamiliar target patches left out (truth)")  # fmt: skip
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
         for model in args.models:
-            rows.append(run(args.out, seed, model, args.min_patients, args.epochs))
+            rows.append(
+                run(args.out, seed, model, args.min_patients, args.epochs, args.familiar_only)
+            )
             print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False), flush=True)
     print(pd.DataFrame(rows).round(3).to_string(index=False))
 
