@@ -24,7 +24,7 @@ demo-heatmap: $(VENV)/.base
 	$(VENV)/bin/oncoslide demo --heatmap --out $(DEMO_OUT)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
 
 test-all: $(VENV)/.dev
 	$(PY) -m pytest -q
