@@ -184,6 +184,11 @@ def test_the_training_path_tells_the_target_task(zoo: Path, tiny_cohort: Path,
     config = make_config(task="msi", model="roupkt", folds=2, epochs=1, n_boot=0,
                          progress=False, model_kwargs={"experts": str(zoo), "hidden_dim": 8,
                                                        "exclude": ["SIM-B"]})  # fmt: skip
+    asked = config.model_copy(update={"model_kwargs": {**config.model_kwargs,
+                                                       "source_risk": True}})  # fmt: skip
+    with pytest.raises(ConfigError, match="softmax cancels"):
+        cross_validate(cohort, asked, tmp_path / "refused")  # refused before any folder
+    assert not (tmp_path / "refused").exists()
     cross_validate(cohort, config, tmp_path / "run")
     folder = tmp_path / "run" / "folds" / "seed0-fold0" / "model"
     spec = json.loads((folder / "model.json").read_text())["model"]

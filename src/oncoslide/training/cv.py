@@ -83,8 +83,8 @@ from oncoslide.training.tasks import (
     fit_fold_task,
     resolve_task,
     split_inputs,
+    task_model_kwargs,
     task_patients,
-    tree_model_kwargs,
 )
 
 _LOG = get_logger("training")
@@ -143,7 +143,7 @@ def cross_validate(
         in_dim=cohort.feature_dim,
         n_outputs=len(task.classes) or 1,
         **unfitted_model_kwargs(config, side),
-        **tree_model_kwargs(config.model, task),
+        **task_model_kwargs(config.model, task),
     )
     check_choices(cohort, task, config, side)  # each candidate model keyword builds
     patients = task_patients(cohort, task)
@@ -945,7 +945,7 @@ def check_choices(
             config.model,
             in_dim=in_dim,
             n_outputs=len(task.classes) or 1,
-            **{**unfitted_model_kwargs(config, side), **tree_model_kwargs(config.model, task),
+            **{**unfitted_model_kwargs(config, side), **task_model_kwargs(config.model, task),
                **kwargs},
         )  # fmt: skip
 

@@ -261,9 +261,7 @@ class FoldTask:
         kwargs = dict(self.config.model_kwargs)
         if MODELS.metadata(self.config.model).get("side_layout"):
             kwargs["side_layout"] = {k: v.layout() for k, v in self.side_scalers.items()}
-        kwargs.update(tree_model_kwargs(self.config.model, self.task))
-        if MODELS.metadata(self.config.model).get("target_task"):
-            kwargs["target_task"] = self.task.kind
+        kwargs.update(task_model_kwargs(self.config.model, self.task))
         encoder_init = MODELS.metadata(self.config.model).get("encoder_init")
         if callable(encoder_init) and self.config.init:
             # the architecture of the --init encoder folder (its weights come in initialise_from)
@@ -422,11 +420,16 @@ class FoldTask:
             return float(self.loss(logits, targets))
 
 
-def tree_model_kwargs(model: str, task: TaskSpec) -> dict[str, Any]:
-    """For models that declare ``uses_label_tree``: the task's tree and its class order."""
-    if not MODELS.metadata(model).get("uses_label_tree") or not task.tree:
-        return {}
-    return {"tree": {c: list(f) for c, f in task.tree}, "classes": list(task.classes)}
+def task_model_kwargs(model: str, task: TaskSpec) -> dict[str, Any]:
+    """What the task tells the models that ask: the tree and its class order (models that
+    declare ``uses_label_tree``, on a task with a tree), the task's kind (``target_task``)."""
+    meta = MODELS.metadata(model)
+    out: dict[str, Any] = {}
+    if meta.get("uses_label_tree") and task.tree:
+        out.update(tree={c: list(f) for c, f in task.tree}, classes=list(task.classes))
+    if meta.get("target_task"):
+        out["target_task"] = task.kind
+    return out
 
 
 def fit_fold_task(
@@ -502,6 +505,6 @@ __all__ = [
     "label_str",
     "resolve_task",
     "split_inputs",
+    "task_model_kwargs",
     "task_patients",
-    "tree_model_kwargs",
 ]
