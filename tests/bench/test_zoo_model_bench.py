@@ -25,9 +25,9 @@ from oncoslide.transfer.report import _prototype_sets
 def small_pan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Three cancers in two prognostic families, a zoo of 1-epoch ABMIL models."""
     out = tmp_path_factory.mktemp("pan-small")
-    settings = {"n_patients": 150, "n_cohorts": 3, "cohort_size_ratio": 2.0,
-                "prognosis_families": 2, "feature_dim": 16, "patches_median": 20,
-                "patches_min": 8, "seed": 2}  # fmt: skip
+    settings = {"n_patients": 90, "n_cohorts": 3, "cohort_size_ratio": 2.0,
+                "prognosis_families": 2, "feature_dim": 16, "patches_median": 12,
+                "patches_min": 6, "seed": 2}  # fmt: skip
     simulate_cohort(out / "world", make_simulation_config("pan-cancer", settings))
     cohort = load_cohort(out / "world" / "cohort.csv", out / "world" / "features")
     config = make_config(task="survival", folds=2, epochs=1, n_boot=0, progress=False,
