@@ -42,6 +42,7 @@ from oncoslide.cohort.table import load_cohort
 from oncoslide.simulate import make_simulation_config, simulate_cohort
 from oncoslide.training import make_config
 from oncoslide.transfer import Zoo, build_zoo, load_zoo, transfer_matrix
+from oncoslide.transfer.matrix import score_unseen
 from oncoslide.transfer.report import _prototype_sets, visible_oracle
 from oncoslide.transfer.zoo import cancer_groups, cindex_interval
 
@@ -77,13 +78,11 @@ def familiar_only_cells(world: Path, zoo: Zoo, scratch: Path) -> pd.DataFrame:
     import h5py
 
     from oncoslide.features.cache import FeatureCache
-    from oncoslide.training.predict import predict_logits
 
     truth = json.loads((world / "truth.json").read_text())
     labels = np.load(world / "truth_patch_labels.npz")
     names = {int(p["index"]): str(p["name"]) for p in truth["prototypes"]}
     members = _prototype_sets(truth)
-    groups = cancer_groups(load_cohort(world / "cohort.csv", world / "features"), zoo.by)
     rows = []
     for source in zoo.cancers:
         known = [i for i, name in names.items() if name in members[source]]
@@ -102,16 +101,11 @@ def familiar_only_cells(world: Path, zoo: Zoo, scratch: Path) -> pd.DataFrame:
         seen = set(trained.patients()["patient_id"].astype(str))
         cache = FeatureCache()
         try:
-            for target, members_ids in groups.items():
-                if target == source:
+            for target, patient_ids in cancer_groups(cohort, zoo.by).items():
+                frame = None if target == source else score_unseen(
+                    trained, cohort, patient_ids, seen, cache)  # fmt: skip
+                if frame is None:
                     continue
-                sub = cohort.subset([p for p in members_ids if p not in seen])
-                ids = sub.patients_with(sub.time_col, sub.event_col)
-                logits, _ = predict_logits(trained, sub, ids, cache)
-                y = sub.survival(ids)
-                frame = pd.DataFrame({"patient_id": ids, "time": y["time"], "event": y["event"],
-                                      "risk": trained.fold_task.prediction_frame(logits)["risk"]
-                                      .to_numpy()})  # fmt: skip
                 c = cindex_interval(frame, 1, 0)[0]
                 rows.append({"source": source, "target": target, "c_index": c, "diagonal": False})
         finally:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,7 +34,10 @@ from oncoslide.cohort.table import Cohort
 from oncoslide.features.cache import FeatureCache
 from oncoslide.transfer.zoo import Zoo, cancer_groups, cindex_interval, out_of_fold
 
-__all__ = ["TransferMatrix", "clustered_order", "transfer_matrix"]
+if TYPE_CHECKING:
+    from oncoslide.training.model_folder import TrainedModel
+
+__all__ = ["TransferMatrix", "clustered_order", "score_unseen", "transfer_matrix"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,27 @@ def clustered_order(matrix: pd.DataFrame) -> list[str]:
     return [labels[i] for i in order]
 
 
+def score_unseen(
+    model: TrainedModel,
+    cohort: Cohort,
+    patient_ids: Sequence[str],
+    seen: set[str],
+    cache: FeatureCache,
+) -> pd.DataFrame | None:
+    """The model's risk on the patients of ``patient_ids`` it never saw (not in ``seen``) that
+    have a survival outcome: patient_id, time, event, risk; None when none is left."""
+    from oncoslide.training.predict import predict_logits
+
+    sub = cohort.subset([p for p in patient_ids if p not in seen])
+    ids = sub.patients_with(sub.time_col, sub.event_col)
+    if not ids:
+        return None
+    logits, _ = predict_logits(model, sub, ids, cache)
+    risk = model.fold_task.prediction_frame(logits)["risk"].to_numpy()
+    y = sub.survival(ids)
+    return pd.DataFrame({"patient_id": ids, "time": y["time"], "event": y["event"], "risk": risk})
+
+
 def transfer_matrix(
     zoo: Zoo,
     cohort: Cohort,
@@ -70,7 +96,7 @@ def transfer_matrix(
     seed: int = 0,
 ) -> TransferMatrix:
     """Score every zoo model on every cancer of ``cohort`` (see the module docstring)."""
-    from oncoslide.training.predict import check_contract, predict_logits
+    from oncoslide.training.predict import check_contract
     from oncoslide.training.run_folder import RunFolder
 
     out = check_folder_target(out_dir)
@@ -89,17 +115,10 @@ def transfer_matrix(
                 if target == source:
                     frame = out_of_fold(pd.read_parquet(RunFolder(zoo.cv_run(source)).predictions))
                 else:
-                    ids = [p for p in groups[target] if p not in seen]
-                    sub = cohort.subset(ids)
-                    ids = sub.patients_with(sub.time_col, sub.event_col)
-                    if not ids:
+                    unseen = score_unseen(model, cohort, groups[target], seen, cache)
+                    if unseen is None:
                         continue
-                    logits, _ = predict_logits(model, sub, ids, cache)
-                    risk = model.fold_task.prediction_frame(logits)["risk"].to_numpy()
-                    y = sub.survival(ids)
-                    frame = pd.DataFrame(
-                        {"patient_id": ids, "time": y["time"], "event": y["event"], "risk": risk}
-                    )
+                    frame = unseen
                 c, lo, hi = cindex_interval(frame, n_boot, seed)
                 rows.append(
                     {
