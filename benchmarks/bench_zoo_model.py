@@ -6,7 +6,9 @@ cancers with >= ``--min-patients`` patients (12 epochs, 5-fold CV, otherwise the
 score the matrix, and print one row: Spearman of the recovered C-index with the planted
 similarity over the off-diagonal pairs and over the cross-family ones, the zoo's mean CV
 C-index, and the world's ceilings (``visible_oracle``: the oracle on the visible latents and on
-the latents read from the shared morphologies) and the seconds spent training and scoring (0
+the latents read from the shared morphologies; a perfect reader of the shares, then of the
+shares and cells' states, whose coefficients are learned from each source's patients) and the
+seconds spent training and scoring (0
 when reused). Folders already written are reused::
 
     OUT/w<seed>/world/            the simulated world
@@ -43,7 +45,7 @@ from oncoslide.simulate import make_simulation_config, simulate_cohort
 from oncoslide.training import make_config
 from oncoslide.transfer import Zoo, build_zoo, load_zoo, transfer_matrix
 from oncoslide.transfer.matrix import score_unseen
-from oncoslide.transfer.report import _prototype_sets, visible_oracle
+from oncoslide.transfer.report import CEILING_COLUMNS, _prototype_sets, visible_oracle
 from oncoslide.transfer.zoo import cancer_groups, cindex_interval
 
 
@@ -65,7 +67,7 @@ def agreement(truth: dict, cells: pd.DataFrame) -> dict[str, float]:
         "spearman": float(spearmanr(off["planted"], off["c_index"]).statistic),
         "spearman_cross": float(spearmanr(cross["planted"], cross["c_index"]).statistic),
     }
-    for column in ("visible_c_index", "readout_c_index"):
+    for column in CEILING_COLUMNS:
         if column in off:
             out[column] = float(spearmanr(off["planted"], off[column]).statistic)
     return out

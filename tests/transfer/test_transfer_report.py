@@ -181,7 +181,9 @@ def test_transfer_report_from_matrix_benchmark_and_truth(
     pairs = pd.read_csv(out / "pairs.csv").set_index(["source", "target"])
     off_keys = list(zip(off["source"], off["target"], strict=True))
     for column, key in (("visible_c_index", "spearman_visible_planted"),
-                        ("readout_c_index", "spearman_readout_planted")):  # fmt: skip
+                        ("readout_c_index", "spearman_readout_planted"),
+                        ("learned_c_index", "spearman_learned_planted"),
+                        ("learned_states_c_index", "spearman_learned_states_planted")):  # fmt: skip
         assert report.summary[key] == pytest.approx(
             stats.spearmanr(planted, pairs.loc[off_keys, column]).statistic
         )

@@ -9,8 +9,9 @@ survival tasks and, for simulated data, the world's planted truth.
       similarity.png      planted similarity beside the recovered matrix, same order (truth)
       pairs.csv           off-diagonal pairs: source, target, c_index, planted similarity,
                           oracle transfer C, same_family, and the oracle restricted to what
-                          the slides show across the pair (visible_c_index, readout_c_index;
-                          :func:`visible_oracle`) (truth)
+                          the slides show across the pair (visible_c_index, readout_c_index,
+                          learned_c_index, learned_states_c_index; :func:`visible_oracle`)
+                          (truth)
       gains.csv           per target and method: C of the method and of the cancer-specific
                           model, the paired difference, its interval and p, n patients, rare
       gains.png
@@ -119,7 +120,12 @@ def load_world(path: PathLike) -> World:
 
 
 VISIBLE_COLUMNS = ["source", "target", "shared_prototypes", "visible_latents",
-                   "visible_c_index", "readout_c_index"]  # fmt: skip
+                   "visible_c_index", "readout_c_index", "learned_c_index",
+                   "learned_states_c_index"]  # fmt: skip
+CEILING_COLUMNS = ["visible_c_index", "readout_c_index", "learned_c_index",
+                   "learned_states_c_index"]  # fmt: skip
+#: lifelines' ridge penalty of the learned readers (standardised covariates)
+LEARNED_PENALIZER = 0.1
 
 
 def _prototype_sets(truth: dict[str, Any]) -> dict[str, set[str]]:
@@ -154,6 +160,17 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
       on those shares, over every patient of the world whose cancer has all the shared
       prototypes (the world's reading, not the sample's). Cells' state is not used, so this
       one is conservative for same-family pairs.
+    - ``learned_c_index``: what a perfect reader of the morphologies learns from the source's
+      own patients, with no true coefficient: a ridge Cox model (lifelines, penalty
+      :data:`LEARNED_PENALIZER` on covariates standardised over the source's patients) of the
+      source's survival on the realised shares of its cancer's prototypes, fitted on all its
+      patients (as the zoo's all-patient model), applied unchanged to the target's shares of
+      the same prototypes (a prototype the target lacks has share 0 there).
+    - ``learned_states_c_index``: the same reader that also reads the cells' state exactly:
+      per latent that a prototype of the source's cancer carries as its cells' state, a
+      covariate equal to the patient's latent where its slides hold such a prototype, else 0.
+      A source model that learns its own cancer well reads these; on another family's slides
+      they are absent.
 
     Only the four named latents (no interface or genomic term; None if the world has them),
     and None when the truth lacks the patients or the prototypes."""
@@ -183,6 +200,24 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
     event = table["event_time"].to_numpy(float) <= table["censor_time"].to_numpy(float)
     cohort = table["cohort"].astype(str).to_numpy()
     mixes = list(table["mix_realised"])
+    states = {str(p["name"]): p.get("state_latent") for p in prototypes}
+    learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for a in coefs:
+        if a not in members:
+            continue
+        own = sorted(members[a])
+        shares = np.array([[float(m.get(n, 0.0)) for n in own] for m in mixes])
+        read = sorted({str(states[n]) for n in own if states[n] in names})
+        state_cols = [
+            np.where(shares[:, [states[n] == latent for n in own]].sum(axis=1) > 0,
+                     z[:, names.index(latent)], 0.0)
+            for latent in read
+        ]  # fmt: skip
+        src = cohort == a
+        learned[a] = (
+            _learned_risk(shares, src, time, event),
+            _learned_risk(np.column_stack([shares, *state_cols]), src, time, event),
+        )
     rows = []
     for a in coefs:
         for b in coefs:
@@ -200,6 +235,7 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
             design = np.column_stack([np.ones(len(shares)), shares])
             beta, *_ = np.linalg.lstsq(design[fit], z[fit], rcond=None)
             readout = harrell_c(time[mine], event[mine], design[mine] @ beta @ coefs[a])
+            by_shares, by_states = learned[a]
             rows.append(
                 {
                     "source": a,
@@ -208,9 +244,43 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
                     "visible_latents": ";".join(n for n, v in zip(names, seen, strict=True) if v),
                     "visible_c_index": visible,
                     "readout_c_index": readout,
+                    "learned_c_index": _c_or_nan(time[mine], event[mine], by_shares[mine]),
+                    "learned_states_c_index": _c_or_nan(time[mine], event[mine], by_states[mine]),
                 }
             )
     return pd.DataFrame(rows, columns=VISIBLE_COLUMNS)
+
+
+def _c_or_nan(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    from oncoslide.simulate.truth import harrell_c
+
+    return math.nan if not np.isfinite(risk).all() else harrell_c(time, event, risk)
+
+
+def _learned_risk(
+    covariates: np.ndarray, fit_rows: np.ndarray, time: np.ndarray, event: np.ndarray
+) -> np.ndarray:
+    """Every patient's risk under a ridge Cox model fitted on ``fit_rows`` (covariates
+    standardised over those rows; one constant over them carries nothing and is left out; a
+    constant risk when none varies, NaN when the fit has no event or fails)."""
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+
+    x = covariates[fit_rows]
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    varies = sd > 1e-12
+    if not varies.any():
+        return np.zeros(len(covariates))
+    if not event[fit_rows].any():
+        return np.full(len(covariates), math.nan)
+    standard = (covariates[:, varies] - mean[varies]) / sd[varies]
+    frame = pd.DataFrame(standard[fit_rows], columns=[f"x{i}" for i in range(int(varies.sum()))])
+    frame["time"], frame["event"] = time[fit_rows], event[fit_rows].astype(int)
+    try:
+        fitted = CoxPHFitter(penalizer=LEARNED_PENALIZER).fit(frame, "time", "event")
+    except ConvergenceError:
+        return np.full(len(covariates), math.nan)
+    return np.asarray(standard @ fitted.params_.to_numpy(float), dtype=float)
 
 
 @dataclass
@@ -245,7 +315,10 @@ class TransferReport:
             lines.append(
                 "ceilings of what the slides show across each pair, vs planted: the oracle on "
                 f"the visible latents {s['spearman_visible_planted']:.3f}, on the latents read "
-                f"from the shared morphologies {_fmt(s.get('spearman_readout_planted'))}"
+                f"from the shared morphologies {_fmt(s.get('spearman_readout_planted'))}; "
+                "learned from each source's patients by a perfect reader of the shares "
+                f"{_fmt(s.get('spearman_learned_planted'))}, of the shares and cell states "
+                f"{_fmt(s.get('spearman_learned_states_planted'))}"
             )
         for method, rare in (s.get("rare_mean_diff") or {}).items():
             interval = (
@@ -343,7 +416,7 @@ def _pairs(cells: pd.DataFrame, world: World | None) -> pd.DataFrame:
         ]
         if world.visible is not None:
             v = world.visible.set_index(["source", "target"])
-            for column in ("visible_c_index", "readout_c_index"):
+            for column in CEILING_COLUMNS:
                 off[column] = [
                     float(v.at[(s, t), column]) if (s, t) in v.index else math.nan
                     for s, t in zip(off["source"], off["target"], strict=True)
@@ -767,7 +840,11 @@ def _page(report: TransferReport, figures: list[str], has_world: bool) -> str:
             "that prototypes the source and target share express, and to the latents as the "
             "shares of those prototypes read them) vs planted: "
             f"{_fmt(s.get('spearman_visible_planted'))} and "
-            f"{_fmt(s.get('spearman_readout_planted'))}.</p>",
+            f"{_fmt(s.get('spearman_readout_planted'))}. A perfect reader of the morphologies "
+            "whose coefficients are learned from each source's own patients (no true "
+            "coefficient; ridge Cox on the realised shares, then also on the cells' state) vs "
+            f"planted: {_fmt(s.get('spearman_learned_planted'))} and "
+            f"{_fmt(s.get('spearman_learned_states_planted'))}.</p>",
         ]
     if not report.gains.empty:
         g = report.gains.copy()
@@ -881,6 +958,12 @@ def transfer_report(
             )
             summary["spearman_readout_planted"] = _spearman(
                 pairs["readout_c_index"], pairs["planted_similarity"]
+            )
+            summary["spearman_learned_planted"] = _spearman(
+                pairs["learned_c_index"], pairs["planted_similarity"]
+            )
+            summary["spearman_learned_states_planted"] = _spearman(
+                pairs["learned_states_c_index"], pairs["planted_similarity"]
             )
         if summary["spearman_planted"] is None:
             del summary["spearman_planted"]
