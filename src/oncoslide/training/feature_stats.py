@@ -324,7 +324,11 @@ def tissue_summary(
     for i, (x, _) in enumerate(slides):
         z = _standardise(x, mean, std)
         lab = part.assign(z) if labels is None else np.asarray(labels[i], dtype=np.int64)
-        np.add.at(sums, lab, z)
+        # a one-hot product, not np.add.at (which loops per row: a quarter of the summary's
+        # time on 70,000 x 768 patches, measured)
+        one_hot = np.zeros((part.k, len(lab)))
+        one_hot[lab, np.arange(len(lab))] = 1.0
+        sums += one_hot @ z
         found.append(lab)
     labels = found
     shares, enriched = tissue_signature(labels, [xy for _, xy in slides], part.k)
