@@ -87,3 +87,29 @@ def test_with_nothing_left_out_the_cells_are_the_matrix(
     off = matrix[~matrix["diagonal"]].set_index(["source", "target"])["c_index"]
     got = cells.set_index(["source", "target"])["c_index"]
     pd.testing.assert_series_equal(got.sort_index(), off.sort_index(), check_exact=False, rtol=1e-9)
+
+
+def test_over_worlds_judges_b_per_model_by_hand(
+    benchmark_script: Callable[[str], ModuleType],
+) -> None:
+    bench = benchmark_script("bench_zoo_model")
+    rows = pd.DataFrame(
+        {
+            "seed": [0, 1, 2, 0, 1, 2],
+            "model": ["abmil"] * 3 + ["mean"] * 3,
+            "spearman": [0.6, 0.7, 0.8, 0.5, 0.5, 0.8],
+            "learned_c_index": [0.7, 0.8, 0.9, 0.7, 0.8, 0.9],
+            "zoo_cv_c": [0.7] * 6,
+        }
+    )
+    table = bench.over_worlds(rows).set_index("model")
+    # abmil: mean 0.7, sd 0.1, t(0.975, 2) = 4.3027 -> half width 0.1 * 4.3027 / sqrt(3)
+    half = 0.1 * 4.302652729911275 / np.sqrt(3)
+    assert table.at["abmil", "spearman"] == pytest.approx(0.7)
+    assert table.at["abmil", "spearman_lower"] == pytest.approx(0.7 - half)
+    assert table.at["abmil", "spearman_upper"] == pytest.approx(0.7 + half)
+    assert table.at["abmil", "worlds_at_threshold"] == 2  # 0.7 counts
+    assert table.at["mean", "worlds_at_threshold"] == 1
+    assert table.at["mean", "spearman"] == pytest.approx(0.6)
+    assert table.at["abmil", "learned_c_index"] == pytest.approx(0.8)
+    assert "zoo_cv_c" not in table.columns and int(table.at["mean", "n_worlds"]) == 3
