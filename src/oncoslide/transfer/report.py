@@ -199,14 +199,24 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
     time = np.minimum(table["event_time"].to_numpy(float), table["censor_time"].to_numpy(float))
     event = table["event_time"].to_numpy(float) <= table["censor_time"].to_numpy(float)
     cohort = table["cohort"].astype(str).to_numpy()
-    mixes = list(table["mix_realised"])
+    # every patient's realised share of every prototype, read once (0 where it has none)
+    column = {str(p["name"]): i for i, p in enumerate(prototypes)}
+    all_shares = np.zeros((len(table), len(column)))
+    for row, mix in enumerate(table["mix_realised"]):
+        for name, share in mix.items():
+            if str(name) in column:
+                all_shares[row, column[str(name)]] = float(share)
+
+    def shares_of(chosen: list[str]) -> np.ndarray:
+        return all_shares[:, [column[n] for n in chosen]]
+
     states = {str(p["name"]): p.get("state_latent") for p in prototypes}
     learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for a in coefs:
         if a not in members:
             continue
         own = sorted(members[a])
-        shares = np.array([[float(m.get(n, 0.0)) for n in own] for m in mixes])
+        shares = shares_of(own)
         read = sorted({str(states[n]) for n in own if states[n] in names})
         state_cols = [
             np.where(shares[:, [states[n] == latent for n in own]].sum(axis=1) > 0,
@@ -231,8 +241,7 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
             visible = harrell_c(time[mine], event[mine], z[mine] @ (coefs[a] * seen))
             # the world's least-squares reading of the latents from the shared shares
             fit = np.array([set(shared) <= set(members[str(c)]) for c in cohort])
-            shares = np.array([[float(m.get(n, 0.0)) for n in shared] for m in mixes])
-            design = np.column_stack([np.ones(len(shares)), shares])
+            design = np.column_stack([np.ones(len(table)), shares_of(shared)])
             beta, *_ = np.linalg.lstsq(design[fit], z[fit], rcond=None)
             readout = harrell_c(time[mine], event[mine], design[mine] @ beta @ coefs[a])
             by_shares, by_states = learned[a]
