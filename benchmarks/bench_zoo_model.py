@@ -7,15 +7,15 @@ score the matrix, and print one row: Spearman of the recovered C-index with the 
 similarity over the off-diagonal pairs and over the cross-family ones, the zoo's mean CV
 C-index, and the world's ceilings (``visible_oracle``: the oracle on the visible latents and on
 the latents read from the shared morphologies; a perfect reader of the shares, then of the
-shares and cells' states, whose coefficients are learned from each source's patients) and the
-seconds spent training and scoring (0
-when reused). Folders already written are reused::
+shares and cells' states, whose coefficients are learned from each source's patients, jointly
+and each alone) and the seconds spent training and scoring (0 when reused). Folders already
+written are reused::
 
     OUT/w<seed>/world/            the simulated world
     OUT/w<seed>/<model>/zoo/      the zoo
     OUT/w<seed>/<model>/tm/       its transfer matrix
 
-    python benchmarks/bench_zoo_model.py --out /tmp/zm --seeds 0 3 --models abmil mean max
+    python benchmarks/bench_zoo_model.py --out /tmp/zm --seeds 0 3 --models abmil composition
 
 The rows go to ``OUT/rows.csv``; a last table judges issue 13's B over the worlds per zoo model
 (``over_worlds``: the mean Spearman with its 95% t-interval, how many worlds reach 0.7, and the

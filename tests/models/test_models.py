@@ -17,6 +17,7 @@ LAYOUT = {"n_columns": 5, "groups": {"b": [2, 3, 4], "a": [0, 1], "c": [1, 4]}}
 SMALL: dict[str, dict[str, Any]] = {
     "mean": {},
     "max": {},
+    "composition": {"clusters": 3},
     "abmil": {"attn_dim": 8},
     "abmil_plain": {"attn_dim": 8},
     "transmil": {"n_landmarks": 6, "heads": 4},
@@ -29,6 +30,10 @@ SMALL: dict[str, dict[str, Any]] = {
     "slide-finetune": {"finetune": "full"},  # a small Threads encoder (docs/pretrain.md)
 }
 LENGTHS = (23, 9, 1, 16)  # includes a one-patch bag and a perfect square
+# models whose fixed statistics are fitted to the training part before use (fit_to_training)
+FITTED = {"composition"}
+# models that read the patches without a gradient (hard tissue assignment)
+NO_PATCH_GRADIENT = {"composition"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +44,16 @@ def _model(name: str, n_outputs: int = 3, seed: int = 0, **kw: Any) -> MILModel:
     options = {"in_dim": IN_DIM, "n_outputs": n_outputs, "hidden_dim": 16, **SMALL[name], **kw}
     if MODELS.metadata(name).get("uses_label_tree"):  # a tree over n_outputs fine classes
         options.setdefault("tree", {"A": [f"a{i}" for i in range(n_outputs - 1)], "B": ["b"]})
-    return create_model(name, **options).eval()
+    model = create_model(name, **options)
+    if name in FITTED:
+        features, mask = _batch((30, 25, 40), pad_to=40, seed=11)
+        model.fit_to_training(
+            [{"features": features[b : b + 1], "mask": mask[b : b + 1]} for b in range(3)]
+        )
+        with torch.no_grad():  # effects away from their zero start, so outputs differ
+            for p in model.parameters():
+                p.normal_()
+    return model.eval()
 
 
 def _batch(
@@ -142,7 +156,7 @@ def test_padding_gets_no_gradient_and_training_mode_runs(name: str) -> None:
         out = model(features, mask)
     loss = out.logits.sum() + out.embedding.sum() + sum(out.aux_losses.values())
     loss.backward()
-    if MODELS.metadata(name).get("uses_patches", True) is False:  # omics only: patches unused
+    if MODELS.metadata(name).get("uses_patches", True) is False or name in NO_PATCH_GRADIENT:
         assert features.grad is None or (features.grad == 0).all()
     else:
         assert features.grad is not None
@@ -199,6 +213,7 @@ def test_input_problems_are_listed_together() -> None:
         ("mean", {"hidden_dim": 0}, "hidden_dim"),
         ("abmil", {"attn_dim": 0}, "attn_dim"),
         ("transmil", {"heads": 5}, "heads"),
+        ("composition", {"clusters": 1, "effects": "both"}, "clusters.*effects"),
         ("transmil", {"n_landmarks": 0, "pinv_iterations": 0}, "n_landmarks.*pinv_iterations"),
     ],
 )

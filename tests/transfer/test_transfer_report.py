@@ -183,7 +183,8 @@ def test_transfer_report_from_matrix_benchmark_and_truth(
     for column, key in (("visible_c_index", "spearman_visible_planted"),
                         ("readout_c_index", "spearman_readout_planted"),
                         ("learned_c_index", "spearman_learned_planted"),
-                        ("learned_states_c_index", "spearman_learned_states_planted")):  # fmt: skip
+                        ("learned_states_c_index", "spearman_learned_states_planted"),
+                        ("learned_marginal_c_index", "spearman_learned_marginal_planted")):  # fmt: skip
         assert report.summary[key] == pytest.approx(
             stats.spearmanr(planted, pairs.loc[off_keys, column]).statistic
         )

@@ -1,6 +1,7 @@
 """MIL aggregators behind one registry: ``create_model("abmil", in_dim=1536, n_outputs=4)``.
 
-Registered models: ``mean``, ``max`` (pooling baselines), ``abmil`` (gated attention),
+Registered models: ``mean``, ``max`` (pooling baselines), ``composition`` (tissue-cluster
+shares with marginal or joint effects), ``abmil`` (gated attention),
 ``abmil_plain`` (tanh attention), ``transmil``, ``hmil`` (hierarchical labels), ``ghanet``
 and ``pathlupi`` (omics in training only), and the baselines that read omics at test time:
 ``omics_snn``, ``fusion_late`` and ``mome``; ``roupkt``, ``zoo_finetune`` and ``zoo_probe``
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from oncoslide.models import abmil as _abmil  # noqa: F401  (registers abmil, abmil_plain)
+from oncoslide.models import composition as _composition  # noqa: F401  (registers composition)
 from oncoslide.models import genomic as _genomic  # noqa: F401  (registers ghanet, pathlupi)
 from oncoslide.models import hmil as _hmil  # noqa: F401  (registers hmil)
 from oncoslide.models import omics_baselines as _omics  # noqa: F401  (omics_snn, fusion_late, mome)

@@ -68,6 +68,11 @@ class MILOutput:
             heatmaps draw one image per map.
         sample_weight: (B,) weights of the bags in a training step's task loss (a model's
             curriculum; classification only); None weighs them equally.
+        loss_views: (B, V, n_outputs) further outputs for the training loss: a training step
+            applies the task loss to each of the V views (B, n_outputs) and takes their mean,
+            in place of the task loss of ``logits`` (e.g. one view per input a model learns
+            the effect of on its own); validation, checkpoint choice and predictions use
+            ``logits``. None: the task loss of ``logits``.
     """
 
     logits: Tensor
@@ -77,6 +82,8 @@ class MILOutput:
     attention_maps: dict[str, Tensor] = field(default_factory=dict)
     # (B,) weights of the patients in the task loss of a training step (None: equal)
     sample_weight: Tensor | None = None
+    # (B, V, n_outputs): the training step's task loss is the mean over these views
+    loss_views: Tensor | None = None
 
 
 class MILModel(nn.Module):
@@ -155,7 +162,8 @@ class MILModel(nn.Module):
         (default: nothing, and ``bags`` is not read). The training path passes the training
         patients' whole bags one at a time, each ``{"patient_id": str, "features": (1, N, D),
         "mask": (1, N), "coords": (1, N, 2)}``, without outcomes; never a validation or test
-        patient. Store what is fitted in buffers, so a saved model predicts the same."""
+        patient. ``bags`` may be iterated more than once (each pass reads the bags again).
+        Store what is fitted in buffers, so a saved model predicts the same."""
         return None
 
     def freeze(self, groups: list[str] | tuple[str, ...]) -> int:

@@ -1053,18 +1053,33 @@ def resolve_expert_exclusion(config: TrainConfig, patients: Sequence[str]) -> Tr
     return config.model_copy(update={"model_kwargs": kwargs})
 
 
-def training_bags(
-    cohort: Cohort, train_ids: Sequence[str], cache: FeatureCache
-) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class TrainingBags:
     """The whole bags of the training part, one patient at a time and without outcomes, for
-    :meth:`~oncoslide.models.MILModel.fit_to_training` (read only as the model iterates)."""
-    for pid in train_ids:
-        bag = load_bag(cohort, pid, cache)
-        item = {"index": 0, "features": bag.features, "coords": bag.coords,
-                "slide_index": bag.slide_index}  # fmt: skip
-        batch = collate_bags([item])
-        yield {"patient_id": str(pid), "features": batch["features"], "mask": batch["mask"],
-               "coords": batch["coords"]}  # fmt: skip
+    :meth:`~oncoslide.models.MILModel.fit_to_training`. Each pass reads the bags anew (from the
+    feature cache), so a model may iterate more than once (fit, then measure under the fit)."""
+
+    cohort: Cohort
+    train_ids: Sequence[str]
+    cache: FeatureCache
+
+    def __len__(self) -> int:
+        return len(self.train_ids)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for pid in self.train_ids:
+            bag = load_bag(self.cohort, pid, self.cache)
+            item = {"index": 0, "features": bag.features, "coords": bag.coords,
+                    "slide_index": bag.slide_index}  # fmt: skip
+            batch = collate_bags([item])
+            yield {"patient_id": str(pid), "features": batch["features"],
+                   "mask": batch["mask"], "coords": batch["coords"]}  # fmt: skip
+
+
+def training_bags(cohort: Cohort, train_ids: Sequence[str], cache: FeatureCache) -> TrainingBags:
+    """The training part's bags for :meth:`~oncoslide.models.MILModel.fit_to_training` (read
+    only as the model iterates; each iteration reads them again)."""
+    return TrainingBags(cohort, list(train_ids), cache)
 
 
 def _choose_on_validation(

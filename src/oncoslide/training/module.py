@@ -127,7 +127,16 @@ class MILModule(pl.LightningModule):
             )
         else:
             out = self(batch)
-        task_loss = self.fold_task.loss(out.logits, batch, sample_weight=out.sample_weight)
+        if out.loss_views is not None:  # one task loss per view, averaged (MILOutput)
+            views = out.loss_views
+            task_loss = torch.stack(
+                [
+                    self.fold_task.loss(views[:, v], batch, sample_weight=out.sample_weight)
+                    for v in range(views.shape[1])
+                ]
+            ).mean()
+        else:
+            task_loss = self.fold_task.loss(out.logits, batch, sample_weight=out.sample_weight)
         loss = task_loss
         for name, value in out.aux_losses.items():
             if name not in self.aux_weights:

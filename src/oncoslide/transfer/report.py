@@ -10,7 +10,8 @@ survival tasks and, for simulated data, the world's planted truth.
       pairs.csv           off-diagonal pairs: source, target, c_index, planted similarity,
                           oracle transfer C, same_family, and the oracle restricted to what
                           the slides show across the pair (visible_c_index, readout_c_index,
-                          learned_c_index, learned_states_c_index; :func:`visible_oracle`)
+                          learned_c_index, learned_states_c_index, learned_marginal_c_index;
+                          :func:`visible_oracle`)
                           (truth)
       gains.csv           per target and method: C of the method and of the cancer-specific
                           model, the paired difference, its interval and p, n patients, rare
@@ -121,9 +122,9 @@ def load_world(path: PathLike) -> World:
 
 VISIBLE_COLUMNS = ["source", "target", "shared_prototypes", "visible_latents",
                    "visible_c_index", "readout_c_index", "learned_c_index",
-                   "learned_states_c_index"]  # fmt: skip
+                   "learned_states_c_index", "learned_marginal_c_index"]  # fmt: skip
 CEILING_COLUMNS = ["visible_c_index", "readout_c_index", "learned_c_index",
-                   "learned_states_c_index"]  # fmt: skip
+                   "learned_states_c_index", "learned_marginal_c_index"]  # fmt: skip
 #: lifelines' ridge penalty of the learned readers (standardised covariates)
 LEARNED_PENALIZER = 0.1
 
@@ -171,6 +172,9 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
       covariate equal to the patient's latent where its slides hold such a prototype, else 0.
       A source model that learns its own cancer well reads these; on another family's slides
       they are absent.
+    - ``learned_marginal_c_index``: the reader of the shares and states whose effects are
+      each learned alone (one univariable Cox model per covariate, same penalty, the risks
+      summed): unadjusted effects, which do not lean on covariates a target lacks.
 
     Only the four named latents (no interface or genomic term; None if the world has them),
     and None when the truth lacks the patients or the prototypes."""
@@ -211,7 +215,7 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
         return all_shares[:, [column[n] for n in chosen]]
 
     states = {str(p["name"]): p.get("state_latent") for p in prototypes}
-    learned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    learned: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for a in coefs:
         if a not in members:
             continue
@@ -227,6 +231,7 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
         learned[a] = (
             _learned_risk(shares, src, time, event),
             _learned_risk(np.column_stack([shares, *state_cols]), src, time, event),
+            _learned_risk(np.column_stack([shares, *state_cols]), src, time, event, marginal=True),
         )
     rows = []
     for a in coefs:
@@ -244,7 +249,7 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
             design = np.column_stack([np.ones(len(table)), shares_of(shared)])
             beta, *_ = np.linalg.lstsq(design[fit], z[fit], rcond=None)
             readout = harrell_c(time[mine], event[mine], design[mine] @ beta @ coefs[a])
-            by_shares, by_states = learned[a]
+            by_shares, by_states, by_marginal = learned[a]
             rows.append(
                 {
                     "source": a,
@@ -255,6 +260,9 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
                     "readout_c_index": readout,
                     "learned_c_index": _c_or_nan(time[mine], event[mine], by_shares[mine]),
                     "learned_states_c_index": _c_or_nan(time[mine], event[mine], by_states[mine]),
+                    "learned_marginal_c_index": _c_or_nan(
+                        time[mine], event[mine], by_marginal[mine]
+                    ),
                 }
             )
     return pd.DataFrame(rows, columns=VISIBLE_COLUMNS)
@@ -267,11 +275,16 @@ def _c_or_nan(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 def _learned_risk(
-    covariates: np.ndarray, fit_rows: np.ndarray, time: np.ndarray, event: np.ndarray
+    covariates: np.ndarray,
+    fit_rows: np.ndarray,
+    time: np.ndarray,
+    event: np.ndarray,
+    marginal: bool = False,
 ) -> np.ndarray:
     """Every patient's risk under a ridge Cox model fitted on ``fit_rows`` (covariates
     standardised over those rows; one constant over them carries nothing and is left out; a
-    constant risk when none varies, NaN when the fit has no event or fails)."""
+    constant risk when none varies, NaN when the fit has no event or fails). ``marginal``:
+    one univariable model per covariate instead, their risks summed."""
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
 
@@ -285,11 +298,17 @@ def _learned_risk(
     standard = (covariates[:, varies] - mean[varies]) / sd[varies]
     frame = pd.DataFrame(standard[fit_rows], columns=[f"x{i}" for i in range(int(varies.sum()))])
     frame["time"], frame["event"] = time[fit_rows], event[fit_rows].astype(int)
+    groups = [[c] for c in frame.columns[:-2]] if marginal else [list(frame.columns[:-2])]
+    coefs = []
     try:
-        fitted = CoxPHFitter(penalizer=LEARNED_PENALIZER).fit(frame, "time", "event")
+        for cols in groups:
+            fitted = CoxPHFitter(penalizer=LEARNED_PENALIZER).fit(
+                frame[[*cols, "time", "event"]], "time", "event"
+            )
+            coefs.extend(fitted.params_.to_numpy(float))
     except ConvergenceError:
         return np.full(len(covariates), math.nan)
-    return np.asarray(standard @ fitted.params_.to_numpy(float), dtype=float)
+    return np.asarray(standard @ np.asarray(coefs), dtype=float)
 
 
 @dataclass
@@ -327,7 +346,8 @@ class TransferReport:
                 f"from the shared morphologies {_fmt(s.get('spearman_readout_planted'))}; "
                 "learned from each source's patients by a perfect reader of the shares "
                 f"{_fmt(s.get('spearman_learned_planted'))}, of the shares and cell states "
-                f"{_fmt(s.get('spearman_learned_states_planted'))}"
+                f"{_fmt(s.get('spearman_learned_states_planted'))}, the latter with each "
+                f"effect learned alone {_fmt(s.get('spearman_learned_marginal_planted'))}"
             )
         for method, rare in (s.get("rare_mean_diff") or {}).items():
             interval = (
@@ -853,7 +873,9 @@ def _page(report: TransferReport, figures: list[str], has_world: bool) -> str:
             "whose coefficients are learned from each source's own patients (no true "
             "coefficient; ridge Cox on the realised shares, then also on the cells' state) vs "
             f"planted: {_fmt(s.get('spearman_learned_planted'))} and "
-            f"{_fmt(s.get('spearman_learned_states_planted'))}.</p>",
+            f"{_fmt(s.get('spearman_learned_states_planted'))}; with each effect learned alone "
+            "(univariable, unadjusted: what does not lean on tissue a target lacks) "
+            f"{_fmt(s.get('spearman_learned_marginal_planted'))}.</p>",
         ]
     if not report.gains.empty:
         g = report.gains.copy()
@@ -973,6 +995,9 @@ def transfer_report(
             )
             summary["spearman_learned_states_planted"] = _spearman(
                 pairs["learned_states_c_index"], pairs["planted_similarity"]
+            )
+            summary["spearman_learned_marginal_planted"] = _spearman(
+                pairs["learned_marginal_c_index"], pairs["planted_similarity"]
             )
         if summary["spearman_planted"] is None:
             del summary["spearman_planted"]
