@@ -88,6 +88,17 @@ def test_fit_finds_the_planted_tissues_and_standardises_on_the_training_bags() -
     assert int(model.fitted) == 40
 
 
+def test_a_fitted_model_keeps_its_clusters() -> None:
+    # initialised from a trained model (--init): its effects refer to its own clusters
+    bags, _ = _planted(20)
+    model = _fitted(bags)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other, _ = _planted(20, seed=5)
+    model.fit_to_training([_bag(x + 3.0) for x in other])
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
 def test_fit_refuses_one_shot_bags_and_too_few_patches() -> None:
     bags, _ = _planted(5)
     model = create_model("composition", in_dim=DIM, n_outputs=1, clusters=3)

@@ -155,8 +155,13 @@ class CompositionMIL(MILModel):
     def fit_to_training(self, bags: Iterable[Mapping[str, Any]]) -> None:
         """The centroids and the standardisations, from the training part's bags (two passes:
         the feature moments and a uniform sample of at most :data:`SAMPLE_PATCHES` patches,
-        k-means on the sample, then each training patient's shares)."""
+        k-means on the sample, then each training patient's shares). A model that is already
+        fitted (initialised from a trained one, ``--init``) keeps its clusters and
+        standardisation: they are what its effects refer to."""
         from sklearn.cluster import KMeans
+
+        if int(self.fitted) > 0:
+            return
 
         rng = np.random.default_rng(self.seed)
         total, sums, squares = 0, None, None
