@@ -96,7 +96,8 @@ def test_model_registry_is_wired() -> None:
     from oncoslide.models import MODELS, create_model, list_models
 
     assert list_models() == [
-        "abmil", "abmil_plain", "fusion_late", "ghanet", "hmil", "max", "mean", "mome",
+        "abmil", "abmil_plain", "composition", "fusion_late", "ghanet", "hmil", "max", "mean",
+        "mome",
         "omics_snn", "pathlupi", "roupkt", "slide-finetune", "transmil", "zoo_finetune",
         "zoo_probe",
     ]  # fmt: skip
