@@ -168,3 +168,26 @@ def test_exclude_auto_leaves_out_the_sources_that_saw_the_task(
     # without it, SIM-C's own model (trained on every SIM-C patient) is refused as a leak
     with pytest.raises(ConfigError, match=r"would leak.*SIM-C"):
         cross_validate(cohort, _config("zoo_probe", zoo, exclude=[]), tmp_path / "run2")
+
+
+def test_a_composition_zoo_finetunes_with_its_own_loss(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A zoo of composition models (the matrix's zoo, docs/transfer.md): its models reload with
+    their clusters, and fine-tuning one keeps its training loss (the one-cluster views)."""
+    from oncoslide.models import create_model
+
+    root, _ = world
+    cohort = load_cohort(root / "cohort.csv", root / "features")
+    train = {**ZOO_TRAIN, "model": "composition", "model_kwargs": {"clusters": 3}}
+    build_zoo(cohort, make_config(**train), tmp_path / "zoo", by="cohort", min_patients=10)
+    source = load_zoo(tmp_path / "zoo").model("SIM-A").model
+    assert int(source.fitted) > 0
+    tuned = create_model("zoo_finetune", in_dim=16, n_outputs=1,
+                         experts=str(tmp_path / "zoo"), source="SIM-A")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    features, mask = torch.randn(2, 12, 16, generator=gen), torch.ones(2, 12, dtype=torch.bool)
+    out, own = tuned(features, mask), source(features, mask)
+    assert out.loss_views is not None and own.loss_views is not None
+    torch.testing.assert_close(out.loss_views, own.loss_views)
+    torch.testing.assert_close(out.logits, own.logits)

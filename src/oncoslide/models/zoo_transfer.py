@@ -188,6 +188,7 @@ class ZooFineTune(ZooSource):
             embedding=out.embedding,
             attention=out.attention,
             attention_maps=out.attention_maps,
+            loss_views=out.loss_views,  # the source's own training loss (e.g. composition's)
         )
 
 
