@@ -228,10 +228,11 @@ def visible_oracle(truth: dict[str, Any]) -> pd.DataFrame | None:
             for latent in read
         ]  # fmt: skip
         src = cohort == a
+        with_states = np.column_stack([shares, *state_cols])
         learned[a] = (
             _learned_risk(shares, src, time, event),
-            _learned_risk(np.column_stack([shares, *state_cols]), src, time, event),
-            _learned_risk(np.column_stack([shares, *state_cols]), src, time, event, marginal=True),
+            _learned_risk(with_states, src, time, event),
+            _learned_risk(with_states, src, time, event, marginal=True),
         )
     rows = []
     for a in coefs:
@@ -984,21 +985,9 @@ def transfer_report(
         summary["spearman_recovered_oracle"] = _spearman(pairs["c_index"], pairs["oracle_c_index"])
         if "visible_c_index" in pairs:
             # the ceilings of what the slides carry across each pair (visible_oracle)
-            summary["spearman_visible_planted"] = _spearman(
-                pairs["visible_c_index"], pairs["planted_similarity"]
-            )
-            summary["spearman_readout_planted"] = _spearman(
-                pairs["readout_c_index"], pairs["planted_similarity"]
-            )
-            summary["spearman_learned_planted"] = _spearman(
-                pairs["learned_c_index"], pairs["planted_similarity"]
-            )
-            summary["spearman_learned_states_planted"] = _spearman(
-                pairs["learned_states_c_index"], pairs["planted_similarity"]
-            )
-            summary["spearman_learned_marginal_planted"] = _spearman(
-                pairs["learned_marginal_c_index"], pairs["planted_similarity"]
-            )
+            for column in CEILING_COLUMNS:  # e.g. spearman_learned_states_planted
+                key = f"spearman_{column.removesuffix('_c_index')}_planted"
+                summary[key] = _spearman(pairs[column], pairs["planted_similarity"])
         if summary["spearman_planted"] is None:
             del summary["spearman_planted"]
 
